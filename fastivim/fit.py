@@ -1,0 +1,286 @@
+"""The Python face of the kernels: validate, coerce, mask, flatten, fit, unflatten.
+
+Data flow: signal (..., n_b) → validate → mask → C-contiguous (n_vox, n_b) → compiled kernel →
+(n_vox, 6) + status → maps of shape ``signal.shape[:-1]`` (float32; NaN where not fitted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .kernels import status as st
+from .kernels.driver import METHOD_FULL, METHOD_SEGMENTED, chunk_count, fit_volume, make_tables
+from .model import PARAM_NAMES, bounds_array, resolve_bounds
+
+#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`.
+METHODS = {"segmented": METHOD_SEGMENTED, "full": METHOD_FULL}
+
+#: Iteration limit of each Levenberg–Marquardt run (accepted plus rejected steps).
+MAX_ITERATIONS = 200
+
+#: Voxels per kernel call when a progress bar is shown (the bar moves once per chunk).
+PROGRESS_CHUNK = 1 << 15
+
+#: Columns of the kernel's per-voxel output rows.
+OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")
+
+
+@dataclass
+class IVIMResult:
+    """Parameter maps of an IVIM fit, all of the signal's spatial shape.
+
+    Attributes
+    ----------
+    D, D_star : float32 arrays
+        Tissue diffusion and pseudo-diffusion coefficients, mm²/s.
+    f : float32 array
+        Perfusion fraction (dimensionless).
+    S0 : float32 array
+        Fitted signal at b = 0, in the input's units.
+    r_squared, rmse : float32 arrays
+        Coefficient of determination and root-mean-square residual (input units) over every
+        sample of the voxel.
+    quality_mask : bool array
+        True where the fit converged, is finite, has D_star > D and no parameter pinned at a
+        bound (``status == 0``).
+    status : uint8 array
+        Per-voxel code; meanings in :data:`fastivim.STATUS_MEANINGS`.
+    method : str
+        ``"segmented"`` or ``"full"``.
+    bounds : dict
+        ``{name: (lower, upper)}`` actually used.
+    b_values : float64 array (n_b,)
+        b-values in s/mm², in the signal's column order.
+    b_threshold : float
+        High-b threshold of the segmented step, s/mm².
+    """
+
+    D: np.ndarray
+    D_star: np.ndarray
+    f: np.ndarray
+    S0: np.ndarray
+    r_squared: np.ndarray
+    rmse: np.ndarray
+    quality_mask: np.ndarray
+    status: np.ndarray
+    method: str
+    bounds: dict
+    b_values: np.ndarray
+    b_threshold: float = 200.0
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple:
+        """Spatial shape of every map."""
+        return self.D.shape
+
+    def maps(self) -> dict:
+        """The float maps by name: ``D``, ``D_star``, ``f``, ``S0``, ``r_squared``, ``rmse``."""
+        return {name: getattr(self, name) for name in ("D", "D_star", "f", "S0", "r_squared",
+                                                      "rmse")}
+
+    def status_counts(self) -> dict:
+        """Number of voxels per status code (only codes that occur)."""
+        codes, counts = np.unique(self.status, return_counts=True)
+        return {int(c): int(n) for c, n in zip(codes, counts)}
+
+
+def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
+    """Check b-values and return them as float64 (n_b,).
+
+    Raises
+    ------
+    ValueError
+        Not 1-D numeric, a NaN/inf or negative value, a count different from ``n_b``, or
+        fewer than 4 distinct values.
+    """
+    try:
+        b = np.asarray(b_values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("b-values must be numbers") from None
+    if b.ndim != 1:
+        raise ValueError(f"b-values must be one-dimensional, got shape {b.shape}")
+    if not np.all(np.isfinite(b)):
+        raise ValueError("b-values contain NaN or inf")
+    if np.any(b < 0):
+        raise ValueError(f"b-values must be >= 0, got {b.min():g}")
+    if n_b is not None and b.size != n_b:
+        raise ValueError(f"{b.size} b-values given but the signal has {n_b} samples per voxel")
+    n_distinct = np.unique(b).size
+    if n_distinct < 4:
+        raise ValueError(
+            f"IVIM needs at least 4 distinct b-values, got {n_distinct} ({np.unique(b).tolist()})"
+        )
+    return b
+
+
+def _method_code(method: str) -> int:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def _check_threshold(b: np.ndarray, b_threshold: float, method: str) -> float:
+    b_threshold = float(b_threshold)
+    if not math.isfinite(b_threshold) or b_threshold < 0:
+        raise ValueError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
+    if method == "segmented":
+        n_high = np.unique(b[b >= b_threshold]).size
+        if n_high < 2:
+            raise ValueError(
+                f"the segmented fit needs at least 2 distinct b-values >= b_threshold "
+                f"({b_threshold:g} s/mm²), got {n_high}"
+            )
+    return b_threshold
+
+
+def _as_kernel_matrix(Y: np.ndarray) -> np.ndarray:
+    """A native-endian, C-contiguous float32/float64 view or copy of ``Y`` (n_vox, n_b).
+
+    float32 and float64 pass through without a copy when already contiguous; small integers
+    become float32 (exact), anything wider becomes float64.
+    """
+    if Y.dtype.kind not in "fiub":
+        raise ValueError(f"signal must be real numbers, got dtype {Y.dtype}")
+    if Y.dtype == np.float64 or Y.dtype == np.float32:
+        dtype = Y.dtype.newbyteorder("=")
+    elif Y.dtype.kind in "iub" and Y.dtype.itemsize <= 2 or Y.dtype == np.float16:
+        dtype = np.dtype(np.float32)
+    else:
+        dtype = np.dtype(np.float64)
+    return np.ascontiguousarray(Y, dtype=dtype)
+
+
+def _run_kernel(Y, method_code, b, bounds, b_threshold, progress):
+    """Fit a (n_vox, n_b) matrix; return ``out`` (n_vox, 6) float32 and ``status`` uint8."""
+    n = Y.shape[0]
+    out = np.empty((n, len(OUTPUT_COLUMNS)), dtype=np.float32)
+    status = np.empty(n, dtype=np.uint8)
+    if n == 0:
+        return out, status
+    barr = bounds_array(bounds)
+    t = make_tables(b, barr)
+    args = (t["groups"], t["bu"], t["w"], barr, b_threshold * 1e-3, t["ES"], t["ED"],
+            t["GSS"], t["GDD"], t["GSD"], t["dstar_grid"], t["d_grid"], MAX_ITERATIONS)
+    if not progress:
+        fit_volume(Y, method_code, *args, chunk_count(n), out, status)
+        return out, status
+    from tqdm.auto import tqdm  # lazy: pipelines that never ask for a bar never import it
+
+    with tqdm(total=n, unit="vox", unit_scale=True, desc="fitting", leave=False) as bar:
+        for a in range(0, n, PROGRESS_CHUNK):
+            z = min(a + PROGRESS_CHUNK, n)
+            fit_volume(Y[a:z], method_code, *args, chunk_count(z - a), out[a:z], status[a:z])
+            bar.update(z - a)
+    return out, status
+
+
+def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False):
+    """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
+
+    Parameters
+    ----------
+    Y : array_like, shape (n_vox, n_b)
+        Signal, one voxel per row. A C-contiguous float32/float64 array is used without a copy.
+    b_values : array_like, shape (n_b,)
+        b-values in s/mm², any order, repeats allowed; at least 4 distinct.
+    method : {"full", "segmented"}
+    bounds : dict, optional
+        ``{"S0"|"f"|"D_star"|"D": (lower, upper)}`` over :data:`fastivim.DEFAULT_BOUNDS`.
+    b_threshold : float
+        s/mm²; samples at or above it give D in the segmented method (and its start).
+    progress : bool
+        Show a tqdm bar on stderr.
+
+    Returns
+    -------
+    IVIMResult
+        Every map of shape (n_vox,).
+    """
+    Y = np.asarray(Y)
+    if Y.ndim != 2:
+        raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
+    return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],))
+
+
+def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_threshold=200.0,
+             progress=False):
+    """Fit the IVIM model voxel by voxel.
+
+    ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
+
+    Parameters
+    ----------
+    signal : array_like, shape (..., n_b)
+        Diffusion-weighted signal, b-values along the last axis; any real dtype.
+    b_values : array_like, shape (n_b,)
+        b-values in s/mm², any order, repeats allowed; at least 4 distinct.
+    mask : array_like of bool, shape signal.shape[:-1], optional
+        Voxels to fit; None fits every voxel.
+    method : {"segmented", "full"}
+        Two-step fit with D from the high-b samples, or all four parameters together.
+    bounds : dict, optional
+        ``{"S0"|"f"|"D_star"|"D": (lower, upper)}`` over the defaults; D_star > D always.
+    b_threshold : float
+        s/mm²: samples at or above it give D in the segmented method.
+    progress : bool
+        Show a tqdm progress bar on stderr.
+
+    Returns
+    -------
+    IVIMResult
+        Maps of shape ``signal.shape[:-1]``; NaN (and status 6) outside the mask.
+    """
+    signal = np.asarray(signal)
+    if signal.ndim < 1:
+        raise ValueError("signal must have at least one axis (the b-values)")
+    spatial = signal.shape[:-1]
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != spatial:
+            raise ValueError(f"mask shape {mask.shape} does not match the signal's {spatial}")
+        mask = mask.astype(bool)
+    return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial)
+
+
+def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial):
+    code = _method_code(method)
+    b = validate_b_values(b_values, signal.shape[-1])
+    b_threshold = _check_threshold(b, b_threshold, method)
+    bounds = resolve_bounds(bounds)
+    if signal.dtype.kind not in "fiub":
+        raise ValueError(f"signal must be real numbers, got dtype {signal.dtype}")
+    n_b = signal.shape[-1]
+    if mask is None:
+        Y = _as_kernel_matrix(signal.reshape(-1, n_b))
+    else:
+        Y = _as_kernel_matrix(signal[mask])
+    out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress)
+    maps = {}
+    if mask is None:
+        for k, name in enumerate(OUTPUT_COLUMNS):
+            maps[name] = np.ascontiguousarray(out[:, k]).reshape(spatial)
+        status_map = status.reshape(spatial)
+    else:
+        for k, name in enumerate(OUTPUT_COLUMNS):
+            full = np.full(spatial, np.nan, dtype=np.float32)
+            full[mask] = out[:, k]
+            maps[name] = full
+        status_map = np.full(spatial, st.OUTSIDE_MASK, dtype=np.uint8)
+        status_map[mask] = status
+    del out
+    return IVIMResult(
+        quality_mask=status_map == st.OK,
+        status=status_map,
+        method=method,
+        bounds=bounds,
+        b_values=b,
+        b_threshold=b_threshold,
+        **maps,
+    )
+
+
+__all__ = ["IVIMResult", "METHODS", "fit_ivim", "fit_voxels", "validate_b_values", "PARAM_NAMES"]
