@@ -164,7 +164,7 @@ def _run_kernel(Y, method_code, b, bounds, b_threshold, progress):
     barr = bounds_array(bounds)
     t = make_tables(b, barr)
     args = (t["groups"], t["bu"], t["w"], barr, b_threshold * 1e-3, t["ES"], t["ED"],
-            t["GSS"], t["GDD"], t["GSD"], t["dstar_grid"], t["d_grid"], MAX_ITERATIONS)
+            t["GSS"], t["PAIR"], t["dstar_grid"], t["d_grid"], MAX_ITERATIONS)
     if not progress:
         fit_volume(Y, method_code, *args, chunk_count(n), out, status)
         return out, status

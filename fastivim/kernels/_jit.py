@@ -11,8 +11,10 @@ from numba import njit
 #: (approximate exp would cost accuracy near machine precision in noise-free fits).
 FASTMATH_FLAGS = {"nsz", "arcp", "contract", "reassoc"}
 
-#: Per-voxel helpers: compiled, cached, inlined into the parallel loops by LLVM.
-jit_voxel = njit(cache=True, fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
+#: Per-voxel helpers: compiled as part of the parallel kernel that calls them (and inlined there
+#: by LLVM). Not cached on their own: the kernel's cache holds their code, and its stamp follows
+#: their sources (see ``fastivim.kernels._sync_source_digest``).
+jit_voxel = njit(fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
 
 
 def jit_parallel(func):

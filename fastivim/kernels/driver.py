@@ -16,6 +16,10 @@ from .full import fit_full_voxel
 from .segmented import fit_segmented_voxel
 from .voxel import fail_voxel, finish_voxel, group_means, internal_bounds
 
+#: Hash of the helper modules, kept current by ``fastivim.kernels._sync_source_digest`` so that
+#: numba's cache of ``fit_volume`` (stamped with this file's hash) follows their edits.
+KERNEL_SOURCES_DIGEST = "b5216d1de6c1100d"
+
 METHOD_SEGMENTED = 0
 METHOD_FULL = 1
 
@@ -42,7 +46,10 @@ def make_tables(b_values, bounds, weights_by_group=True):
     dict
         ``groups`` (n_b,) int64, ``bu`` (n_u,) unique b in ms/µm², ``w`` (n_u,) group sizes,
         ``dstar_grid`` (n_k,), ``d_grid`` (n_j,) in µm²/ms, ``ES`` (n_k, n_u), ``ED`` (n_j, n_u),
-        ``GSS`` (n_k,), ``GDD`` (n_j,), ``GSD`` (n_j, n_k).
+        ``GSS`` (n_k,) weighted squared norms of the ``ES`` rows, and ``PAIR`` (5, n_j, n_k):
+        per (D_j, D_star_k) pair the inverse Gram entries ``G_DD/det, G_SD/det, G_SS/det``
+        (NaN for numerically singular pairs) and the inverse squared norms of
+        ``f*ES + (1-f)*ED`` at the lower and upper f bound.
     """
     b = np.asarray(b_values, dtype=np.float64)
     b_unique, groups = np.unique(b, return_inverse=True)
@@ -52,6 +59,20 @@ def make_tables(b_values, bounds, weights_by_group=True):
     d_grid = np.geomspace(bounds[3, 0] * 1e3, bounds[3, 1] * 1e3, N_D_GRID)
     ES = np.exp(-np.outer(dstar_grid, bu))
     ED = np.exp(-np.outer(d_grid, bu))
+    GSS = (ES * ES) @ w
+    GDD = (ED * ED) @ w
+    GSD = (ED * w) @ ES.T  # (n_j, n_k)
+    det = GSS[None, :] * GDD[:, None] - GSD**2
+    singular = det <= 1e-12 * GSS[None, :] * GDD[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(singular, np.nan, 1.0 / det)
+    pair = np.empty((5,) + GSD.shape)
+    pair[0] = GDD[:, None] * inv
+    pair[1] = GSD * inv
+    pair[2] = GSS[None, :] * inv
+    for row, fb in ((3, bounds[1, 0]), (4, bounds[1, 1])):
+        gv = fb * fb * GSS[None, :] + 2 * fb * (1 - fb) * GSD + (1 - fb) ** 2 * GDD[:, None]
+        pair[row] = 1.0 / gv
     return {
         "groups": groups.astype(np.int64),
         "bu": bu,
@@ -60,9 +81,8 @@ def make_tables(b_values, bounds, weights_by_group=True):
         "d_grid": d_grid,
         "ES": np.ascontiguousarray(ES),
         "ED": np.ascontiguousarray(ED),
-        "GSS": (ES * ES) @ w,
-        "GDD": (ED * ED) @ w,
-        "GSD": np.ascontiguousarray((ED * w) @ ES.T),
+        "GSS": GSS,
+        "PAIR": pair,
     }
 
 
@@ -74,27 +94,31 @@ def chunk_count(n_vox):
 
 
 @jit_voxel
-def fit_one_voxel(y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, GDD, GSD, dstar_grid,
-                  d_grid, maxit, out_row, ybar, r, p, lo, hi, PS, PD, vec, mat, jac, free, p2,
-                  lo2, hi2):
-    """Fit one voxel's raw samples ``y`` (n_b,); write ``out_row`` (6,); return its status."""
-    scale = group_means(y, groups, w, ybar)
+def fit_one_voxel(Y, v, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR, dstar_grid,
+                  d_grid, maxit, out, ybar, model, r, p, lo, hi, PS, PD, work, mat, free,
+                  p2, lo2, hi2):
+    """Fit voxel row ``v`` of ``Y``; write row ``v`` of ``out`` (n_vox, 6); return its status.
+
+    Rows are addressed by index rather than sliced: a view per voxel would cost atomic
+    reference-count updates on the hot path.
+    """
+    scale = group_means(Y, v, groups, w, ybar)
     if not scale > 0.0:  # NaN scale: non-finite samples or no positive signal
-        return fail_voxel(out_row, st.BAD_INPUT)
+        return fail_voxel(out, v, st.BAD_INPUT)
     internal_bounds(bounds, scale, lo, hi)
     if method == METHOD_FULL:
-        code = fit_full_voxel(ybar, bu, w, lo, hi, ES, ED, GSS, GDD, GSD, dstar_grid, d_grid,
-                              maxit, p, PS, PD, vec, mat, jac, free)
+        code = fit_full_voxel(ybar, bu, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid,
+                              maxit, p, model, PS, PD, work, mat, free)
     else:
-        code = fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, p, r,
-                                   vec, mat, jac, free, p2, lo2, hi2)
+        code = fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, p,
+                                   model, r, work, mat, free, p2, lo2, hi2)
     if code != st.OK:
-        return fail_voxel(out_row, code)
-    return finish_voxel(y, groups, bu, p, scale, lo, hi, hi[2] - lo[2], out_row)
+        return fail_voxel(out, v, code)
+    return finish_voxel(Y, v, groups, model, p, scale, lo, hi, out)
 
 
 @jit_parallel
-def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, GDD, GSD, dstar_grid,
+def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR, dstar_grid,
                d_grid, maxit, n_chunks, out, status):
     """Fit every row of ``Y`` (n_vox, n_b) in parallel.
 
@@ -104,7 +128,7 @@ def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, GDD, GSD, d
         Raw signal, one voxel per row, columns in the order of ``groups``.
     method : int
         :data:`METHOD_SEGMENTED` or :data:`METHOD_FULL`.
-    groups, bu, w, ES, ED, GSS, GDD, GSD, dstar_grid, d_grid
+    groups, bu, w, ES, ED, GSS, PAIR, dstar_grid, d_grid
         Tables from :func:`make_tables`.
     bounds : (4, 2) float64
         Bounds in user units.
@@ -128,6 +152,7 @@ def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, GDD, GSD, d
         start = c * n // n_chunks
         stop = (c + 1) * n // n_chunks
         ybar = np.empty(nu)
+        model = np.empty(nu)
         r = np.empty(nu)
         p = np.empty(4)
         lo = np.empty(4)
@@ -137,11 +162,10 @@ def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, GDD, GSD, d
         hi2 = np.empty(2)
         PS = np.empty(dstar_grid.shape[0])
         PD = np.empty(d_grid.shape[0])
-        vec = np.empty(2 * nu + 12)
-        mat = np.empty((2, 4, 4))
-        jac = np.empty((2, nu, 4))
+        work = np.empty(2 * nu + 16)
+        mat = np.empty((3, 4, 4))
         free = np.empty(4, dtype=np.bool_)
         for v in range(start, stop):
-            status[v] = fit_one_voxel(Y[v], method, groups, bu, w, bounds, b_min, ES, ED, GSS,
-                                      GDD, GSD, dstar_grid, d_grid, maxit, out[v], ybar, r, p,
-                                      lo, hi, PS, PD, vec, mat, jac, free, p2, lo2, hi2)
+            status[v] = fit_one_voxel(Y, v, method, groups, bu, w, bounds, b_min, ES, ED, GSS,
+                                      PAIR, dstar_grid, d_grid, maxit, out, ybar, model, r,
+                                      p, lo, hi, PS, PD, work, mat, free, p2, lo2, hi2)

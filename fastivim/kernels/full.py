@@ -16,21 +16,15 @@ from .voxel import KIND_FULL, levenberg_marquardt
 
 
 @jit_voxel
-def _best_on_f_edge(fb, PS, PD, GSS, GDD, GSD, S0_lo, S0_hi):
-    """Best S0 with f fixed at ``fb`` for one grid pair: returns (reduction, S0)."""
-    Gv = fb * fb * GSS + 2.0 * fb * (1.0 - fb) * GSD + (1.0 - fb) * (1.0 - fb) * GDD
-    Pv = fb * PS + (1.0 - fb) * PD
-    S0 = min(max(Pv / Gv, S0_lo), S0_hi)
-    return 2.0 * S0 * Pv - S0 * S0 * Gv, S0
-
-
-@jit_voxel
-def grid_start(ybar, w, lo, hi, ES, ED, GSS, GDD, GSD, dstar_grid, d_grid, PS, PD, p):
+def grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p):
     """Best (S0, f, D_star, D) over the (D, D_star) grid, with S0 and f solved exactly.
 
-    ``ES`` (n_k, n_u) and ``ED`` (n_j, n_u) hold ``exp(-b * D_star_k)`` and ``exp(-b * D_j)``;
-    ``GSS`` (n_k,), ``GDD`` (n_j,) and ``GSD`` (n_j, n_k) their weighted inner products.
-    Writes the start into ``p``; returns False when no grid pair is admissible.
+    ``ES`` (n_k, n_u) and ``ED`` (n_j, n_u) hold ``exp(-b * D_star_k)`` and ``exp(-b * D_j)``.
+    ``PAIR`` (5, n_j, n_k) holds, per grid pair, the voxel-independent factors of the 2×2
+    least-squares solve (inverse Gram matrix entries) and of the two f-edge solves (inverse
+    squared norms), from :func:`fastivim.kernels.driver.make_tables`: the search costs a few
+    multiply-adds per pair and no division. Writes the start into ``p``; returns False when no
+    grid pair has D_star > D.
     """
     nu = ybar.shape[0]
     for k in range(dstar_grid.shape[0]):
@@ -48,36 +42,30 @@ def grid_start(ybar, w, lo, hi, ES, ED, GSS, GDD, GSD, dstar_grid, d_grid, PS, P
     best = -math.inf
     found = False
     for j in range(d_grid.shape[0]):
+        pd = PD[j]
         for k in range(dstar_grid.shape[0]):
             if not dstar_grid[k] > d_grid[j]:
                 continue
-            gdd = GDD[j]
-            gss = GSS[k]
-            gsd = GSD[j, k]
-            det = gss * gdd - gsd * gsd
-            admissible = False
-            if det > 1e-14 * gss * gdd:
-                c1 = (gdd * PS[k] - gsd * PD[j]) / det
-                c2 = (gss * PD[j] - gsd * PS[k]) / det
-                S0 = c1 + c2
-                if S0 > 0.0:
-                    f = c1 / S0
-                    if f_lo <= f <= f_hi and lo[0] <= S0 <= hi[0]:
-                        admissible = True
-                        reduction = c1 * PS[k] + c2 * PD[j]
-            if not admissible:
-                # the unconstrained optimum leaves the cone: the best lies on an f edge
-                red_lo, S0_lo_edge = _best_on_f_edge(f_lo, PS[k], PD[j], gss, gdd, gsd, lo[0],
-                                                     hi[0])
-                red_hi, S0_hi_edge = _best_on_f_edge(f_hi, PS[k], PD[j], gss, gdd, gsd, lo[0],
-                                                     hi[0])
-                if red_lo >= red_hi:
-                    reduction = red_lo
-                    S0 = S0_lo_edge
-                    f = f_lo
-                else:
+            ps = PS[k]
+            # unconstrained (c1, c2) = (S0 f, S0 (1 - f)); NaN factors mark singular pairs
+            c1 = PAIR[0, j, k] * ps - PAIR[1, j, k] * pd
+            c2 = PAIR[2, j, k] * pd - PAIR[1, j, k] * ps
+            S0 = c1 + c2
+            if S0 > 0.0 and c1 >= f_lo * S0 and c1 <= f_hi * S0 and lo[0] <= S0 <= hi[0]:
+                reduction = c1 * ps + c2 * pd
+                f = c1 / S0
+            else:
+                # the unconstrained optimum leaves the feasible cone: the best is on an f edge
+                pv = f_lo * ps + (1.0 - f_lo) * pd
+                S0 = min(max(pv * PAIR[3, j, k], lo[0]), hi[0])
+                reduction = 2.0 * S0 * pv - S0 * S0 / PAIR[3, j, k]
+                f = f_lo
+                pv = f_hi * ps + (1.0 - f_hi) * pd
+                S0_hi = min(max(pv * PAIR[4, j, k], lo[0]), hi[0])
+                red_hi = 2.0 * S0_hi * pv - S0_hi * S0_hi / PAIR[4, j, k]
+                if red_hi > reduction:
                     reduction = red_hi
-                    S0 = S0_hi_edge
+                    S0 = S0_hi
                     f = f_hi
             if reduction > best:
                 best = reduction
@@ -90,16 +78,20 @@ def grid_start(ybar, w, lo, hi, ES, ED, GSS, GDD, GSD, dstar_grid, d_grid, PS, P
 
 
 @jit_voxel
-def fit_full_voxel(ybar, bu, w, lo, hi, ES, ED, GSS, GDD, GSD, dstar_grid, d_grid, maxit, p,
-                   PS, PD, vec, mat, jac, free):
-    """Fit one voxel's scaled group means with all four parameters free; result in ``p``.
+def fit_full_voxel(ybar, bu, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, maxit, p,
+                   model, PS, PD, work, mat, free):
+    """Fit one voxel's scaled group means with all four parameters free.
+
+    Writes the estimate into ``p`` (4,) and the fitted means into ``model`` (n_u,).
 
     Returns a status code; ``st.OK`` means ``p`` holds an estimate for :func:`finish_voxel`.
     """
-    if not grid_start(ybar, w, lo, hi, ES, ED, GSS, GDD, GSD, dstar_grid, d_grid, PS, PD, p):
+    if not grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p):
         return st.DSTAR_NOT_ABOVE_D
-    ssr, converged = levenberg_marquardt(KIND_FULL, 4, p, lo, hi, bu, w, ybar, maxit, vec, mat,
-                                         jac, free)
+    ssr, converged = levenberg_marquardt(KIND_FULL, 4, p, lo, hi, bu, w, ybar, maxit, work, mat,
+                                         free)
     if not converged:
         return st.NO_CONVERGENCE
+    for u in range(ybar.shape[0]):
+        model[u] = work[u]
     return st.OK

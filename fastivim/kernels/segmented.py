@@ -20,8 +20,8 @@ DSTAR_MARGIN = 1e-6
 
 
 @jit_voxel
-def fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, p, r, vec, mat,
-                        jac, free, p2, lo2, hi2):
+def fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, p, model, r,
+                        work, mat, free, p2, lo2, hi2):
     """Fit one voxel's scaled group means; write ``(S0, f, D_star, D)`` into ``p``.
 
     Parameters
@@ -36,7 +36,12 @@ def fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, 
         ``exp(-b * D_star_k)``, its weighted squared norm, and the grid (µm²/ms).
     maxit : int
         Iteration limit of the polish.
-    p : (4,) output; the rest is scratch.
+    p : (4,) output
+        The estimate, internal units.
+    model : (n_u,) output
+        Fitted scaled means.
+    r, work, mat, free, p2, lo2, hi2
+        Scratch.
 
     Returns
     -------
@@ -84,8 +89,8 @@ def fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, 
     hi2[0] = B_hi
     lo2[1] = ds_lo
     hi2[1] = hi[2]
-    ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, p2, lo2, hi2, bu, w, r, maxit, vec,
-                                         mat, jac, free)
+    ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, p2, lo2, hi2, bu, w, r, maxit, work,
+                                         mat, free)
     if not converged:
         return st.NO_CONVERGENCE
     S0 = A + p2[0]
@@ -95,4 +100,6 @@ def fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, 
     p[1] = p2[0] / S0
     p[2] = p2[1]
     p[3] = D
+    for u in range(nu):
+        model[u] = ybar[u] - r[u] + work[u]  # tissue term + fitted perfusion term
     return st.OK

@@ -19,22 +19,29 @@ import numpy as np
 from . import status as st
 from ._jit import jit_voxel
 
-#: Model kinds understood by :func:`model_and_jacobian` and :func:`levenberg_marquardt`.
+#: Model kinds understood by :func:`evaluate` and :func:`levenberg_marquardt`.
 KIND_FULL = 0  #: p = (S0, f, D_star, D); target = ybar
 KIND_PERFUSION = 1  #: p = (B, D_star) with B = S0 * f; target = ybar - A * exp(-b * D)
+
+#: Levenberg–Marquardt settings: start damping, give-up damping, relative tolerances on the
+#: sum of squares (actual and predicted decrease) and on each parameter's step.
+LM_LAMBDA0 = 1e-3
+LM_LAMBDA_MAX = 1e16
+LM_FTOL = 1e-10
+LM_XTOL = 1e-9
 
 #: Relative distance (of the bound interval) under which a parameter counts as pinned.
 PIN_TOL = 1e-6
 
 
 @jit_voxel
-def group_means(y, groups, w, ybar):
+def group_means(Y, v, groups, w, ybar):
     """Collapse one voxel's samples to weighted group means; report whether they are usable.
 
     Parameters
     ----------
-    y : (n_b,) float array
-        Raw samples of one voxel, any float dtype.
+    Y : (n_vox, n_b) float array; v : int
+        Raw samples, any float dtype, and the row of this voxel.
     groups : (n_b,) int64
         Index of each sample's unique b-value.
     w : (n_u,) float64
@@ -50,11 +57,11 @@ def group_means(y, groups, w, ybar):
     nu = ybar.shape[0]
     for u in range(nu):
         ybar[u] = 0.0
-    for i in range(y.shape[0]):
-        v = np.float64(y[i])
-        if not math.isfinite(v):
+    for i in range(Y.shape[1]):
+        yi = np.float64(Y[v, i])
+        if not math.isfinite(yi):
             return math.nan
-        ybar[groups[i]] += v
+        ybar[groups[i]] += yi
     scale = -math.inf
     for u in range(nu):
         ybar[u] /= w[u]
@@ -117,49 +124,113 @@ def loglinear_fit(bu, w, ybar, b_min):
 
 
 @jit_voxel
-def model_and_jacobian(kind, p, bu, m, J):
-    """Model values ``m`` (n_u,) and Jacobian ``J`` (n_u, n_p) at ``p`` for a model kind."""
+def evaluate(kind, p, po, bu, w, t, work, mo, go, mat, h):
+    """Model, weighted sum of squares and normal equations at ``p[po:po + n_p]``, in one pass.
+
+    Writes into caller-owned scratch at offsets rather than through array views (a view costs
+    an atomic reference-count update, which at this size is a measurable share of the work):
+    ``work[mo:mo + n_u]`` gets the model ``m``, ``mat[h]`` (n_p, n_p) ``JtJ`` (n_p, n_p) with half the Hessian of the sum of
+    squares (``J^T W J - sum w r d2m``) and ``work[go:go + n_p]`` the gradient half
+    ``g = J^T W (t - m)``; returns ``sum w (t - m)**2``. The Jacobian is never stored: each
+    b-value's row is folded into the sums while its exponentials are in registers.
+    """
     nu = bu.shape[0]
+    ssr = 0.0
     if kind == KIND_FULL:
-        S0 = p[0]
-        f = p[1]
-        Ds = p[2]
-        D = p[3]
+        S0 = p[po]
+        f = p[po + 1]
+        Ds = p[po + 2]
+        D = p[po + 3]
+        a00 = a01 = a02 = a03 = a11 = a12 = a13 = a22 = a23 = a33 = 0.0
+        g0 = g1 = g2 = g3 = 0.0
         for u in range(nu):
             e1 = math.exp(-bu[u] * Ds)
             e2 = math.exp(-bu[u] * D)
             mix = f * e1 + (1.0 - f) * e2
-            m[u] = S0 * mix
-            J[u, 0] = mix
-            J[u, 1] = S0 * (e1 - e2)
-            J[u, 2] = -S0 * f * bu[u] * e1
-            J[u, 3] = -S0 * (1.0 - f) * bu[u] * e2
+            mu = S0 * mix
+            work[mo + u] = mu
+            wu = w[u]
+            r = t[u] - mu
+            ssr += wu * r * r
+            j0 = mix
+            j1 = S0 * (e1 - e2)
+            be1 = bu[u] * e1
+            be2 = bu[u] * e2
+            j2 = -S0 * f * be1
+            j3 = -S0 * (1.0 - f) * be2
+            wr = wu * r
+            g0 += j0 * wr
+            g1 += j1 * wr
+            g2 += j2 * wr
+            g3 += j3 * wr
+            w0 = wu * j0
+            w1 = wu * j1
+            w2 = wu * j2
+            # Gauss–Newton part J^T W J minus the residual-weighted second derivatives of the
+            # model: the exact Hessian (halved), so Newton steps converge quadratically even
+            # when the residual is large (noisy voxels), where plain Gauss–Newton crawls.
+            a00 += w0 * j0
+            a01 += w0 * j1 - wr * (e1 - e2)
+            a02 += w0 * j2 + wr * f * be1
+            a03 += w0 * j3 + wr * (1.0 - f) * be2
+            a11 += w1 * j1
+            a12 += w1 * j2 + wr * S0 * be1
+            a13 += w1 * j3 - wr * S0 * be2
+            a22 += w2 * j2 - wr * S0 * f * bu[u] * be1
+            a23 += w2 * j3
+            a33 += wu * j3 * j3 - wr * S0 * (1.0 - f) * bu[u] * be2
+        mat[h, 0, 0] = a00
+        mat[h, 0, 1] = mat[h, 1, 0] = a01
+        mat[h, 0, 2] = mat[h, 2, 0] = a02
+        mat[h, 0, 3] = mat[h, 3, 0] = a03
+        mat[h, 1, 1] = a11
+        mat[h, 1, 2] = mat[h, 2, 1] = a12
+        mat[h, 1, 3] = mat[h, 3, 1] = a13
+        mat[h, 2, 2] = a22
+        mat[h, 2, 3] = mat[h, 3, 2] = a23
+        mat[h, 3, 3] = a33
+        work[go] = g0
+        work[go + 1] = g1
+        work[go + 2] = g2
+        work[go + 3] = g3
     else:
-        B = p[0]
-        Ds = p[1]
+        B = p[po]
+        Ds = p[po + 1]
+        a00 = a01 = a11 = 0.0
+        g0 = g1 = 0.0
         for u in range(nu):
             e1 = math.exp(-bu[u] * Ds)
-            m[u] = B * e1
-            J[u, 0] = e1
-            J[u, 1] = -B * bu[u] * e1
+            mu = B * e1
+            work[mo + u] = mu
+            wu = w[u]
+            r = t[u] - mu
+            ssr += wu * r * r
+            be1 = bu[u] * e1
+            j1 = -B * be1
+            wr = wu * r
+            g0 += e1 * wr
+            g1 += j1 * wr
+            a00 += wu * e1 * e1
+            a01 += wu * e1 * j1 + wr * be1  # exact Hessian, as above
+            a11 += wu * j1 * j1 - wr * B * bu[u] * be1
+        mat[h, 0, 0] = a00
+        mat[h, 0, 1] = mat[h, 1, 0] = a01
+        mat[h, 1, 1] = a11
+        work[go] = g0
+        work[go + 1] = g1
+    return ssr
 
 
 @jit_voxel
-def weighted_ssr(w, t, m):
-    """Sum over groups of ``w * (t - m)**2``."""
-    s = 0.0
-    for u in range(t.shape[0]):
-        r = t[u] - m[u]
-        s += w[u] * r * r
-    return s
+def solve_damped(n, mat, h, work, go, do, lam, free):
+    """Solve ``(H + lam * |diag H|) delta = g`` over the free parameters by Cholesky.
 
-
-@jit_voxel
-def solve_damped(n, JtJ, g, lam, free, A, delta):
-    """Solve ``(JtJ + lam * diag) delta = g`` over the free parameters by Cholesky.
-
-    Marquardt scaling (damping proportional to the diagonal, floored) keeps steps sensible for
-    parameters of very different size. Frozen parameters get ``delta = 0``.
+    ``H`` is ``mat[h]``, ``g`` is ``work[go:go + n]``; ``delta`` goes to ``work[do:do + n]``
+    and ``mat[2]`` is overwritten with the factor. Marquardt scaling (damping proportional to
+    the diagonal, floored) keeps steps sensible for parameters of very different size; the
+    absolute value matters because, with the exact Hessian, a diagonal entry can be negative
+    far from the optimum and damping must still push it towards positive definiteness.
+    Frozen parameters get ``delta = 0``.
 
     Returns
     -------
@@ -168,57 +239,60 @@ def solve_damped(n, JtJ, g, lam, free, A, delta):
     """
     dmax = 0.0
     for i in range(n):
-        if JtJ[i, i] > dmax:
-            dmax = JtJ[i, i]
+        if abs(mat[h, i, i]) > dmax:
+            dmax = abs(mat[h, i, i])
     floor = 1e-12 * dmax + 1e-300
     for i in range(n):
         for j in range(n):
             if free[i] and free[j]:
-                A[i, j] = JtJ[i, j]
+                mat[2, i, j] = mat[h, i, j]
             else:
-                A[i, j] = 1.0 if i == j else 0.0
+                mat[2, i, j] = 1.0 if i == j else 0.0
         if free[i]:
-            A[i, i] += lam * max(JtJ[i, i], floor)
-            delta[i] = g[i]
+            mat[2, i, i] += lam * max(abs(mat[h, i, i]), floor)
+            work[do + i] = work[go + i]
         else:
-            delta[i] = 0.0
-    # in-place Cholesky A = L L^T (lower triangle)
+            work[do + i] = 0.0
+    # in-place Cholesky mat[2] = L L^T (lower triangle)
     for j in range(n):
-        s = A[j, j]
+        s = mat[2, j, j]
         for k in range(j):
-            s -= A[j, k] * A[j, k]
+            s -= mat[2, j, k] * mat[2, j, k]
         if not s > 0.0:
             return False
-        A[j, j] = math.sqrt(s)
+        d = math.sqrt(s)
+        mat[2, j, j] = d
+        inv = 1.0 / d
         for i in range(j + 1, n):
-            s = A[i, j]
+            s = mat[2, i, j]
             for k in range(j):
-                s -= A[i, k] * A[j, k]
-            A[i, j] = s / A[j, j]
+                s -= mat[2, i, k] * mat[2, j, k]
+            mat[2, i, j] = s * inv
     for i in range(n):  # forward substitution
-        s = delta[i]
+        s = work[do + i]
         for k in range(i):
-            s -= A[i, k] * delta[k]
-        delta[i] = s / A[i, i]
+            s -= mat[2, i, k] * work[do + k]
+        work[do + i] = s / mat[2, i, i]
     for i in range(n - 1, -1, -1):  # back substitution
-        s = delta[i]
+        s = work[do + i]
         for k in range(i + 1, n):
-            s -= A[k, i] * delta[k]
-        delta[i] = s / A[i, i]
+            s -= mat[2, k, i] * work[do + k]
+        work[do + i] = s / mat[2, i, i]
     for i in range(n):
         if not free[i]:
-            delta[i] = 0.0
+            work[do + i] = 0.0
     return True
 
 
 @jit_voxel
-def levenberg_marquardt(kind, n, p, lo, hi, bu, w, t, maxit, vec, mat, jac, free):
+def levenberg_marquardt(kind, n, p, lo, hi, bu, w, t, maxit, work, mat, free):
     """Bounded (projected, active-set) Levenberg–Marquardt on one voxel, in place on ``p``.
 
     Minimises ``sum_u w[u] * (t[u] - model(p)[u])**2`` subject to ``lo <= p <= hi``; for the
-    full model also ``D_star > D``. Parameters sitting on a bound whose gradient points outward
-    are frozen for the step (the KKT condition); the rest take a damped Gauss–Newton step that
-    is then clipped to the box.
+    full model also ``D_star > D``. Steps use the exact Hessian (see :func:`evaluate`), damped
+    by Nielsen's gain-ratio rule. Parameters on a bound whose gradient points outward are
+    frozen for the step (the KKT condition); the rest take the damped Newton step, clipped to
+    the box.
 
     Parameters
     ----------
@@ -232,103 +306,101 @@ def levenberg_marquardt(kind, n, p, lo, hi, bu, w, t, maxit, vec, mat, jac, free
         b-values (ms/µm²), weights, target.
     maxit : int
         Maximum number of iterations (accepted plus rejected steps).
-    vec : (2 * n_u + 12,) float64, mat : (2, 4, 4) float64, jac : (2, n_u, 4) float64,
-    free : (4,) bool
-        Scratch space owned by the caller (allocated once per chunk of voxels).
+    work : (2 * n_u + 16,) float64, mat : (3, 4, 4) float64, free : (4,) bool
+        Scratch owned by the caller (allocated once per chunk of voxels). ``work`` holds two
+        model buffers, two gradients, the trial point and the step; ``mat`` two Hessians and
+        the Cholesky factor. Current and trial buffers swap roles by index, never by copy.
 
     Returns
     -------
     (ssr, converged) : (float, bool)
+        On return ``work[:n_u]`` holds the model at the returned ``p``.
     """
     nu = bu.shape[0]
-    m = vec[0:nu]
-    m_try = vec[nu : 2 * nu]
-    p_try = vec[2 * nu : 2 * nu + 4]
-    g = vec[2 * nu + 4 : 2 * nu + 8]
-    delta = vec[2 * nu + 8 : 2 * nu + 12]
-    JtJ = mat[0]
-    A = mat[1]
-    J = jac[0]
-    J_try = jac[1]
+    PT = 2 * nu + 8  # trial point
+    DL = 2 * nu + 12  # step
+    cur = 0  # which of the two model/gradient/Hessian buffers is current
 
     tt = 0.0
     for u in range(nu):
         tt += w[u] * t[u] * t[u]
-    model_and_jacobian(kind, p, bu, m, J)
-    ssr = weighted_ssr(w, t, m)
-    lam = 1e-3
+    ssr = evaluate(kind, p, 0, bu, w, t, work, 0, 2 * nu, mat, 0)
+    lam = LM_LAMBDA0
+    nu_up = 2.0  # Nielsen's growth factor for lambda after a rejected step
     converged = False
     for _ in range(maxit):
         if ssr <= 1e-28 * tt:
-            converged = True
+            converged = True  # exact fit to machine precision
             break
-        # normal equations on the weighted residual
-        for i in range(n):
-            gi = 0.0
-            for u in range(nu):
-                gi += w[u] * J[u, i] * (t[u] - m[u])
-            g[i] = gi
-            for j in range(i, n):
-                s = 0.0
-                for u in range(nu):
-                    s += w[u] * J[u, i] * J[u, j]
-                JtJ[i, j] = s
-                JtJ[j, i] = s
+        go = 2 * nu + 4 * cur
         n_free = 0
         for i in range(n):
-            at_lo = p[i] <= lo[i] and g[i] < 0.0
-            at_hi = p[i] >= hi[i] and g[i] > 0.0
+            at_lo = p[i] <= lo[i] and work[go + i] < 0.0
+            at_hi = p[i] >= hi[i] and work[go + i] > 0.0
             free[i] = not (at_lo or at_hi)
             if free[i]:
                 n_free += 1
         if n_free == 0:
-            converged = True
+            converged = True  # every parameter pinned with the gradient pointing outward
             break
-        if not solve_damped(n, JtJ, g, lam, free, A, delta):
-            lam *= 10.0
-            if lam > 1e16:
+        if not solve_damped(n, mat, cur, work, go, DL, lam, free):
+            lam *= nu_up
+            nu_up *= 2.0
+            if lam > LM_LAMBDA_MAX:
                 break
             continue
         step_small = True
         for i in range(n):
-            v = p[i] + delta[i]
-            if v < lo[i]:
-                v = lo[i]
-            elif v > hi[i]:
-                v = hi[i]
-            p_try[i] = v
-            if abs(v - p[i]) > 1e-10 * (abs(p[i]) + 1e-10):
+            v = min(max(p[i] + work[DL + i], lo[i]), hi[i])
+            work[DL + i] = v - p[i]  # the step actually taken, after clipping to the box
+            work[PT + i] = v
+            if abs(v - p[i]) > LM_XTOL * (abs(p[i]) + LM_XTOL):
                 step_small = False
         if step_small:
             converged = True
             break
-        if kind == KIND_FULL and not p_try[2] > p_try[3]:
-            lam *= 10.0  # the step would cross D_star = D: shorten it
-            if lam > 1e16:
+        # reduction the quadratic model predicts for this (clipped) step: 2 d.g - d.H.d
+        pred = 0.0
+        for i in range(n):
+            q = 0.0
+            for j in range(n):
+                q += mat[cur, i, j] * work[DL + j]
+            pred += work[DL + i] * (2.0 * work[go + i] - q)
+        if not pred > LM_FTOL * ssr:
+            converged = True  # no model decrease left worth taking
+            break
+        if kind == KIND_FULL and not work[PT + 2] > work[PT + 3]:
+            lam *= nu_up  # the step would cross D_star = D: shorten it
+            nu_up *= 2.0
+            if lam > LM_LAMBDA_MAX:
                 converged = True
                 break
             continue
-        model_and_jacobian(kind, p_try, bu, m_try, J_try)
-        ssr_try = weighted_ssr(w, t, m_try)
-        if ssr_try < ssr:
+        nxt = 1 - cur
+        ssr_try = evaluate(kind, work, PT, bu, w, t, work, nxt * nu, 2 * nu + 4 * nxt, mat, nxt)
+        rho = (ssr - ssr_try) / pred
+        if rho > 1e-4:
             decrease = ssr - ssr_try
             for i in range(n):
-                p[i] = p_try[i]
-            for u in range(nu):
-                m[u] = m_try[u]
-                for i in range(n):
-                    J[u, i] = J_try[u, i]
+                p[i] = work[PT + i]
+            cur = nxt  # the trial's model, gradient and Hessian become current
             ssr = ssr_try
-            lam = max(lam * 0.1, 1e-12)
-            if decrease <= 1e-13 * ssr:
+            # Nielsen (1999): relax damping when the quadratic model predicted well
+            q = 2.0 * rho - 1.0
+            lam *= max(1.0 / 3.0, 1.0 - q * q * q)
+            nu_up = 2.0
+            if decrease <= LM_FTOL * ssr:
                 converged = True
                 break
         else:
-            lam *= 10.0
-            if lam > 1e16:
-                # no descent left along any damped direction: a stationary point
-                converged = True
+            lam *= nu_up
+            nu_up *= 2.0
+            if lam > LM_LAMBDA_MAX:
+                converged = True  # no descent along any damped direction: stationary
                 break
+    if cur == 1:
+        for u in range(nu):
+            work[u] = work[nu + u]  # leave the final model in work[:n_u] for the caller
     return ssr, converged
 
 
@@ -343,57 +415,51 @@ def pinned(v, lo, hi, span):
 
 
 @jit_voxel
-def finish_voxel(y, groups, bu, p, scale, lo, hi, dstar_span, out_row):
-    """Write one voxel's outputs and return its status.
+def finish_voxel(Y, v, groups, model, p, scale, lo, hi, out):
+    """Write row ``v`` of ``out`` (n_vox, 6) for voxel row ``v`` of ``Y``; return its status.
 
-    ``p`` holds ``(S0, f, D_star, D)`` in internal units (S0 / scale, D in µm²/ms); ``lo``/``hi``
-    are the internal bounds. ``out_row`` (6,) receives S0, f, D_star, D (mm²/s), R² and RMSE,
-    computed over every raw sample.
+    ``p`` holds ``(S0, f, D_star, D)`` in internal units (S0 / scale, D in µm²/ms) and ``model``
+    (n_u,) the fitted scaled signal per unique b-value; ``lo``/``hi`` are the internal bounds.
+    ``out[v]`` receives S0, f, D_star, D (mm²/s), R² and RMSE, the last two over every raw
+    sample (input units).
     """
-    S0 = p[0]
-    f = p[1]
-    Ds = p[2]
-    D = p[3]
     for i in range(4):
         if not math.isfinite(p[i]):
-            return fail_voxel(out_row, st.NUMERICAL_FAILURE)
-    ssr = 0.0
+            return fail_voxel(out, v, st.NUMERICAL_FAILURE)
+    nb = Y.shape[1]
     mean = 0.0
-    nb = y.shape[0]
     for i in range(nb):
-        mean += np.float64(y[i])
+        mean += np.float64(Y[v, i])
     mean /= nb
+    ssr = 0.0
     sst = 0.0
     for i in range(nb):
-        bb = bu[groups[i]]
-        model = scale * S0 * (f * math.exp(-bb * Ds) + (1.0 - f) * math.exp(-bb * D))
-        r = np.float64(y[i]) - model
+        yi = np.float64(Y[v, i])
+        r = yi - scale * model[groups[i]]
         ssr += r * r
-        d = np.float64(y[i]) - mean
+        d = yi - mean
         sst += d * d
-    out_row[0] = S0 * scale
-    out_row[1] = f
-    out_row[2] = Ds * 1e-3
-    out_row[3] = D * 1e-3
-    out_row[4] = 1.0 - ssr / sst if sst > 0.0 else math.nan
-    out_row[5] = math.sqrt(ssr / nb)
-    if not Ds - D > PIN_TOL * dstar_span:
+    out[v, 0] = p[0] * scale
+    out[v, 1] = p[1]
+    out[v, 2] = p[2] * 1e-3
+    out[v, 3] = p[3] * 1e-3
+    out[v, 4] = 1.0 - ssr / sst if sst > 0.0 else math.nan
+    out[v, 5] = math.sqrt(ssr / nb)
+    if not p[2] - p[3] > PIN_TOL * (hi[2] - lo[2]):
         return st.DSTAR_NOT_ABOVE_D
-    if (
-        pinned(S0, lo[0], hi[0], max(hi[0] - lo[0], 1.0) if math.isfinite(hi[0]) else 1.0)
-        or pinned(f, lo[1], hi[1], hi[1] - lo[1])
-        or pinned(Ds, lo[2], hi[2], hi[2] - lo[2])
-        or pinned(D, lo[3], hi[3], hi[3] - lo[3])
-    ):
-        return st.AT_BOUND
+    s0_span = hi[0] - lo[0] if math.isfinite(hi[0]) else 1.0
+    for k in range(4):
+        span = s0_span if k == 0 else hi[k] - lo[k]
+        if pinned(p[k], lo[k], hi[k], span):
+            return st.AT_BOUND
     return st.OK
 
 
 @jit_voxel
-def fail_voxel(out_row, code):
-    """Fill one voxel's outputs with NaN and return ``code``."""
-    for k in range(out_row.shape[0]):
-        out_row[k] = math.nan
+def fail_voxel(out, v, code):
+    """Fill row ``v`` of ``out`` with NaN and return ``code``."""
+    for k in range(out.shape[1]):
+        out[v, k] = math.nan
     return code
 
 
