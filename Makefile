@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-nojit bench lint clean
+.PHONY: install demo test test-nojit bench bench-peers bench-cli bench-batch peers-env lint clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test,lint]'
+	$(BIN)/python -m pip install -e '.[test,lint,report,cluster]'
 	touch $(STAMP)
 
 ## Run the main job on the built-in synthetic phantom.
@@ -30,9 +30,37 @@ test-nojit: install
 bench: install
 	$(BIN)/python bench/bench_kernels.py
 
+## End-to-end `fastivim run` timings (read / fit / write) on 128x128x30x10 and a larger volume.
+bench-cli: install
+	$(BIN)/python bench/bench_cli.py
+
+## Subjects per minute for `fastivim batch` (local and a 2-worker Dask cluster).
+bench-batch: install
+	$(BIN)/python bench/bench_batch.py
+
+OSIPY_VENV ?= .venv-osipy
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+PEERS_STAMP := $(VENV)/.peers-stamp
+
+$(PEERS_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install -e '.[peers]'
+	touch $(PEERS_STAMP)
+
+## Optional peers: dipy/cvxpy/matplotlib into $(VENV); osipy (needs Python >= 3.12) into $(OSIPY_VENV).
+peers-env: $(PEERS_STAMP)
+	@if $(PY312) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
+	  test -x $(OSIPY_VENV)/bin/python || $(PY312) -m venv $(OSIPY_VENV); \
+	  $(OSIPY_VENV)/bin/python -m pip install -q -r bench/requirements-osipy.txt \
+	    || echo "osipy install failed: bench-peers will skip osipy"; \
+	else echo "no Python >= 3.12 at '$(PY312)' (set PY312=...): bench-peers will skip osipy"; fi
+
+## fastivim vs dipy, scipy curve_fit, a NumPy LM and osipy on the same phantoms (< 15 min).
+bench-peers: peers-env
+	OSIPY_PYTHON=$(OSIPY_VENV)/bin/python $(BIN)/python bench/bench_peers.py
+
 lint: install
 	$(BIN)/ruff check fastivim tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis bench/out
+	rm -rf $(VENV) $(OSIPY_VENV) build *.egg-info .pytest_cache .hypothesis bench/out
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

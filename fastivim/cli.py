@@ -342,5 +342,17 @@ def demo(work_dir, method, shape, quiet):
     click.echo(f"files: {out_dir}")
 
 
+def _add_module_commands():
+    """Commands kept in modules of their own, added when the module is present (``batch``)."""
+    from importlib.util import find_spec
+
+    if find_spec("fastivim.batch") is not None:
+        from .batch import batch_command
+
+        main.add_command(batch_command)
+
+
+_add_module_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

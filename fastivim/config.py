@@ -34,10 +34,10 @@ class Option:
 OPTIONS = (
     Option("bvals", None, "path",
            "b-value file, s/mm² (FSL/BIDS one row, or one value per line); "
-           "null: use <image stem>.bval beside the image"),
+           "if not set: <image stem>.bval beside the image"),
     Option("bvecs", None, "path", "gradient directions (3 rows or 3 columns); recorded, not used"),
     Option("mask", None, "path", "3D NIfTI on the image's grid, any non-zero voxel is fitted; "
-                                 "null: automatic mask from the lowest-b image"),
+                                 "if not set: automatic mask from the lowest-b image"),
     Option("no_mask", False, "bool", "fit every voxel (no mask at all)"),
     Option("mask_fraction", 0.1, "fraction",
            "automatic mask: keep voxels whose lowest-b signal exceeds this fraction of the "
@@ -47,9 +47,9 @@ OPTIONS = (
     Option("b_threshold", 200.0, "float", "s/mm²: samples at or above it give D (segmented)"),
     Option("bounds", {k: list(v) for k, v in DEFAULT_BOUNDS.items()}, "bounds",
            "[lower, upper] per parameter (S0 signal units, f fraction, D_star and D mm²/s); "
-           "null upper: no bound"),
-    Option("threads", None, "threads", "numba threads; null: all cores"),
-    Option("out_dir", None, "path", "output directory; null: <image stem>_ivim/ in the "
+           "upper null: no bound"),
+    Option("threads", None, "threads", "numba threads; if not set: all cores"),
+    Option("out_dir", None, "path", "output directory; if not set: <image stem>_ivim/ in the "
                                     "current directory (unless bids is set)"),
     Option("overwrite", False, "bool", "replace maps that already exist"),
     Option("bids", None, "path", "BIDS derivatives directory to write into (needs subject)"),

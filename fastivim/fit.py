@@ -21,8 +21,9 @@ METHODS = {"segmented": METHOD_SEGMENTED, "full": METHOD_FULL}
 #: Iteration limit of each Levenberg–Marquardt run (accepted plus rejected steps).
 MAX_ITERATIONS = 200
 
-#: Voxels per kernel call when a progress bar is shown (the bar moves once per chunk).
-PROGRESS_CHUNK = 1 << 15
+#: Voxels per kernel call when a progress bar is shown (the bar moves once per chunk; at
+#: 2**17 voxels the extra calls cost about 1% of throughput, at 2**15 about 7%).
+PROGRESS_CHUNK = 1 << 17
 
 #: Columns of the kernel's per-voxel output rows.
 OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")

@@ -18,7 +18,7 @@ from .voxel import fail_voxel, finish_voxel, group_means, internal_bounds
 
 #: Hash of the helper modules, kept current by ``fastivim.kernels._sync_source_digest`` so that
 #: numba's cache of ``fit_volume`` (stamped with this file's hash) follows their edits.
-KERNEL_SOURCES_DIGEST = "b5216d1de6c1100d"
+KERNEL_SOURCES_DIGEST = "319d6fda7a828ad5"
 
 METHOD_SEGMENTED = 0
 METHOD_FULL = 1
@@ -27,8 +27,26 @@ METHOD_FULL = 1
 N_DSTAR_GRID = 12
 N_D_GRID = 10
 
+#: Lowest grid values (mm²/s) when a lower bound is below them; the fit itself still reaches
+#: down to the bound.
+GRID_FLOOR_D = 5e-5
+GRID_FLOOR_DSTAR = 1e-3
+
 #: Chunks per thread: enough for load balance, few enough that scratch is negligible.
 CHUNKS_PER_THREAD = 4
+
+
+def _start_grid(bound, floor, n):
+    """``n`` log-spaced starting values inside ``bound`` (lo, hi), internal units.
+
+    The grid only seeds the solvers, so it starts at ``floor`` when the lower bound is below it
+    (a bound of 0, as OSIPI's D bound, would otherwise spend the grid on decades where no
+    tissue lives, or fail: a geometric sequence cannot include 0).
+    """
+    lo, hi = float(bound[0]), float(bound[1])
+    if not hi > 0.0:
+        return np.zeros(n)
+    return np.geomspace(max(lo, min(floor, hi)), hi, n)
 
 
 def make_tables(b_values, bounds, weights_by_group=True):
@@ -46,17 +64,17 @@ def make_tables(b_values, bounds, weights_by_group=True):
     dict
         ``groups`` (n_b,) int64, ``bu`` (n_u,) unique b in ms/µm², ``w`` (n_u,) group sizes,
         ``dstar_grid`` (n_k,), ``d_grid`` (n_j,) in µm²/ms, ``ES`` (n_k, n_u), ``ED`` (n_j, n_u),
-        ``GSS`` (n_k,) weighted squared norms of the ``ES`` rows, and ``PAIR`` (5, n_j, n_k):
+        ``GSS`` (n_k,) weighted squared norms of the ``ES`` rows, and ``PAIR`` (n_j, n_k, 7):
         per (D_j, D_star_k) pair the inverse Gram entries ``G_DD/det, G_SD/det, G_SS/det``
-        (NaN for numerically singular pairs) and the inverse squared norms of
-        ``f*ES + (1-f)*ED`` at the lower and upper f bound.
+        (NaN for numerically singular pairs), then the inverse squared norms of
+        ``f*ES + (1-f)*ED`` at the lower and upper f bound, then those squared norms.
     """
     b = np.asarray(b_values, dtype=np.float64)
     b_unique, groups = np.unique(b, return_inverse=True)
     w = np.bincount(groups).astype(np.float64)
     bu = b_unique * 1e-3
-    dstar_grid = np.geomspace(bounds[2, 0] * 1e3, bounds[2, 1] * 1e3, N_DSTAR_GRID)
-    d_grid = np.geomspace(bounds[3, 0] * 1e3, bounds[3, 1] * 1e3, N_D_GRID)
+    dstar_grid = _start_grid(bounds[2] * 1e3, GRID_FLOOR_DSTAR * 1e3, N_DSTAR_GRID)
+    d_grid = _start_grid(bounds[3] * 1e3, GRID_FLOOR_D * 1e3, N_D_GRID)
     ES = np.exp(-np.outer(dstar_grid, bu))
     ED = np.exp(-np.outer(d_grid, bu))
     GSS = (ES * ES) @ w
@@ -66,13 +84,14 @@ def make_tables(b_values, bounds, weights_by_group=True):
     singular = det <= 1e-12 * GSS[None, :] * GDD[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(singular, np.nan, 1.0 / det)
-    pair = np.empty((5,) + GSD.shape)
-    pair[0] = GDD[:, None] * inv
-    pair[1] = GSD * inv
-    pair[2] = GSS[None, :] * inv
-    for row, fb in ((3, bounds[1, 0]), (4, bounds[1, 1])):
+    pair = np.empty(GSD.shape + (7,))
+    pair[..., 0] = GDD[:, None] * inv
+    pair[..., 1] = GSD * inv
+    pair[..., 2] = GSS[None, :] * inv
+    for col, fb in ((3, bounds[1, 0]), (4, bounds[1, 1])):
         gv = fb * fb * GSS[None, :] + 2 * fb * (1 - fb) * GSD + (1 - fb) ** 2 * GDD[:, None]
-        pair[row] = 1.0 / gv
+        pair[..., col] = 1.0 / gv
+        pair[..., col + 2] = gv
     return {
         "groups": groups.astype(np.int64),
         "bu": bu,
@@ -95,8 +114,8 @@ def chunk_count(n_vox):
 
 @jit_voxel
 def fit_one_voxel(Y, v, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR, dstar_grid,
-                  d_grid, maxit, out, ybar, model, r, p, lo, hi, PS, PD, work, mat, free,
-                  p2, lo2, hi2):
+                  d_grid, maxit, out, ybar, model, r, p, starts, lo, hi, PS, PD, prof, work,
+                  mat, free, p2, lo2, hi2):
     """Fit voxel row ``v`` of ``Y``; write row ``v`` of ``out`` (n_vox, 6); return its status.
 
     Rows are addressed by index rather than sliced: a view per voxel would cost atomic
@@ -107,8 +126,9 @@ def fit_one_voxel(Y, v, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR,
         return fail_voxel(out, v, st.BAD_INPUT)
     internal_bounds(bounds, scale, lo, hi)
     if method == METHOD_FULL:
-        code = fit_full_voxel(ybar, bu, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid,
-                              maxit, p, model, PS, PD, work, mat, free)
+        code = fit_full_voxel(ybar, bu, w, b_min, lo, hi, ES, ED, GSS, PAIR, dstar_grid, d_grid,
+                              maxit, p, starts, p2, lo2, hi2, model, r, PS, PD, prof, work, mat,
+                              free)
     else:
         code = fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, p,
                                    model, r, work, mat, free, p2, lo2, hi2)
@@ -157,15 +177,18 @@ def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR, dstar
         p = np.empty(4)
         lo = np.empty(4)
         hi = np.empty(4)
+        starts = np.empty((3, 4))  # the full fit's alternative starting points
         p2 = np.empty(2)
         lo2 = np.empty(2)
         hi2 = np.empty(2)
         PS = np.empty(dstar_grid.shape[0])
         PD = np.empty(d_grid.shape[0])
+        prof = np.empty((4, dstar_grid.shape[0]))
         work = np.empty(2 * nu + 16)
         mat = np.empty((3, 4, 4))
         free = np.empty(4, dtype=np.bool_)
         for v in range(start, stop):
             status[v] = fit_one_voxel(Y, v, method, groups, bu, w, bounds, b_min, ES, ED, GSS,
                                       PAIR, dstar_grid, d_grid, maxit, out, ybar, model, r,
-                                      p, lo, hi, PS, PD, work, mat, free, p2, lo2, hi2)
+                                      p, starts, lo, hi, PS, PD, prof, work, mat, free, p2,
+                                      lo2, hi2)

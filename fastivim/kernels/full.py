@@ -12,19 +12,42 @@ import math
 
 from . import status as st
 from ._jit import jit_voxel
+from .segmented import perfusion_start
 from .voxel import KIND_FULL, levenberg_marquardt
+
+#: D_star / D ratio from which a grid pair counts as the separated (perfusion) basin.
+SEPARATION = 4.0
+
+#: A far D_star-profile grid point triggers a restart when its sum of squares is within this
+#: relative slack of the converged fit (refinement from a grid point typically gains a few %).
+RESTART_SLACK = 0.10
+#: Grid points within this factor of the fitted D_star count as the same basin.
+RESTART_NEIGHBOURHOOD = 1.3
+#: At most this many restarts per voxel.
+MAX_RESTARTS = 3
 
 
 @jit_voxel
-def grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p):
+def grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p, p_close):
     """Best (S0, f, D_star, D) over the (D, D_star) grid, with S0 and f solved exactly.
 
+    Two bests are kept, because the bi-exponential has two kinds of basin: pairs with D_star
+    at least ``SEPARATION`` times D (the perfusion reading) go to ``p``, closer pairs to
+    ``p_close``. A close pair can mimic a D between two grid values and so win on the coarse
+    grid although the separated basin refines to the better fit; the caller refines both
+    where that matters.
+
     ``ES`` (n_k, n_u) and ``ED`` (n_j, n_u) hold ``exp(-b * D_star_k)`` and ``exp(-b * D_j)``.
-    ``PAIR`` (5, n_j, n_k) holds, per grid pair, the voxel-independent factors of the 2×2
+    ``PAIR`` (n_j, n_k, 7) holds, per grid pair, the voxel-independent factors of the 2×2
     least-squares solve (inverse Gram matrix entries) and of the two f-edge solves (inverse
-    squared norms), from :func:`fastivim.kernels.driver.make_tables`: the search costs a few
-    multiply-adds per pair and no division. Writes the start into ``p``; returns False when no
-    grid pair has D_star > D.
+    and plain squared norms), from :func:`fastivim.kernels.driver.make_tables`: the search
+        costs a few multiply-adds per pair, no division and no unpredictable branch.
+
+    Returns
+    -------
+    (red_sep, red_close) : (float, float)
+        Reduction of the weighted sum of squares (``sum w ybar**2`` minus the pair's SSR) of
+        the best separated and best close pair; ``-inf`` where that kind has no pair.
     """
     nu = ybar.shape[0]
     for k in range(dstar_grid.shape[0]):
@@ -39,59 +62,230 @@ def grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p):
         PD[j] = s
     f_lo = lo[1]
     f_hi = hi[1]
-    best = -math.inf
-    found = False
+    S0_lo = lo[0]
+    S0_hi = hi[0]
+    best_sep = -math.inf
+    best_close = -math.inf
     for j in range(d_grid.shape[0]):
         pd = PD[j]
         for k in range(dstar_grid.shape[0]):
             if not dstar_grid[k] > d_grid[j]:
                 continue
             ps = PS[k]
-            # unconstrained (c1, c2) = (S0 f, S0 (1 - f)); NaN factors mark singular pairs
-            c1 = PAIR[0, j, k] * ps - PAIR[1, j, k] * pd
-            c2 = PAIR[2, j, k] * pd - PAIR[1, j, k] * ps
+            # Every candidate is computed and the best picked arithmetically: a branch on
+            # "is the unconstrained optimum feasible" mispredicts about half the time, which
+            # costs more than the few multiply-adds it would save.
+            # Unconstrained (c1, c2) = (S0 f, S0 (1 - f)); NaN factors mark singular pairs.
+            c1 = PAIR[j, k, 0] * ps - PAIR[j, k, 1] * pd
+            c2 = PAIR[j, k, 2] * pd - PAIR[j, k, 1] * ps
             S0 = c1 + c2
-            if S0 > 0.0 and c1 >= f_lo * S0 and c1 <= f_hi * S0 and lo[0] <= S0 <= hi[0]:
-                reduction = c1 * ps + c2 * pd
-                f = c1 / S0
-            else:
-                # the unconstrained optimum leaves the feasible cone: the best is on an f edge
-                pv = f_lo * ps + (1.0 - f_lo) * pd
-                S0 = min(max(pv * PAIR[3, j, k], lo[0]), hi[0])
-                reduction = 2.0 * S0 * pv - S0 * S0 / PAIR[3, j, k]
-                f = f_lo
-                pv = f_hi * ps + (1.0 - f_hi) * pd
-                S0_hi = min(max(pv * PAIR[4, j, k], lo[0]), hi[0])
-                red_hi = 2.0 * S0_hi * pv - S0_hi * S0_hi / PAIR[4, j, k]
-                if red_hi > reduction:
-                    reduction = red_hi
-                    S0 = S0_hi
-                    f = f_hi
-            if reduction > best:
-                best = reduction
-                found = True
-                p[0] = S0
-                p[1] = f
-                p[2] = dstar_grid[k]
-                p[3] = d_grid[j]
-    return found
+            feasible = (S0 > 0.0) & (c1 >= f_lo * S0) & (c1 <= f_hi * S0) & (S0 >= S0_lo) & (
+                S0 <= S0_hi)
+            red_free = c1 * ps + c2 * pd
+            # otherwise the optimum lies on an f edge, with S0 solved (and clipped) along it
+            pv_lo = f_lo * ps + (1.0 - f_lo) * pd
+            s_lo = min(max(pv_lo * PAIR[j, k, 3], S0_lo), S0_hi)
+            red_lo = 2.0 * s_lo * pv_lo - s_lo * s_lo * PAIR[j, k, 5]
+            pv_hi = f_hi * ps + (1.0 - f_hi) * pd
+            s_hi = min(max(pv_hi * PAIR[j, k, 4], S0_lo), S0_hi)
+            red_hi = 2.0 * s_hi * pv_hi - s_hi * s_hi * PAIR[j, k, 6]
+            red_edge = max(red_lo, red_hi)
+            reduction = red_free if feasible else red_edge
+            separated = dstar_grid[k] >= SEPARATION * d_grid[j]
+            if reduction > (best_sep if separated else best_close):  # rare: predictable
+                if separated:
+                    best_sep = reduction
+                    q = p
+                else:
+                    best_close = reduction
+                    q = p_close
+                if feasible:
+                    q[0] = S0
+                    q[1] = c1 / S0
+                elif red_lo >= red_hi:
+                    q[0] = s_lo
+                    q[1] = f_lo
+                else:
+                    q[0] = s_hi
+                    q[1] = f_hi
+                q[2] = dstar_grid[k]
+                q[3] = d_grid[j]
+    return best_sep, best_close
 
 
 @jit_voxel
-def fit_full_voxel(ybar, bu, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, maxit, p,
-                   model, PS, PD, work, mat, free):
+def dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, D, prof):
+    """Fit over the D_star grid with D held at ``D``: S0 and f solved exactly per point.
+
+    Noisy voxels often have two or three basins along D_star, with bumps finer than any
+    affordable grid; the profile shows where they are. ``PS`` must hold ``ES @ (w * ybar)``
+    (from :func:`grid_start`). Fills ``prof[:3]`` (of shape (4, n_k)) with each grid point's
+    weighted sum of squares (``inf`` where D_star <= D), S0 and f; ``prof[3]`` is scratch for
+    the caller.
+    """
+    nu = ybar.shape[0]
+    ge = 0.0
+    pe = 0.0
+    tt = 0.0
+    for u in range(nu):
+        e2 = math.exp(-bu[u] * D)
+        ge += w[u] * e2 * e2
+        pe += w[u] * e2 * ybar[u]
+        tt += w[u] * ybar[u] * ybar[u]
+    f_lo = lo[1]
+    f_hi = hi[1]
+    for k in range(dstar_grid.shape[0]):
+        prof[0, k] = math.inf
+        if not dstar_grid[k] > D:
+            continue
+        gke = 0.0
+        for u in range(nu):
+            gke += w[u] * ES[k, u] * math.exp(-bu[u] * D)
+        gk = GSS[k]
+        ps = PS[k]
+        det = gk * ge - gke * gke
+        c1 = (ge * ps - gke * pe) / det
+        c2 = (gk * pe - gke * ps) / det
+        S0 = c1 + c2
+        if S0 > 0.0 and f_lo * S0 <= c1 <= f_hi * S0 and lo[0] <= S0 <= hi[0]:
+            reduction = c1 * ps + c2 * pe
+            f = c1 / S0
+        else:
+            reduction = -math.inf
+            for fb in (f_lo, f_hi):
+                gv = fb * fb * gk + 2.0 * fb * (1.0 - fb) * gke + (1.0 - fb) * (1.0 - fb) * ge
+                pv = fb * ps + (1.0 - fb) * pe
+                s = min(max(pv / gv, lo[0]), hi[0])
+                red = 2.0 * s * pv - s * s * gv
+                if red > reduction:
+                    reduction = red
+                    S0 = s
+                    f = fb
+        prof[0, k] = tt - reduction
+        prof[1, k] = S0
+        prof[2, k] = f
+
+
+@jit_voxel
+def _refine(start, p, model, best, found, lo, hi, bu, w, ybar, maxit, work, mat, free):
+    """LM from ``start`` (overwritten); adopt the result into ``p``/``model`` if it is better.
+
+    Returns the best (ssr, found) so far.
+    """
+    ssr, converged = levenberg_marquardt(KIND_FULL, 4, start, lo, hi, bu, w, ybar, maxit, work,
+                                         mat, free)
+    if converged and (ssr < best or not found):
+        for i in range(4):
+            p[i] = start[i]
+        for u in range(ybar.shape[0]):
+            model[u] = work[u]
+        return ssr, True
+    return best, found
+
+
+@jit_voxel
+def _same_basin(a, b):
+    """Whether two starts share D and D_star to within ``RESTART_NEIGHBOURHOOD``."""
+    r = a[2] / b[2]
+    s = a[3] / b[3]
+    n = RESTART_NEIGHBOURHOOD
+    return n > r > 1.0 / n and n > s > 1.0 / n
+
+
+@jit_voxel
+def fit_full_voxel(ybar, bu, w, b_min, lo, hi, ES, ED, GSS, PAIR, dstar_grid, d_grid, maxit, p,
+                   starts, q, lo2, hi2, model, r, PS, PD, prof, work, mat, free):
     """Fit one voxel's scaled group means with all four parameters free.
 
-    Writes the estimate into ``p`` (4,) and the fitted means into ``model`` (n_u,).
+    The bi-exponential sum of squares of a noisy voxel often has two or three basins, so one
+    local refinement is not enough to match a multi-start optimiser. Refinements, keeping the
+    lowest sum of squares:
+
+    1. from the segmented answer before its polish (D from the high-b samples, the best D_star
+       of the grid with S0 and f solved): the separated, perfusion-like basin;
+    2. from the best separated pair of the (D, D_star) grid, when it lies in another basin and
+       comes within ``RESTART_SLACK`` of the fit so far (or step 1 could not run);
+    3. from the best close pair (D_star < ``SEPARATION`` D), when it comes within the slack
+       too, or the fit so far ended on a bound (a corner such as f = 0);
+    4. from up to ``MAX_RESTARTS`` local minima of the D_star profile at the fitted D, away
+       from the fitted D_star, that come within the slack.
+
+    Writes the estimate into ``p`` (4,) and the fitted means into ``model`` (n_u,); ``starts``
+    (3, 4) and the rest are scratch.
 
     Returns a status code; ``st.OK`` means ``p`` holds an estimate for :func:`finish_voxel`.
     """
-    if not grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p):
-        return st.DSTAR_NOT_ABOVE_D
-    ssr, converged = levenberg_marquardt(KIND_FULL, 4, p, lo, hi, bu, w, ybar, maxit, work, mat,
-                                         free)
-    if not converged:
+    nu = ybar.shape[0]
+    p_sep = starts[0]
+    p_close = starts[1]
+    p_try = starts[2]
+    red_sep, red_close = grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD,
+                                    p_sep, p_close)
+    tt = 0.0
+    for u in range(nu):
+        tt += w[u] * ybar[u] * ybar[u]
+    ssr = math.inf
+    found = False
+    # 1
+    code, A, D = perfusion_start(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, r, q, lo2,
+                                 hi2)
+    if code == st.OK and A + q[0] > 0.0:
+        p_try[0] = A + q[0]
+        p_try[1] = q[0] / p_try[0]
+        p_try[2] = q[1]
+        p_try[3] = D
+        ssr, found = _refine(p_try, p, model, ssr, found, lo, hi, bu, w, ybar, maxit, work, mat,
+                             free)
+    # 2
+    if red_sep > -math.inf and (
+        not found or (tt - red_sep < ssr * (1.0 + RESTART_SLACK) and not _same_basin(p_sep, p))
+    ):
+        ssr, found = _refine(p_sep, p, model, ssr, found, lo, hi, bu, w, ybar, maxit, work, mat,
+                             free)
+    # 3
+    if red_close > -math.inf and (
+        not found or tt - red_close < ssr * (1.0 + RESTART_SLACK) or _on_bound(p, lo, hi)
+    ):
+        ssr, found = _refine(p_close, p, model, ssr, found, lo, hi, bu, w, ybar, maxit, work,
+                             mat, free)
+    if not found:
         return st.NO_CONVERGENCE
-    for u in range(ybar.shape[0]):
-        model[u] = work[u]
+    # 4: other basins along D_star
+    dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, p[3], prof)
+    nk = dstar_grid.shape[0]
+    D_fit = p[3]
+    Ds_fit = p[2]
+    for k in range(nk):
+        sk = prof[0, k]
+        ratio = dstar_grid[k] / Ds_fit
+        candidate = (
+            sk < ssr * (1.0 + RESTART_SLACK)
+            and not (k > 0 and prof[0, k - 1] < sk)
+            and not (k < nk - 1 and prof[0, k + 1] < sk)
+            and not RESTART_NEIGHBOURHOOD > ratio > 1.0 / RESTART_NEIGHBOURHOOD
+        )
+        prof[3, k] = 1.0 if candidate else 0.0
+    for _ in range(MAX_RESTARTS):
+        kbest = -1
+        for k in range(nk):  # the most promising remaining candidate first
+            if prof[3, k] > 0.0 and (kbest < 0 or prof[0, k] < prof[0, kbest]):
+                kbest = k
+        if kbest < 0:
+            break
+        prof[3, kbest] = 0.0
+        p_try[0] = prof[1, kbest]
+        p_try[1] = prof[2, kbest]
+        p_try[2] = dstar_grid[kbest]
+        p_try[3] = D_fit
+        ssr, found = _refine(p_try, p, model, ssr, found, lo, hi, bu, w, ybar, maxit, work, mat,
+                             free)
     return st.OK
+
+
+@jit_voxel
+def _on_bound(p, lo, hi):
+    """Whether any of the four parameters sits exactly on a bound (after a clipped step)."""
+    for i in range(4):
+        if p[i] <= lo[i] or p[i] >= hi[i]:
+            return True
+    return False

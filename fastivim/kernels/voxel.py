@@ -30,6 +30,9 @@ LM_LAMBDA_MAX = 1e16
 LM_FTOL = 1e-10
 LM_XTOL = 1e-9
 
+#: Largest finite float32: maps are stored as float32, so larger values would become inf.
+FLOAT32_MAX = 3.4028234663852886e38
+
 #: Relative distance (of the bound interval) under which a parameter counts as pinned.
 PIN_TOL = 1e-6
 
@@ -366,8 +369,18 @@ def levenberg_marquardt(kind, n, p, lo, hi, bu, w, t, maxit, work, mat, free):
             for j in range(n):
                 q += mat[cur, i, j] * work[DL + j]
             pred += work[DL + i] * (2.0 * work[go + i] - q)
-        if not pred > LM_FTOL * ssr:
-            converged = True  # no model decrease left worth taking
+        if not pred > 0.0:
+            # the exact Hessian is indefinite along this step: the quadratic model cannot be
+            # trusted, so damp harder (towards gradient descent) instead of stopping
+            lam *= nu_up
+            nu_up *= 2.0
+            if lam > LM_LAMBDA_MAX:
+                break
+            continue
+        if pred <= LM_FTOL * ssr and lam <= 1.0:
+            # a nearly undamped Newton step would gain nothing worth having: converged
+            # (with heavy damping a small prediction only means a short step, so go on)
+            converged = True
             break
         if kind == KIND_FULL and not work[PT + 2] > work[PT + 3]:
             lam *= nu_up  # the step would cross D_star = D: shorten it
@@ -426,6 +439,8 @@ def finish_voxel(Y, v, groups, model, p, scale, lo, hi, out):
     for i in range(4):
         if not math.isfinite(p[i]):
             return fail_voxel(out, v, st.NUMERICAL_FAILURE)
+    if not abs(p[0] * scale) < FLOAT32_MAX:
+        return fail_voxel(out, v, st.NUMERICAL_FAILURE)  # S0 would be inf in a float32 map
     nb = Y.shape[1]
     mean = 0.0
     for i in range(nb):

@@ -1,0 +1,760 @@
+"""Whole cohorts: find every DWI series of a BIDS dataset, fit each, keep a record of all of them.
+
+``fastivim batch BIDS_ROOT -o DERIV_DIR`` does, for every series it finds, what
+``fastivim run DWI --bids DERIV_DIR --subject S [--session T]`` does, and writes one summary table::
+
+    BIDS_ROOT/sub-<S>/[ses-<T>/]dwi/<entities>_dwi.nii[.gz]   + <entities>_dwi.bval beside it
+        [+ optional mask, by MASK_PATTERN, default <entities>_desc-brain_mask.nii.gz beside it]
+    ─ fit (io.fit_file) ─>
+    DERIV_DIR/sub-<S>/[ses-<T>/]dwi/sub-<S>_[ses-<T>_]model-ivim_<map>.nii.gz + .json   (as run)
+    DERIV_DIR/sub-<S>/[ses-<T>/]dwi/sub-<S>_[ses-<T>_]model-ivim_fastivim.json  (run record, last)
+    DERIV_DIR/fastivim_summary.tsv + .json       (one row per series: medians, counts, status)
+
+Never losing a subject
+    A series that fails (unreadable image, missing or wrong b-values, bad mask...) gets
+    ``status = failed`` and its one-line error in the table; the others go on, and the command
+    ends with exit status :data:`EXIT_SOME_FAILED`. Every series found appears in the table,
+    also after an interrupt (those not reached are ``pending``).
+
+Resuming
+    A series is *complete* when its run record ``..._model-ivim_fastivim.json`` exists, was made
+    with the same fit options, and every map and sidecar it lists exists. The record is written
+    (atomically, by rename) only after :func:`fastivim.io.export_bids` has renamed every map
+    into place; before a series is refitted its record, then its old maps, are deleted. So
+    maps exist only with their record (but for the instant of the final renames), and an
+    interrupted series never counts as done. A re-run skips complete series (``fitted =
+    earlier-run`` in the table) and redoes the rest: missing, interrupted, failed, or made
+    with other fit options or another input path. ``--redo`` refits everything.
+
+Where it runs, and how many threads
+    Default: in this process, one series at a time, each fitted by the parallel numba kernel on
+    all cores (``numba.config.NUMBA_NUM_THREADS``, i.e. ``$NUMBA_NUM_THREADS`` or the CPU count;
+    ``--threads`` overrides). No nested parallelism: series are not run concurrently.
+
+    ``--workers N`` starts a Dask ``LocalCluster`` of N worker processes (one task slot each);
+    ``--scheduler ADDRESS`` sends the series to an existing Dask distributed scheduler. Each
+    series is one task; the task reads and writes the files itself, so every worker must see
+    BIDS_ROOT and DERIV_DIR at the same paths (a shared filesystem). Threads: a worker process
+    fits one series at a time (a process-wide lock, so worker task slots > 1 are safe but do not
+    add parallelism), and each fit uses ``max(1, cores_of_host // worker_processes_on_host)``
+    numba threads, so that workers × threads ≤ cores on every host (``--threads`` overrides;
+    a worker that joins after the start fits with 1 thread).
+    Dask is an optional extra: ``pip install 'fastivim[cluster]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+#: Where a series' own mask is looked for (relative to BIDS_ROOT unless absolute); see
+#: :func:`find_series`. A missing file means the automatic mask.
+DEFAULT_MASK_PATTERN = "{dwi_dir}/{entities}_desc-brain_mask.nii.gz"
+
+#: The summary table in DERIV_DIR (with a BIDS-style ``.json`` data dictionary beside it).
+SUMMARY_NAME = "fastivim_summary.tsv"
+
+#: Suffix of the per-series run record, the completion marker: ``sub-01_model-ivim_fastivim.json``.
+RECORD_SUFFIX = "fastivim.json"
+
+#: Exit status when the batch ran to the end but some series failed (1: nothing could run,
+#: 2: bad command line, as in ``fastivim run``).
+EXIT_SOME_FAILED = 3
+
+#: Columns of the summary table, with their description and units (the ``.json`` dictionary).
+COLUMNS = {
+    "participant_id": ("BIDS subject, sub-<label>", None),
+    "session_id": ("BIDS session, ses-<label>, or n/a", None),
+    "status": ("ok: maps written; failed: see error; pending: not reached (interrupted run)",
+               None),
+    "fitted": ("this-run: fitted now; earlier-run: complete outputs reused; n/a", None),
+    "D_median": ("median of D in the quality mask", "mm^2/s"),
+    "D_star_median": ("median of D_star in the quality mask", "mm^2/s"),
+    "f_median": ("median of f in the quality mask", None),
+    "voxels_total": ("voxels in the image grid", None),
+    "voxels_fitted": ("voxels inside the mask (fitted)", None),
+    "voxels_quality": ("voxels passing the quality checks (status 0)", None),
+    "seconds": ("wall time of the series: read, mask, fit, write", "s"),
+    "dwi": ("input image, relative to BIDS_ROOT", None),
+    "mask": ("mask used (relative to BIDS_ROOT when inside it), or auto", None),
+    "error": ("one-line error of a failed series, or n/a", None),
+}
+
+#: How long ``--scheduler ADDRESS`` waits to connect.
+SCHEDULER_TIMEOUT = "15s"
+
+#: Scheduler options of the LocalCluster of ``--workers``: no dashboard, and its small HTTP
+#: server (health/metrics) on a free loopback port rather than the default 8787.
+LOOPBACK_HTTP = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+
+_DWI_RE = re.compile(r"^(?P<entities>sub-[^_/]+(?:_[^/]*)?)_dwi\.nii(?:\.gz)?$")
+_FIT_LOCK = threading.Lock()
+
+
+# ------------------------------------------------------------------------------- discovery
+
+@dataclass(frozen=True)
+class Series:
+    """One DWI series of a BIDS dataset and where its outputs go.
+
+    Attributes
+    ----------
+    subject, session : str
+        Labels without ``sub-``/``ses-`` (session None when the dataset has no sessions).
+    dwi : Path
+        Absolute path of the image; its b-values are ``<stem>.bval`` beside it.
+    mask : Path or None
+        The mask found by the mask pattern; None means the automatic mask.
+    problem : str or None
+        A problem found before fitting (e.g. two series for one subject/session); the series
+        is then reported as failed with this message.
+    """
+
+    subject: str
+    session: str | None
+    dwi: Path
+    mask: Path | None = None
+    problem: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``sub-01`` or ``sub-01_ses-1``."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
+    """Every ``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]`` under ``bids_root``, sorted.
+
+    Parameters
+    ----------
+    bids_root : str or Path
+    mask_pattern : str
+        Path of an optional per-series mask, relative to ``bids_root`` unless absolute, with
+        the placeholders ``{subject}``, ``{session}`` (labels; session empty when none),
+        ``{entities}`` (the image name before ``_dwi``, e.g. ``sub-01_ses-1_acq-fast``) and
+        ``{dwi_dir}`` (the image's folder relative to ``bids_root``, e.g. ``sub-01/ses-1/dwi``).
+        Default :data:`DEFAULT_MASK_PATTERN`. Where the file does not exist the series gets the
+        automatic mask.
+
+    Returns
+    -------
+    list of Series
+        Sorted by subject, session, file name. Several series that would write the same maps
+        (same subject and session) are all returned with a ``problem``.
+    """
+    root = Path(bids_root).absolute()
+    found = []
+    for pattern in ("sub-*/dwi/*_dwi.nii*", "sub-*/ses-*/dwi/*_dwi.nii*"):
+        for dwi in root.glob(pattern):
+            m = _DWI_RE.match(dwi.name)
+            if m is None or not dwi.is_file():
+                continue
+            rel = dwi.relative_to(root).parts
+            subject = rel[0][len("sub-"):]
+            session = rel[1][len("ses-"):] if len(rel) == 4 else None
+            fields = {"subject": subject, "session": session or "",
+                      "entities": m.group("entities"),
+                      "dwi_dir": Path(*rel[:-1]).as_posix()}
+            try:
+                mask = Path(mask_pattern.format(**fields))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"mask pattern {mask_pattern!r}: unknown placeholder {exc} "
+                                 f"(use {{subject}}, {{session}}, {{entities}}, {{dwi_dir}})"
+                                 ) from None
+            mask = mask if mask.is_absolute() else root / mask
+            found.append(Series(subject, session, dwi, mask if mask.is_file() else None))
+    found.sort(key=lambda s: (s.subject, s.session or "", s.dwi.name))
+    per_target = Counter((s.subject, s.session) for s in found)
+    out = []
+    for s in found:
+        if per_target[(s.subject, s.session)] > 1:
+            others = [o.dwi.name for o in found
+                      if (o.subject, o.session) == (s.subject, s.session)]
+            s = Series(s.subject, s.session, s.dwi, s.mask,
+                       problem=f"{s.dwi}: {len(others)} DWI series for {s.label} "
+                               f"({', '.join(others)}) would write the same maps; fit them "
+                               f"one by one with fastivim run")
+        out.append(s)
+    return out
+
+
+# ------------------------------------------------------------------------------- one series
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The fit options of a batch; a series is reused only if its record has the same ones."""
+
+    method: str = "segmented"
+    b_threshold: float = 200.0
+    bounds: dict = field(default_factory=dict)
+    mask_fraction: float = 0.1
+
+    def as_dict(self) -> dict:
+        """JSON form (bounds resolved against the defaults; an infinite bound is null)."""
+        from .model import resolve_bounds
+
+        bounds = {k: [float(lo), None if math.isinf(hi) else float(hi)]
+                  for k, (lo, hi) in resolve_bounds(self.bounds or None).items()}
+        return {"method": self.method, "b_threshold": float(self.b_threshold),
+                "bounds": bounds, "mask_fraction": float(self.mask_fraction)}
+
+
+def record_path(series: Series, deriv_dir) -> Path:
+    """The series' run record (completion marker) in ``deriv_dir``."""
+    from .io import BIDS_ENTITY, bids_dir
+
+    return bids_dir(deriv_dir, series.subject, series.session) / (
+        f"{series.label}_{BIDS_ENTITY}_{RECORD_SUFFIX}")
+
+
+def _output_paths(series: Series, deriv_dir) -> list:
+    from .io import bids_paths
+
+    return bids_paths(deriv_dir, series.subject, series.session)
+
+
+def _series_settings(series: Series, settings: FitSettings) -> dict:
+    return {**settings.as_dict(), "dwi": str(series.dwi),
+            "mask": str(series.mask) if series.mask else "auto"}
+
+
+def completed_record(series: Series, deriv_dir, settings: FitSettings) -> dict | None:
+    """The series' run record if its outputs are complete and made with ``settings``, else None."""
+    rec_path = record_path(series, deriv_dir)
+    try:
+        record = json.loads(rec_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("batch", {}).get("settings") != \
+            _series_settings(series, settings):
+        return None
+    if not all(p.is_file() for p in _output_paths(series, deriv_dir)):
+        return None
+    return record
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join((str(exc).strip() or type(exc).__name__).split())
+
+
+def _remove_empty_dirs(d: Path, stop: Path) -> None:
+    while d != stop and stop in d.parents:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        d = d.parent
+
+
+def fit_series(series: Series, deriv_dir, settings: FitSettings, threads: int | None = None,
+               command: str | None = None) -> dict:
+    """Fit one series into ``deriv_dir`` and return its summary row; never raises for bad data.
+
+    The maps are written by :func:`fastivim.io.fit_file` (exactly as ``fastivim run --bids``
+    writes them), then the run record, last and atomically. Any previous record of the series
+    is deleted first and partial outputs of an interrupted earlier attempt are replaced.
+
+    Parameters
+    ----------
+    series : Series
+    deriv_dir : str or Path
+    settings : FitSettings
+    threads : int, optional
+        numba threads for this fit (None: leave the current setting).
+    command : str, optional
+        Recorded as the command line.
+
+    Returns
+    -------
+    dict
+        A row of the summary table (see :data:`COLUMNS`), plus ``label``.
+    """
+    from . import io
+
+    t0 = time.perf_counter()
+    deriv_dir = Path(deriv_dir).absolute()
+    if series.problem is not None:
+        return _row(series, status="failed", error=series.problem)
+    out = io.bids_dir(deriv_dir, series.subject, series.session)
+    rec_path = record_path(series, deriv_dir)
+    try:
+        with _FIT_LOCK:  # one fit per process: task slots never multiply the numba threads
+            # outputs exist only with their record: drop the record first, then old maps
+            rec_path.unlink(missing_ok=True)
+            for p in _output_paths(series, deriv_dir):
+                p.unlink(missing_ok=True)
+            # exist_ok: sessions of one subject may run at once on several workers
+            out.mkdir(parents=True, exist_ok=True)
+            record = io.fit_file(
+                series.dwi, mask=series.mask if series.mask is not None else "auto",
+                mask_fraction=settings.mask_fraction, method=settings.method,
+                b_threshold=settings.b_threshold, bounds=settings.bounds or None,
+                bids=deriv_dir, subject=series.subject, session=series.session,
+                overwrite=True, progress=False, threads=threads, command=command)
+            record["batch"] = {"settings": _series_settings(series, settings)}
+            record["timings"]["total"] = time.perf_counter() - t0
+            _write_json_atomic(rec_path, record)
+    except Exception as exc:
+        # never above sub-XX when there are sessions: a sibling session may be writing there
+        _remove_empty_dirs(out, out.parent.parent if series.session else deriv_dir)
+        known = isinstance(exc, (ValueError, RuntimeError, OSError))
+        msg = _one_line(exc) if known else f"unexpected {type(exc).__name__}: {_one_line(exc)}"
+        return _row(series, status="failed", error=msg, seconds=time.perf_counter() - t0)
+    return _row_from_record(series, record, fitted="this-run")
+
+
+def _row(series: Series, status: str, error=None, fitted=None, seconds=None) -> dict:
+    row = {k: None for k in COLUMNS}
+    row.update(participant_id=f"sub-{series.subject}",
+               session_id=f"ses-{series.session}" if series.session else None,
+               status=status, fitted=fitted, seconds=seconds, error=error,
+               dwi=str(series.dwi), mask=str(series.mask) if series.mask else "auto")
+    row["label"] = series.label
+    return row
+
+
+def _row_from_record(series: Series, record: dict, fitted: str) -> dict:
+    row = _row(series, status="ok", fitted=fitted, seconds=record["timings"]["total"])
+    for name in ("D", "D_star", "f"):
+        row[f"{name}_median"] = record["stats"][name]["median"]
+    vox = record["voxels"]
+    row.update(voxels_total=vox["total"], voxels_fitted=vox["fitted"],
+               voxels_quality=vox["quality"])
+    return row
+
+
+# ------------------------------------------------------------------------------- the table
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return repr(value)
+    return " ".join(str(value).split())  # one line, no tabs
+
+
+def write_summary(rows, deriv_dir, bids_root) -> Path:
+    """Write :data:`SUMMARY_NAME` (tab-separated, ``n/a`` for missing) and its ``.json``.
+
+    Written atomically (a temporary file renamed into place). Paths inside ``bids_root`` are
+    written relative to it.
+    """
+    deriv_dir = Path(deriv_dir)
+    root = Path(bids_root).absolute()
+    deriv_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(COLUMNS)]
+    for row in rows:
+        row = dict(row, seconds=None if row.get("seconds") is None else round(row["seconds"], 3))
+        for k in ("dwi", "mask"):  # relative to the dataset where inside it
+            p = Path(row[k]) if row.get(k) not in (None, "auto") else None
+            if p is not None and root in p.parents:
+                row[k] = p.relative_to(root).as_posix()
+        lines.append("\t".join(_cell(row.get(k)) for k in COLUMNS))
+    path = deriv_dir / SUMMARY_NAME
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    side = {k: ({"Description": d, "Units": u} if u else {"Description": d})
+            for k, (d, u) in COLUMNS.items()}
+    _write_json_atomic(path.with_suffix(".json"), side)
+    return path
+
+
+def read_summary(path) -> list:
+    """The rows of a summary table as dicts of strings (``n/a`` kept as is)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    head = lines[0].split("\t")
+    return [dict(zip(head, line.split("\t"), strict=True)) for line in lines[1:] if line]
+
+
+# ------------------------------------------------------------------------------- the batch
+
+def available_cores() -> int:
+    """CPUs this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _dask_fit(series, deriv_dir, settings, threads_by_worker, command):
+    """The Dask task: pick this worker's thread count, then :func:`fit_series`."""
+    from distributed import get_worker
+
+    threads = threads_by_worker.get(get_worker().address, 1)
+    import numba
+
+    return fit_series(series, deriv_dir, settings,
+                      threads=min(threads, numba.config.NUMBA_NUM_THREADS), command=command)
+
+
+def _worker_threads(client, threads=None) -> dict:
+    """``{worker address: numba threads}`` so that workers × threads ≤ cores on each host."""
+    workers = client.scheduler_info(n_workers=-1)["workers"] if _accepts_n_workers(client) \
+        else client.scheduler_info()["workers"]
+    if threads is not None:
+        return {addr: threads for addr in workers}
+    cores = client.run(available_cores)
+    per_host = Counter(info.get("host") for info in workers.values())
+    return {addr: max(1, cores.get(addr, 1) // per_host[info.get("host")])
+            for addr, info in workers.items()}
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def _connect(scheduler, workers):
+    """A Dask client (and the LocalCluster it owns, or None)."""
+    try:
+        import logging
+
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise RuntimeError("--scheduler/--workers need Dask distributed: "
+                           "pip install 'fastivim[cluster]'") from None
+    if scheduler is not None:
+        try:
+            return Client(scheduler, timeout=SCHEDULER_TIMEOUT), None
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise RuntimeError(f"cannot reach the Dask scheduler at {scheduler} "
+                               f"({_one_line(exc)})") from None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address=None,
+                           scheduler_kwargs=LOOPBACK_HTTP, silence_logs=logging.ERROR)
+    return Client(cluster), cluster
+
+
+@dataclass
+class BatchReport:
+    """What a batch did: the rows of the table, counts and wall time."""
+
+    rows: list
+    summary_path: Path | None
+    seconds: float
+    fitted: int = 0
+    reused: int = 0
+    failed: int = 0
+    pending: int = 0
+    where: str = "this process"
+    threads: str = ""
+    startup_seconds: float = 0.0
+
+    @property
+    def subjects_per_minute(self) -> float:
+        """Series fitted (ok or failed) in this run per minute of wall time (with start-up)."""
+        return 60.0 * (self.fitted + self.failed) / max(self.seconds, 1e-9)
+
+
+def run_batch(bids_root, deriv_dir, settings: FitSettings | None = None, *,
+              mask_pattern=DEFAULT_MASK_PATTERN, scheduler=None, workers=None, threads=None,
+              redo=False, progress=False, command=None) -> BatchReport:
+    """Fit every series of a BIDS dataset into BIDS derivatives; write the summary table.
+
+    Parameters
+    ----------
+    bids_root, deriv_dir : str or Path
+    settings : FitSettings, optional
+    mask_pattern : str
+        See :func:`find_series`.
+    scheduler : str, optional
+        Address of an existing Dask scheduler (``tcp://host:8786``).
+    workers : int, optional
+        Start a Dask LocalCluster of this many worker processes.
+    threads : int, optional
+        numba threads per fit (default: all cores locally, cores // workers per host on Dask).
+    redo : bool
+        Refit complete series too.
+    progress : bool
+        A tqdm bar over series on stderr.
+    command : str, optional
+        Recorded in every run record.
+
+    Returns
+    -------
+    BatchReport
+    """
+    import numba
+
+    settings = settings or FitSettings()
+    settings.as_dict()  # validates the bounds before any work
+    most = numba.config.NUMBA_NUM_THREADS
+    if threads is not None and scheduler is None and workers is None and \
+            not 1 <= threads <= most:
+        raise ValueError(f"threads must be between 1 and {most} on this machine, got {threads}")
+    local_threads = most if threads is None else threads
+    root = Path(bids_root).absolute()
+    deriv = Path(deriv_dir).absolute()
+    series = find_series(root, mask_pattern)
+    rows = {s.label: _row(s, status="pending") for s in series}
+    todo = []
+    n_reused = 0
+    for s in series:
+        rec = None if redo else completed_record(s, deriv, settings)
+        if rec is not None:
+            rows[s.label] = _row_from_record(s, rec, fitted="earlier-run")
+            n_reused += 1
+        else:
+            todo.append(s)
+    t0 = time.perf_counter()
+    client = cluster = tbw = None
+    bar = None
+    report = BatchReport(rows=[], summary_path=None, seconds=0.0, reused=n_reused)
+    started = not todo  # the table is (re)written once fitting has begun, or nothing is to do
+    try:
+        if todo and (scheduler is not None or workers is not None):
+            client, cluster = _connect(scheduler, workers)
+            tbw = _worker_threads(client, threads)
+            report.startup_seconds = time.perf_counter() - t0
+            report.where = (f"Dask scheduler {scheduler}" if scheduler is not None
+                            else f"Dask LocalCluster of {workers} worker processes")
+            report.threads = _describe_threads(tbw)
+        else:
+            threads = local_threads
+            report.threads = f"{threads} numba thread{'s' * (threads > 1)}, one series at a time"
+        if todo:
+            _ensure_dataset_description(deriv)
+        if progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="subject", file=sys.stderr, dynamic_ncols=True,
+                       desc="fastivim batch")
+        started = True
+        for row in _execute(todo, deriv, settings, threads, command, client, tbw):
+            rows[row["label"]] = row
+            if row["status"] == "failed":
+                report.failed += 1
+            else:
+                report.fitted += 1
+            if bar is not None:
+                bar.update(1)
+                if report.failed:
+                    bar.set_postfix(failed=report.failed)
+    finally:
+        if bar is not None:
+            bar.close()
+        report.seconds = time.perf_counter() - t0
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+        report.rows = list(rows.values())
+        report.pending = sum(r["status"] == "pending" for r in report.rows)
+        if series and started:
+            report.summary_path = write_summary(report.rows, deriv, root)
+    return report
+
+
+def _describe_threads(tbw: dict) -> str:
+    counts = Counter(tbw.values())
+    return ", ".join(f"{n} worker{'s' * (n > 1)} × {t} numba thread{'s' * (t > 1)}"
+                     for t, n in sorted(counts.items()))
+
+
+def _execute(todo, deriv, settings, threads, command, client, threads_by_worker):
+    """Yield the row of every series in ``todo`` as it finishes."""
+    if client is None:
+        for s in todo:
+            yield fit_series(s, deriv, settings, threads=threads, command=command)
+        return
+    from distributed import as_completed
+
+    futures = {client.submit(_dask_fit, s, deriv, settings, threads_by_worker, command,
+                             pure=False, key=f"fastivim-{s.label}-{os.urandom(4).hex()}"): s
+               for s in todo}
+    try:
+        for fut in as_completed(futures):
+            s = futures[fut]
+            try:
+                yield fut.result()
+            except Exception as exc:  # the worker died, the task was lost...
+                yield _row(s, status="failed",
+                           error=f"Dask task failed: {type(exc).__name__}: {_one_line(exc)}")
+    finally:
+        client.cancel(list(futures))
+
+
+def _ensure_dataset_description(deriv: Path) -> None:
+    """Write ``dataset_description.json`` once, before any series.
+
+    :func:`fastivim.io.export_bids` writes it when missing; done here first, so that concurrent
+    workers never race to create it. Same content as export_bids writes.
+    """
+    from . import __version__, io
+
+    desc = deriv / "dataset_description.json"
+    if desc.exists():
+        return
+    deriv.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(desc, {
+        "Name": "fastivim IVIM parameter maps",
+        "BIDSVersion": io.BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fastivim", "Version": __version__,
+                         "Description": "voxel-wise IVIM fit: " + io._MODEL}],
+    })
+
+
+# ------------------------------------------------------------------------------- the command
+
+def _bounds_callback(ctx, param, values):
+    from .cli import _parse_bounds  # late: cli imports this module to add the command
+
+    return _parse_bounds(ctx, param, values)
+
+
+def _command_line() -> str:
+    """The command as typed (through ``fastivim batch``), else this process's argv."""
+    from . import cli
+
+    if cli._Main.argv[:1] == ["batch"]:
+        return cli._command_line()
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def _dry_run(bids_root, deriv_dir, settings, mask_pattern, redo) -> list:
+    root = Path(bids_root).absolute()
+    lines = []
+    for s in find_series(root, mask_pattern):
+        if s.problem is not None:
+            action = "fail"
+        elif not redo and completed_record(s, deriv_dir, settings) is not None:
+            action = "skip (complete)"
+        else:
+            action = "fit"
+        mask = s.mask.relative_to(root).as_posix() if s.mask and root in s.mask.parents else (
+            str(s.mask) if s.mask else "auto")
+        lines.append((s.label, action, s.dwi.relative_to(root).as_posix(), mask, s.problem))
+    return lines
+
+
+@click.command("batch", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("bids_root", type=click.Path(path_type=Path, file_okay=False))
+@click.option("-o", "--out-dir", "deriv_dir", type=click.Path(path_type=Path), required=True,
+              metavar="DERIV_DIR", help="BIDS derivatives directory to write into")
+@click.option("--mask-pattern", default=DEFAULT_MASK_PATTERN, show_default=True,
+              metavar="PATTERN",
+              help="per-series mask, relative to BIDS_ROOT; placeholders {subject}, {session}, "
+                   "{entities}, {dwi_dir}; series without one get the automatic mask")
+@click.option("--mask-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True, help="automatic mask: fraction of the 99th-percentile "
+                                      "lowest-b signal")
+@click.option("--method", type=click.Choice(["segmented", "full"]), default="segmented",
+              show_default=True)
+@click.option("--b-threshold", type=click.FloatRange(min=0), default=200.0, show_default=True,
+              metavar="B", help="s/mm²: samples at or above it give D (segmented)")
+@click.option("--bounds", multiple=True, callback=_bounds_callback, metavar="KEY=LO,HI",
+              help="bound of one parameter (repeatable; keys S0, f, D_star, D)")
+@click.option("--threads", type=click.IntRange(min=1), metavar="N",
+              help="numba threads per fit [default: all cores; with Dask, cores // worker "
+                   "processes of the host]")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="start a local Dask cluster of N worker processes (fastivim[cluster])")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="send the series to this existing Dask scheduler, e.g. tcp://host:8786")
+@click.option("--redo", is_flag=True, help="refit series whose outputs are complete too")
+@click.option("-n", "--dry-run", is_flag=True, help="list the series and what would be done")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+def batch_command(bids_root, deriv_dir, mask_pattern, mask_fraction, method, b_threshold,
+                  bounds, threads, workers, scheduler, redo, dry_run, quiet):
+    """Fit every sub-*/[ses-*/]dwi/*_dwi.nii[.gz] of BIDS_ROOT into BIDS derivatives DERIV_DIR.
+
+    Each series needs its .bval beside it. Writes the maps of `fastivim run --bids` per series
+    and DERIV_DIR/fastivim_summary.tsv (one row per series). Series that fail are recorded
+    there with their error and the others go on (exit status 3 if any failed). A re-run skips
+    series whose outputs are complete and redoes the rest.
+    """
+    if workers is not None and scheduler is not None:
+        raise click.UsageError("--workers and --scheduler exclude each other")
+    if not bids_root.is_dir():
+        raise click.ClickException(f"{bids_root}: no such directory (expected a BIDS dataset)")
+    settings = FitSettings(method=method, b_threshold=b_threshold, bounds=dict(bounds),
+                           mask_fraction=mask_fraction)
+    try:
+        settings.as_dict()
+        if dry_run:
+            lines = _dry_run(bids_root, deriv_dir, settings, mask_pattern, redo)
+        else:
+            found = find_series(bids_root, mask_pattern)
+    except ValueError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    if dry_run:
+        if not lines:
+            raise click.ClickException(f"{bids_root}: no sub-*/[ses-*/]dwi/*_dwi.nii[.gz] found")
+        width = max(len(x[0]) for x in lines)
+        for label, action, dwi, mask, problem in lines:
+            click.echo(f"{label:<{width}}  {action:<15}  {dwi}  mask: {mask}")
+            if problem:
+                click.echo(f"{'':<{width}}  {problem}")
+        counts = Counter(x[1] for x in lines)
+        click.echo(f"{len(lines)} series: " + ", ".join(f"{n} {a}" for a, n in counts.items())
+                   + " (dry run: nothing written)")
+        return
+    if not found:
+        raise click.ClickException(f"{bids_root}: no sub-*/[ses-*/]dwi/*_dwi.nii[.gz] found")
+    ctx = click.get_current_context()
+    try:
+        report = run_batch(bids_root, deriv_dir, settings, mask_pattern=mask_pattern,
+                           scheduler=scheduler, workers=workers, threads=threads, redo=redo,
+                           progress=not quiet, command=_command_line())
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    click.echo(closing_summary(report, Path(bids_root), Path(deriv_dir)))
+    if report.failed:
+        ctx.exit(EXIT_SOME_FAILED)
+
+
+def closing_summary(report: BatchReport, bids_root: Path, deriv_dir: Path) -> str:
+    """The end-of-batch text: counts, failures with their errors, rate, where the table is."""
+    n = len(report.rows)
+    ran = report.fitted + report.failed
+    lines = [f"fastivim batch: {n} series in {bids_root} -> {deriv_dir}",
+             f"  fitted now    {report.fitted}",
+             f"  reused        {report.reused} (complete from an earlier run)",
+             f"  failed        {report.failed}"]
+    for r in report.rows:
+        if r["status"] == "failed":
+            lines.append(f"    {r['label']}: {r['error']}")
+    if report.pending:
+        lines.append(f"  not reached   {report.pending}")
+    if ran:
+        start = (f", of which {report.startup_seconds:.1f} s Dask start-up"
+                 if report.startup_seconds else "")
+        lines.append(f"  wall time     {report.seconds:.1f} s for {ran} series{start} "
+                     f"({report.subjects_per_minute:.1f} subjects/min)")
+        lines.append(f"  ran on        {report.where}: {report.threads}")
+    if report.summary_path is not None:
+        lines.append(f"  summary       {report.summary_path}")
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_MASK_PATTERN", "EXIT_SOME_FAILED", "SUMMARY_NAME", "BatchReport",
+           "FitSettings", "Series", "batch_command", "completed_record", "find_series",
+           "fit_series", "read_summary", "record_path", "run_batch", "write_summary"]

@@ -1,0 +1,18 @@
+"""Small shared constants for the tests (no fitting code: see ``reference.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numba
+
+#: True under ``NUMBA_DISABLE_JIT=1`` (``make test-nojit``): kernels run as plain Python.
+NO_JIT = bool(numba.config.DISABLE_JIT)
+
+#: OSIPI TF2.4 test vectors, shared next to the repository (never copied into it).
+OSIPI_DIR = Path(__file__).resolve().parents[2] / "shared" / "osipi_data"
+
+
+def scaled(n_jit: int, n_nojit: int) -> int:
+    """A voxel count: ``n_jit`` with compiled kernels, ``n_nojit`` when the JIT is off."""
+    return n_nojit if NO_JIT else n_jit
