@@ -305,8 +305,12 @@ def test_fastivim_never_imports_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_large_volume_is_not_slow(tmp_path):
-    """A 128×128×30 result (fake maps, no fit): the report samples, never loops over voxels."""
+def test_large_volume_is_sampled_not_looped(tmp_path, monkeypatch):
+    """A 128×128×30 result (fake maps, no fit): the report samples voxels, never loops over all.
+
+    Checked by counting the model evaluations the decay figure makes (not by timing, which
+    depends on the machine): they must stay a small, volume-independent number of voxels.
+    """
     rng = np.random.default_rng(0)
     shape = (128, 128, 30)
     b = fastivim.simulate.DEFAULT_B_VALUES
@@ -327,7 +331,15 @@ def test_large_volume_is_not_slow(tmp_path):
                               bounds=fastivim.resolve_bounds(), b_values=b, **maps)
     signal = np.zeros(shape + (b.size,), np.float32)
     signal[mask] = fastivim.ivim_signal(b, truth["S0"], truth["f"], truth["D_star"], truth["D"])
-    t0 = time.perf_counter()
+    evaluated = []
+    real = report.ivim_signal
+
+    def counting(b_values, *params):
+        out = real(b_values, *params)
+        evaluated.append(out.size // np.size(b_values))
+        return out
+
+    monkeypatch.setattr(report, "ivim_signal", counting)
     report.make_report(res, signal, b, tmp_path)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 60, f"report took {elapsed:.1f} s"  # ~3 s; generous for loaded CI machines
+    assert (tmp_path / "report.html").exists()
+    assert 0 < sum(evaluated) <= 100, f"{sum(evaluated)} model curves for {n} voxels"
