@@ -86,7 +86,7 @@ class IVIMResult:
     def status_counts(self) -> dict:
         """Number of voxels per status code (only codes that occur)."""
         codes, counts = np.unique(self.status, return_counts=True)
-        return {int(c): int(n) for c, n in zip(codes, counts)}
+        return {int(c): int(n) for c, n in zip(codes, counts, strict=True)}
 
 
 def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The IVIM signal equation, parameter names and default bounds.
 
-The bi-exponential IVIM model (Le Bihan et al., Radiology 1988, doi:10.1148/radiology.168.2.3393671)::
+The bi-exponential IVIM model (Le Bihan et al., Radiology 1988,
+doi:10.1148/radiology.168.2.3393671)::
 
     S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))
 
@@ -82,7 +83,9 @@ def resolve_bounds(bounds: Mapping[str, tuple] | None = None) -> dict:
         try:
             lo, hi = (float(v) for v in pair)
         except (TypeError, ValueError):
-            raise ValueError(f"bounds[{key!r}] must be a pair (lower, upper), got {pair!r}") from None
+            raise ValueError(
+                f"bounds[{key!r}] must be a pair (lower, upper), got {pair!r}"
+            ) from None
         if not math.isfinite(lo):
             raise ValueError(f"bounds[{key!r}]: lower bound must be finite, got {lo}")
         if math.isnan(hi):

@@ -33,8 +33,12 @@ B_SCHEMES = {
 }
 
 
+#: Default strategy for S0 (signal units).
+S0_STRATEGY = st.floats(1.0, 5000.0)
+
+
 @st.composite
-def ivim_params(draw, S0=st.floats(1.0, 5000.0)):
+def ivim_params(draw, S0=S0_STRATEGY):
     """``dict(S0, f, D_star, D)`` with D_star >= 5 D, inside the default bounds."""
     f = draw(st.floats(*F_RANGE))
     D = draw(st.floats(*D_RANGE))

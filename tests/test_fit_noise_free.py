@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from reference import loglinear_D, segmented_D_bound, ssr
+from strategies import B_SCHEMES, DSTAR_MAX, DSTAR_MIN, ivim_params, params_tuple
 
 import fastivim
 import fastivim.kernels.status as status
-from reference import loglinear_D, segmented_D_bound, ssr
-from strategies import B_SCHEMES, DSTAR_MAX, DSTAR_MIN, ivim_params, params_tuple
 
 #: Relative tolerance of the full fit on noise-free float64 signals (per parameter).
 FULL_RTOL = {"S0": 1e-4, "f": 1e-4, "D_star": 1e-4, "D": 1e-4}

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from strategies import B_SCHEMES, ivim_params
 
 import fastivim
 from fastivim import DEFAULT_BOUNDS, PARAM_NAMES, ivim_signal, resolve_bounds
-from strategies import B_SCHEMES, ivim_params
 
 
 def test_param_names_and_default_bounds():

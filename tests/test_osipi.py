@@ -31,10 +31,10 @@ import json
 
 import numpy as np
 import pytest
-
-import fastivim
 from helpers import OSIPI_DIR
 from reference import fit_full_scipy, ssr
+
+import fastivim
 
 OSIPI_BOUNDS = {"S0": (0.7, 1.3), "f": (0.0, 1.0), "D_star": (0.005, 0.2), "D": (0.0, 0.005)}
 RTOL = {"f": 0.1, "D": 0.1, "D_star": 0.1}

@@ -19,10 +19,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-import fastivim
 from helpers import scaled
 from reference import fit_full_scipy, ssr
+
+import fastivim
 
 #: (SNR, seed) of the Rician phantoms; SNR = S0 / sigma.
 SNRS = ((20.0, 101), (35.0, 102), (60.0, 103), (100.0, 104))

@@ -114,23 +114,23 @@ def grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p, p_c
 
 
 @jit_voxel
-def dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, D, prof):
+def dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, D, prof, e2):
     """Fit over the D_star grid with D held at ``D``: S0 and f solved exactly per point.
 
     Noisy voxels often have two or three basins along D_star, with bumps finer than any
     affordable grid; the profile shows where they are. ``PS`` must hold ``ES @ (w * ybar)``
     (from :func:`grid_start`). Fills ``prof[:3]`` (of shape (4, n_k)) with each grid point's
     weighted sum of squares (``inf`` where D_star <= D), S0 and f; ``prof[3]`` is scratch for
-    the caller.
+    the caller; ``e2`` (n_u,) is scratch for ``exp(-b * D)``, computed once.
     """
     nu = ybar.shape[0]
     ge = 0.0
     pe = 0.0
     tt = 0.0
     for u in range(nu):
-        e2 = math.exp(-bu[u] * D)
-        ge += w[u] * e2 * e2
-        pe += w[u] * e2 * ybar[u]
+        e2[u] = math.exp(-bu[u] * D)
+        ge += w[u] * e2[u] * e2[u]
+        pe += w[u] * e2[u] * ybar[u]
         tt += w[u] * ybar[u] * ybar[u]
     f_lo = lo[1]
     f_hi = hi[1]
@@ -140,7 +140,7 @@ def dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, D, prof):
             continue
         gke = 0.0
         for u in range(nu):
-            gke += w[u] * ES[k, u] * math.exp(-bu[u] * D)
+            gke += w[u] * ES[k, u] * e2[u]
         gk = GSS[k]
         ps = PS[k]
         det = gk * ge - gke * gke
@@ -251,7 +251,7 @@ def fit_full_voxel(ybar, bu, w, b_min, lo, hi, ES, ED, GSS, PAIR, dstar_grid, d_
     if not found:
         return st.NO_CONVERGENCE
     # 4: other basins along D_star
-    dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, p[3], prof)
+    dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, p[3], prof, r)
     nk = dstar_grid.shape[0]
     D_fit = p[3]
     Ds_fit = p[2]

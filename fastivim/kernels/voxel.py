@@ -27,8 +27,8 @@ KIND_PERFUSION = 1  #: p = (B, D_star) with B = S0 * f; target = ybar - A * exp(
 #: sum of squares (actual and predicted decrease) and on each parameter's step.
 LM_LAMBDA0 = 1e-3
 LM_LAMBDA_MAX = 1e16
-LM_FTOL = 1e-10
-LM_XTOL = 1e-9
+LM_FTOL = 1e-9
+LM_XTOL = 1e-8
 
 #: Largest finite float32: maps are stored as float32, so larger values would become inf.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -132,8 +132,8 @@ def evaluate(kind, p, po, bu, w, t, work, mo, go, mat, h):
 
     Writes into caller-owned scratch at offsets rather than through array views (a view costs
     an atomic reference-count update, which at this size is a measurable share of the work):
-    ``work[mo:mo + n_u]`` gets the model ``m``, ``mat[h]`` (n_p, n_p) ``JtJ`` (n_p, n_p) with half the Hessian of the sum of
-    squares (``J^T W J - sum w r d2m``) and ``work[go:go + n_p]`` the gradient half
+    ``work[mo:mo + n_u]`` gets the model ``m``, ``mat[h]`` (n_p, n_p) half the Hessian of the
+    sum of squares (``J^T W J - sum w r d2m``) and ``work[go:go + n_p]`` the gradient half
     ``g = J^T W (t - m)``; returns ``sum w (t - m)**2``. The Jacobian is never stored: each
     b-value's row is folded into the sums while its exponentials are in registers.
     """
