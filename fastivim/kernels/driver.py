@@ -18,7 +18,7 @@ from .voxel import fail_voxel, finish_voxel, group_means, internal_bounds
 
 #: Hash of the helper modules, kept current by ``fastivim.kernels._sync_source_digest`` so that
 #: numba's cache of ``fit_volume`` (stamped with this file's hash) follows their edits.
-KERNEL_SOURCES_DIGEST = "ca5bdea2c8ede1c3"
+KERNEL_SOURCES_DIGEST = "7df3c1643a010873"
 
 METHOD_SEGMENTED = 0
 METHOD_FULL = 1

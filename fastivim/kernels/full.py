@@ -186,10 +186,8 @@ def _refine(start, p, model, best, found, lo, hi, bu, w, ybar, maxit, work, mat,
 @jit_voxel
 def _same_basin(a, b):
     """Whether two starts share D and D_star to within ``RESTART_NEIGHBOURHOOD``."""
-    r = a[2] / b[2]
-    s = a[3] / b[3]
-    n = RESTART_NEIGHBOURHOOD
-    return n > r > 1.0 / n and n > s > 1.0 / n
+    n = RESTART_NEIGHBOURHOOD  # ratios written as products: a bound of 0 must not divide
+    return n * b[2] > a[2] > b[2] / n and n * b[3] > a[3] > b[3] / n
 
 
 @jit_voxel
