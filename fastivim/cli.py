@@ -210,9 +210,10 @@ def summary_table(record: dict, name: str, where) -> str:
         f"  voxels fitted        {vox['fitted']:,} of {vox['total']:,} (mask: "
         f"{record['mask_source'].split(':')[0]})",
         f"  passing quality      {vox['quality']:,} ({pct:.1f}%)",
-        f"  wall time            {wall:.2f} s (read {t['read']:.2f}, fit {t['fit']:.2f}, "
-        f"write {t['write']:.2f}); {vox['fitted'] / max(wall, 1e-9):,.0f} voxels/s "
-        f"({t['voxels_per_second']:,.0f} in the fit)",
+        f"  wall time            {wall:.2f} s (read {t['read']:.2f}, load kernel "
+        f"{t.get('load_kernel', 0.0):.2f}, fit {t['fit']:.2f}, write {t['write']:.2f}); "
+        f"{vox['fitted'] / max(wall, 1e-9):,.0f} voxels/s ({t['voxels_per_second']:,.0f} in "
+        f"the fit)",
     ]
     return "\n".join(lines)
 

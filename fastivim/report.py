@@ -628,8 +628,8 @@ def summary_html(s: dict) -> str:
     ]
     t = s.get("timings")
     if t:
-        parts = [f"{k} {t[k]:.2f} s" for k in ("read", "mask", "fit", "write", "total")
-                 if k in t]
+        parts = [f"{k.replace('_', ' ')} {t[k]:.2f} s"
+                 for k in ("read", "mask", "load_kernel", "fit", "write", "total") if k in t]
         if "voxels_per_second" in t:
             parts.append(f"{t['voxels_per_second']:,.0f} voxels/s in the fit")
         if s.get("threads"):
