@@ -29,6 +29,20 @@ ACC_PARAMS = ("D", "D_star", "f")
 
 
 # --------------------------------------------------------------------------------- timing
+def tee_printer():
+    """``(say, buf)``: ``say(*args)`` prints to stdout and records the line in ``buf``."""
+    import io
+
+    buf = io.StringIO()
+
+    def say(*args):
+        print(*args)
+        print(*args, file=buf)
+        sys.stdout.flush()
+
+    return say, buf
+
+
 def best_time(func, min_time=0.5, max_repeats=5):
     """Run ``func()`` until ``min_time`` seconds have passed (at most ``max_repeats`` runs).
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastivim import __version__, fit_ivim, io  # noqa: E402
+from fastivim import fit as fit_mod  # noqa: E402
 from fastivim.simulate import phantom  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -129,7 +130,7 @@ def main():
     path = make_input(parse_size(args.sizes[0]))
     plain, barred, pct = progress_overhead(path, args.method, max(args.repeat, 3))
     print(f"\nprogress bar ({args.sizes[0]}, best of {max(args.repeat, 3)}): fit without bar "
-          f"{plain:.3f} s, with bar (chunks of 32,768 voxels) {barred:.3f} s: "
+          f"{plain:.3f} s, with bar (chunks of {fit_mod.PROGRESS_CHUNK:,} voxels) {barred:.3f} s: "
           f"overhead {pct:+.1f}%")
     levels = gzip_levels(path)
     print("gzip of the 8 maps of 4 slices: " + ", ".join(

@@ -39,6 +39,7 @@ from _common import (  # noqa: E402
     machine_info,
     peak_fit_memory,
     print_table,
+    tee_printer,
     write_outputs,
 )
 from peers_numpy_lm import fit_numpy_lm  # noqa: E402
@@ -79,12 +80,7 @@ def main(argv=None):
     min_time = 0.3 if a.quick else 1.0
     meta = machine_info()
     meta.update(snr=SNR, sizes=sizes, threads=threads, quick=a.quick)
-    buf = io.StringIO()
-
-    def say(*args):
-        print(*args)
-        print(*args, file=buf)
-        sys.stdout.flush()
+    say, buf = tee_printer()
 
     say(f"fastivim {meta['fastivim']} kernel bench  {meta['date']}")
     say(f"{meta['cpu']}, {meta['cores']} cores; numba {meta['numba']} (max {max_threads} "

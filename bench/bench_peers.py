@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
     machine_info,
     peak_fit_memory,
     print_table,
+    tee_printer,
     write_outputs,
 )
 from peers_numpy_lm import BOUNDS as NUMPY_LM_BOUNDS  # noqa: E402
@@ -200,12 +201,7 @@ def main(argv=None):
     meta.update(quick=a.quick, n_fast=n_fast, n_slow=n_slow, n_varpro=n_varpro,
                 schemes={k: v.tolist() for k, v in SCHEMES.items()},
                 snrs=[str(s) for s in SNRS], truth=fastivim.simulate.TRUTH_RANGES)
-    buf = io.StringIO()
-
-    def say(*args):
-        print(*args)
-        print(*args, file=buf)
-        sys.stdout.flush()
+    say, buf = tee_printer()
 
     say(f"fastivim {meta['fastivim']} vs peers  {meta['date']}")
     say(f"{meta['cpu']}, {meta['cores']} cores; numba {meta['numba']}, numpy {meta['numpy']}, "

@@ -58,6 +58,8 @@ from pathlib import Path
 
 import click
 
+from ._atomic import write_atomic
+
 #: Where a series' own mask is looked for (relative to BIDS_ROOT unless absolute); see
 #: :func:`find_series`. A missing file means the automatic mask.
 DEFAULT_MASK_PATTERN = "{dwi_dir}/{entities}_desc-brain_mask.nii.gz"
@@ -245,17 +247,8 @@ def completed_record(series: Series, deriv_dir, settings: FitSettings) -> dict |
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -42,7 +42,6 @@ import html
 import io as _io
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._atomic import write_atomic
 from .kernels import status as st
 from .model import ivim_signal
 
@@ -684,20 +684,6 @@ def _notes(s0_vmax: float) -> dict:
     }
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
 def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
                 title=None) -> Path:
     """Draw every figure and write ``report.html`` with the PNGs beside it.
@@ -744,13 +730,13 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     s = summary(result, record)
     s["report_seconds"] = time.perf_counter() - t0
     for name, payload in pngs.items():
-        _write_atomic(out_dir / REPORT_FILES[name], payload)
+        write_atomic(out_dir / REPORT_FILES[name], payload)
     for name in skipped:  # a figure of an earlier report must not pass for this one's
         (out_dir / REPORT_FILES[name]).unlink(missing_ok=True)
     doc = _html(s, pngs, figures, skipped, _s0_vmax(result),
                 title or f"fastivim QC report: {Path(s.get('input', 'IVIM fit')).name}")
     target = out_dir / REPORT_FILES["html"]
-    _write_atomic(target, doc.encode("utf-8"))
+    write_atomic(target, doc.encode("utf-8"))
     return target
 
 

@@ -33,7 +33,7 @@ GRID_FLOOR_D = 5e-5
 GRID_FLOOR_DSTAR = 1e-3
 
 #: Chunks per thread: enough for load balance, few enough that scratch is negligible.
-CHUNKS_PER_THREAD = 4
+CHUNKS_PER_THREAD = 16
 
 
 def _start_grid(bound, floor, n):

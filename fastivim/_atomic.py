@@ -1,0 +1,25 @@
+"""Write a file so that it either appears complete or not at all (standard library only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path, payload: bytes) -> None:
+    """Write ``payload`` to a hidden ``.NAME.partial`` beside ``path``, then rename it over.
+
+    An interrupted write leaves no file that looks finished, and no partial file either.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
