@@ -121,6 +121,16 @@ def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
     return b
 
 
+def check_fit_options(method="segmented", bounds=None, b_threshold=200.0) -> None:
+    """Raise ``ValueError`` for a fit option that is wrong whatever the data: an unknown
+    method, invalid bounds, or a b_threshold that is not a finite number >= 0."""
+    _method_code(method)
+    resolve_bounds(bounds)
+    b_threshold = float(b_threshold)
+    if not math.isfinite(b_threshold) or b_threshold < 0:
+        raise ValueError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
+
+
 def _method_code(method: str) -> int:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
@@ -278,7 +288,8 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
         mask = np.asarray(mask)
         if mask.shape != spatial:
             raise ValueError(f"mask shape {mask.shape} does not match the signal's {spatial}")
-        mask = mask.astype(bool)
+        # any non-zero voxel is in; NaN is out (as for mask files read by fastivim.io)
+        mask = np.nan_to_num(mask, nan=0.0) != 0 if mask.dtype.kind == "f" else mask.astype(bool)
     return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial)
 
 

@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__
-from .fit import fit_ivim, load_kernel, validate_b_values
+from .fit import check_fit_options, fit_ivim, load_kernel, validate_b_values
 from .kernels.status import STATUS_MEANINGS
 
 #: gzip level of written ``.nii.gz`` files. On 128×128×30 maps level 1 takes 57 ms per float32
@@ -188,9 +188,12 @@ def _read_data(img, path: Path) -> np.ndarray:
     converts only the masked voxels); anything else is converted to float32.
     """
     try:
-        slope, inter = img.header.get_slope_inter()
+        # nibabel moves scl_slope/scl_inter from the header into the array proxy on load
+        # (the header then reports (None, None)), so read the scaling from the proxy
+        slope = getattr(img.dataobj, "slope", 1.0)
+        inter = getattr(img.dataobj, "inter", 0.0)
         raw_dtype = img.get_data_dtype()
-        unscaled = slope in (None, 1.0) and inter in (None, 0.0)
+        unscaled = slope == 1.0 and inter == 0.0
         if unscaled and (raw_dtype.kind == "f" and raw_dtype.itemsize >= 4
                          or raw_dtype.kind in "iu" and raw_dtype.itemsize <= 2):
             return np.asanyarray(img.dataobj)
@@ -760,6 +763,8 @@ def fit_file(dwi, *, bvals=None, bvecs=None, mask="auto", mask_fraction=0.1,
     note = note or (lambda msg: None)
     if out_dir is None and bids is None:
         raise ValueError("nothing to write: give out_dir or bids")
+    # fit options that do not depend on the data are checked before a large image is read
+    check_fit_options(method, bounds, b_threshold)
     if bids is not None:
         subject = _check_label(subject, "subject")
         session = _check_label(session, "session") if session is not None else None

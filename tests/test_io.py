@@ -68,6 +68,9 @@ def test_load_dwi_applies_scaling(tmp_path):
     p = write_nifti(tmp_path / "s.nii", raw, dtype=np.int16, slope=2.0, inter=10.0)
     d = io.load_dwi(p, bvals=B)
     np.testing.assert_allclose(d.data, raw * 2.0 + 10.0)
+    assert d.data.dtype == np.float32  # scaled integers: float32, as documented (not float64)
+    unscaled = io.load_dwi(write_nifti(tmp_path / "u.nii", raw, dtype=np.int16), bvals=B)
+    assert unscaled.data.dtype == np.int16  # unscaled small integers come back as stored
 
 
 def test_load_dwi_nifti2(tmp_path, clean_phantom):

@@ -16,10 +16,6 @@ from .full import fit_full_voxel
 from .segmented import fit_segmented_voxel
 from .voxel import fail_voxel, finish_voxel, group_means, internal_bounds
 
-#: Hash of the helper modules, kept current by ``fastivim.kernels._sync_source_digest`` so that
-#: numba's cache of ``fit_volume`` (stamped with this file's hash) follows their edits.
-KERNEL_SOURCES_DIGEST = "7df3c1643a010873"
-
 METHOD_SEGMENTED = 0
 METHOD_FULL = 1
 

@@ -18,6 +18,10 @@ from .voxel import KIND_PERFUSION, levenberg_marquardt, loglinear_fit
 #: Relative margin that keeps D_star strictly above D.
 DSTAR_MARGIN = 1e-6
 
+#: Newton polish of the D_star profile: iteration limit and relative step tolerance.
+PROFILE_MAXIT = 30
+PROFILE_XTOL = 1e-10
+
 
 @jit_voxel
 def perfusion_start(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, r, q, lo2, hi2):
@@ -76,6 +80,96 @@ def perfusion_start(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, r, q, lo2, 
 
 
 @jit_voxel
+def profile_newton(r, bu, w, dstar_grid, q, lo2, hi2, work):
+    """Polish D_star by safeguarded Newton on the variable-projection profile; B in closed form.
+
+    With D and A fixed, ``sum w (r - B e)**2`` (``e = exp(-b D_star)``) is minimised over B
+    by ``B = P / G`` (``P = sum w e r``, ``G = sum w e**2``), leaving the one-dimensional
+    problem: maximise ``h(D_star) = P**2 / G``. Its first and second derivatives come from
+    the same exponentials, so each Newton step costs one pass over the b-values, and it
+    converges in a few steps inside the bracket of the grid neighbours of the start ``q[1]``.
+
+    On success writes ``q`` = (B, D_star) and the perfusion term ``B e`` into
+    ``work[:n_u]``. Returns False (``q`` untouched) when the optimum is not interior: B outside
+    ``[lo2[0], hi2[0]]``, D_star at the edge of ``[lo2[1], hi2[1]]`` or of the bracket, or no
+    convergence; the caller then runs the bounded LM.
+    """
+    nu = bu.shape[0]
+    x = q[1]
+    a = lo2[1]
+    b = hi2[1]
+    for k in range(dstar_grid.shape[0]):  # bracket: the grid neighbours of the start
+        g = dstar_grid[k]
+        if g < x and g > a:
+            a = g
+        if g > x and g < b:
+            b = g
+    bracket_lo = a
+    bracket_hi = b
+    converged = False
+    P = 0.0
+    G = 0.0
+    for _ in range(PROFILE_MAXIT):
+        P = 0.0
+        G = 0.0
+        P1 = 0.0
+        G1 = 0.0
+        P2 = 0.0
+        G2 = 0.0
+        for u in range(nu):
+            bb = bu[u]
+            we = w[u] * math.exp(-bb * x)
+            e = we / w[u]
+            P += we * r[u]
+            G += we * e
+            P1 -= we * bb * r[u]
+            G1 -= 2.0 * we * bb * e
+            P2 += we * bb * bb * r[u]
+            G2 += 4.0 * we * bb * bb * e
+        if not (G > 0.0 and P > 0.0):
+            return False  # no positive perfusion term here: B is at (or below) its bound
+        num = 2.0 * P * P1 * G - P * P * G1
+        dh = num / (G * G)
+        d2h = ((2.0 * P1 * P1 * G + 2.0 * P * P2 * G - P * P * G2) * G - 2.0 * G1 * num) / (
+            G * G * G)
+        if dh > 0.0:
+            a = max(a, x)
+        else:
+            b = min(b, x)
+        if d2h < 0.0:
+            xn = x - dh / d2h
+        else:
+            xn = b if dh > 0.0 else a  # not concave here: head uphill
+        if not a < xn < b:
+            xn = 0.5 * (a + b)
+        if abs(xn - x) <= PROFILE_XTOL * x:
+            x = xn
+            converged = True
+            break
+        x = xn
+    if not converged:
+        return False
+    span = bracket_hi - bracket_lo
+    if x - bracket_lo <= 1e-6 * span or bracket_hi - x <= 1e-6 * span:
+        return False  # the maximum sits on the bracket's edge, not inside it
+    P = 0.0
+    G = 0.0
+    for u in range(nu):
+        e = math.exp(-bu[u] * x)
+        work[u] = e
+        P += w[u] * e * r[u]
+        G += w[u] * e * e
+    B = P / G
+    if not lo2[0] < B < hi2[0]:
+        return False
+    for u in range(nu):
+        work[u] *= B
+    q[0] = B
+    q[1] = x
+    return True
+
+
+@jit_voxel
 def fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, p, model, r,
                         work, mat, free, q, lo2, hi2):
     """Fit one voxel's scaled group means; write ``(S0, f, D_star, D)`` into ``p``.
@@ -108,10 +202,13 @@ def fit_segmented_voxel(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, maxit, 
     code, A, D = perfusion_start(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, r, q, lo2, hi2)
     if code != st.OK:
         return code
-    ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, q, lo2, hi2, bu, w, r, maxit, work,
-                                         mat, free)
-    if not converged:
-        return st.NO_CONVERGENCE
+    if not profile_newton(r, bu, w, dstar_grid, q, lo2, hi2, work):
+        # the optimum is on a bound (of B or D_star) or the profile misbehaves: the bounded
+        # 2-parameter Levenberg–Marquardt handles every case
+        ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, q, lo2, hi2, bu, w, r, maxit,
+                                             work, mat, free)
+        if not converged:
+            return st.NO_CONVERGENCE
     S0 = A + q[0]
     if not S0 > 0.0:
         return st.NUMERICAL_FAILURE
