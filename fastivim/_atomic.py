@@ -1,4 +1,7 @@
-"""Write a file so that it either appears complete or not at all (standard library only)."""
+"""Small standard-library helpers shared by io, cli, report and batch.
+
+Atomic file writes (a file appears complete or not at all) and one-line error messages.
+"""
 
 from __future__ import annotations
 
@@ -23,3 +26,8 @@ def write_atomic(path, payload: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type name when the message is empty)."""
+    return " ".join((str(exc).strip() or type(exc).__name__).split())

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import click
 
+from ._atomic import one_line as _one_line
 from ._atomic import write_atomic
 
 #: Where a series' own mask is looked for (relative to BIDS_ROOT unless absolute); see
@@ -251,8 +252,6 @@ def _write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, text.encode("utf-8"))
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join((str(exc).strip() or type(exc).__name__).split())
 
 
 def _remove_empty_dirs(d: Path, stop: Path) -> None:
@@ -598,21 +597,15 @@ def _ensure_dataset_description(deriv: Path) -> None:
     """Write ``dataset_description.json`` once, before any series.
 
     :func:`fastivim.io.export_bids` writes it when missing; done here first, so that concurrent
-    workers never race to create it. Same content as export_bids writes.
+    workers never race to create it (content: :func:`fastivim.io.dataset_description`).
     """
-    from . import __version__, io
+    from . import io
 
     desc = deriv / "dataset_description.json"
     if desc.exists():
         return
     deriv.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(desc, {
-        "Name": "fastivim IVIM parameter maps",
-        "BIDSVersion": io.BIDS_VERSION,
-        "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "fastivim", "Version": __version__,
-                         "Description": "voxel-wise IVIM fit: " + io._MODEL}],
-    })
+    _write_json_atomic(desc, io.dataset_description())
 
 
 # ------------------------------------------------------------------------------- the command

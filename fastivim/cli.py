@@ -26,6 +26,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from . import config as cfg
+from ._atomic import one_line as _one_line
 from .model import PARAM_NAMES
 
 #: Shape of the ``fastivim demo`` phantom (X, Y, Z): ~41k voxels, a second or two.
@@ -46,8 +47,6 @@ def _command_line() -> str:
     return shlex.join(["fastivim", *_Main.argv])
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join((str(exc).strip() or type(exc).__name__).split())
 
 
 def _clean_errors(fn):

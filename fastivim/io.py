@@ -39,6 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__
+from ._atomic import one_line as _one_line
 from .fit import check_fit_options, fit_ivim, load_kernel, validate_b_values
 from .kernels.status import STATUS_MEANINGS
 
@@ -202,9 +203,6 @@ def _read_data(img, path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read the image data ({_one_line(exc)})") from None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
 
 
 def read_bvals(path) -> np.ndarray:
@@ -592,6 +590,17 @@ def bids_paths(deriv_dir, subject: str, session: str | None = None) -> list:
     return files
 
 
+def dataset_description() -> dict:
+    """Content of the derivatives' ``dataset_description.json`` (BIDS, ``GeneratedBy``)."""
+    return {
+        "Name": "fastivim IVIM parameter maps",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fastivim", "Version": __version__,
+                         "Description": "voxel-wise IVIM fit: " + _MODEL}],
+    }
+
+
 def _check_label(label, what):
     if label is None or not str(label).isalnum():
         raise ValueError(f"BIDS {what} label must be letters and digits (no 'sub-'/'ses-'), "
@@ -676,13 +685,7 @@ def export_bids(result, deriv_dir, subject, session=None, reference_img=None, ov
     with _Staging() as st:
         desc = deriv_dir / "dataset_description.json"
         if not desc.exists():
-            st.write(desc, _json_bytes({
-                "Name": "fastivim IVIM parameter maps",
-                "BIDSVersion": BIDS_VERSION,
-                "DatasetType": "derivative",
-                "GeneratedBy": [{"Name": "fastivim", "Version": __version__,
-                                 "Description": "voxel-wise IVIM fit: " + _MODEL}],
-            }))
+            st.write(desc, _json_bytes(dataset_description()))
         for (spec, payload), nii in zip(encoded, targets[0::2], strict=True):
             st.write(nii, payload)
             st.write(nii.with_name(nii.name[:-len(".nii.gz")] + ".json"),
