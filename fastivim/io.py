@@ -775,82 +775,86 @@ def fit_file(dwi, *, bvals=None, bvecs=None, mask="auto", mask_fraction=0.1,
         check_writable(map_paths(out_dir), overwrite)
     if bids is not None:
         check_writable(bids_paths(bids, subject, session), overwrite)
-    if threads is not None:
-        import numba
+    import numba
 
+    threads_before = numba.get_num_threads()
+    if threads is not None:
         if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
             raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
                              f"on this machine, got {threads}")
         numba.set_num_threads(threads)
+    try:
+        d = load_dwi(dwi, bvals=bvals, bvecs=bvecs)
+        if d.bvals_from_sidecar:
+            note(f"using b-values from {d.bvals_path}")
+        t_read = time.perf_counter()
 
-    d = load_dwi(dwi, bvals=bvals, bvecs=bvecs)
-    if d.bvals_from_sidecar:
-        note(f"using b-values from {d.bvals_path}")
-    t_read = time.perf_counter()
+        if mask is None:
+            mask_arr, mask_source = None, "none"
+        elif isinstance(mask, str) and mask == "auto":
+            mask_arr, thr = auto_mask(d.data, d.b_values, mask_fraction)
+            mask_source = (f"auto: lowest-b signal > {mask_fraction:g} x its "
+                           f"{AUTO_MASK_PERCENTILE:g}th percentile ({thr:.6g})")
+            if not mask_arr.any():
+                raise InputError(f"{d.path}: the automatic mask is empty (no signal in the "
+                                 f"lowest-b image); pass --mask FILE or --no-mask")
+        else:
+            mask_arr = load_mask(mask, d.img)
+            mask_source = str(Path(mask).absolute())
+        t_mask = time.perf_counter()
 
-    if mask is None:
-        mask_arr, mask_source = None, "none"
-    elif isinstance(mask, str) and mask == "auto":
-        mask_arr, thr = auto_mask(d.data, d.b_values, mask_fraction)
-        mask_source = (f"auto: lowest-b signal > {mask_fraction:g} x its "
-                       f"{AUTO_MASK_PERCENTILE:g}th percentile ({thr:.6g})")
-        if not mask_arr.any():
-            raise InputError(f"{d.path}: the automatic mask is empty (no signal in the lowest-b "
-                             f"image); pass --mask FILE or --no-mask")
-    else:
-        mask_arr = load_mask(mask, d.img)
-        mask_source = str(Path(mask).absolute())
-    t_mask = time.perf_counter()
+        n_fit = int(mask_arr.sum()) if mask_arr is not None else int(np.prod(d.spatial_shape))
+        # the compiled kernel's one-off load (or first compile) is timed on its own, so "fit"
+        # measures fitting
+        t_load = load_kernel(d.data.dtype)
+        t_mask += t_load
+        show_bar = progress and n_fit >= PROGRESS_MIN_VOXELS
+        result = fit_ivim(d.data, d.b_values, mask=mask_arr, method=method, bounds=bounds,
+                          b_threshold=b_threshold, progress=show_bar)
+        t_fit = time.perf_counter()
 
-    n_fit = int(mask_arr.sum()) if mask_arr is not None else int(np.prod(d.spatial_shape))
-    # the compiled kernel's one-off load (or first compile) is timed on its own, so "fit"
-    # measures fitting
-    t_load = load_kernel(d.data.dtype)
-    t_mask += t_load
-    result = fit_ivim(d.data, d.b_values, mask=mask_arr, method=method, bounds=bounds,
-                      b_threshold=b_threshold, progress=progress and n_fit >= PROGRESS_MIN_VOXELS)
-    t_fit = time.perf_counter()
-
-    encoded = _encode_maps(result, d.img)
-    summary = summarize(result)
-    record = {
-        "software": "fastivim",
-        "version": __version__,
-        "command": command if command is not None else shlex.join(
-            [Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "input": str(d.path),
-        "input_shape": list(d.data.shape),
-        "b_values": [float(v) for v in d.b_values],
-        "bvals_source": str(d.bvals_path) if d.bvals_path else "given as numbers",
-        "bvecs": d.bvecs.tolist() if d.bvecs is not None else None,
-        "bvecs_source": str(d.bvecs_path) if d.bvecs_path else None,
-        "method": result.method,
-        "b_threshold": result.b_threshold,
-        "bounds": _json_bounds(result.bounds),
-        "mask_source": mask_source,
-        "threads": _numba_threads(),
-        **summary,
-        "outputs": {"out_dir": str(Path(out_dir).absolute()) if out_dir is not None else None,
-                    "bids": None},
-        "timings": {},
-    }
-    written = []
-    if bids is not None:
-        written += export_bids(result, bids, subject, session, reference_img=d.img,
-                               overwrite=overwrite, _encoded=encoded)
-        record["outputs"]["bids"] = str(bids_dir(bids, subject, session).absolute())
-    t_end = time.perf_counter()
-    record["timings"] = {"read": t_read - t_start, "mask": t_mask - t_load - t_read,
-                         "load_kernel": t_load, "fit": t_fit - t_mask,
-                         "write": t_end - t_fit, "total": t_end - t_start,
-                         "voxels_per_second": n_fit / max(t_fit - t_mask, 1e-9)}
-    if out_dir is not None:
-        written += save_maps(result, out_dir, overwrite=overwrite, record=record,
-                             _encoded=encoded)
+        encoded = _encode_maps(result, d.img)
+        summary = summarize(result)
+        record = {
+            "software": "fastivim",
+            "version": __version__,
+            "command": command if command is not None else shlex.join(
+                [Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "input": str(d.path),
+            "input_shape": list(d.data.shape),
+            "b_values": [float(v) for v in d.b_values],
+            "bvals_source": str(d.bvals_path) if d.bvals_path else "given as numbers",
+            "bvecs": d.bvecs.tolist() if d.bvecs is not None else None,
+            "bvecs_source": str(d.bvecs_path) if d.bvecs_path else None,
+            "method": result.method,
+            "b_threshold": result.b_threshold,
+            "bounds": _json_bounds(result.bounds),
+            "mask_source": mask_source,
+            "threads": _numba_threads(),
+            **summary,
+            "outputs": {"out_dir": str(Path(out_dir).absolute()) if out_dir is not None else None,
+                        "bids": None},
+            "timings": {},
+        }
+        written = []
+        if bids is not None:
+            written += export_bids(result, bids, subject, session, reference_img=d.img,
+                                   overwrite=overwrite, _encoded=encoded)
+            record["outputs"]["bids"] = str(bids_dir(bids, subject, session).absolute())
         t_end = time.perf_counter()
-        record["timings"].update(write=t_end - t_fit, total=t_end - t_start)
-    record["files"] = [str(p) for p in written]
-    return record
+        record["timings"] = {"read": t_read - t_start, "mask": t_mask - t_load - t_read,
+                             "load_kernel": t_load, "fit": t_fit - t_mask,
+                             "write": t_end - t_fit, "total": t_end - t_start,
+                             "voxels_per_second": n_fit / max(t_fit - t_mask, 1e-9)}
+        if out_dir is not None:
+            written += save_maps(result, out_dir, overwrite=overwrite, record=record,
+                                 _encoded=encoded)
+            t_end = time.perf_counter()
+            record["timings"].update(write=t_end - t_fit, total=t_end - t_start)
+        record["files"] = [str(p) for p in written]
+        return record
+    finally:
+        numba.set_num_threads(threads_before)  # a library call leaves the caller's setting
 
 
 def _numba_threads():

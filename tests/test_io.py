@@ -267,6 +267,15 @@ def test_export_bids(dwi_file, tmp_path):
 
 # ------------------------------------------------------------------------------- pipeline
 
+def test_fit_file_threads_apply_to_the_run_only(dwi_file, tmp_path):
+    import numba
+
+    before = numba.get_num_threads()
+    rec = io.fit_file(dwi_file, out_dir=tmp_path / "o", threads=1)
+    assert rec["threads"] == 1  # the fit ran on the requested threads...
+    assert numba.get_num_threads() == before  # ...and the caller's setting is restored
+
+
 def test_fit_file_recovers_the_truth(dwi_file, tmp_path, clean_phantom):
     rec = io.fit_file(dwi_file, method="full", out_dir=tmp_path / "o", command="test")
     q = nib.load(tmp_path / "o" / "quality_mask.nii.gz").get_fdata() > 0
