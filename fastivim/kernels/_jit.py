@@ -1,8 +1,8 @@
 """Compilation options shared by every kernel, in one place.
 
-``fastmath=True`` would include the ``nnan``/``ninf`` flags, which let LLVM assume no NaN or inf
-ever occurs: then ``np.isfinite`` checks that keep bad voxels from poisoning results can be
-folded away. We keep only flags that cannot change results between runs.
+Turning ``fastmath`` fully on would include the ``nnan``/``ninf`` flags, which let LLVM assume
+no NaN or inf ever occurs: then ``np.isfinite`` checks that keep bad voxels from poisoning
+results can be folded away. We keep only flags that cannot change results between runs.
 """
 
 from numba import njit
