@@ -7,7 +7,7 @@ Data flow: signal (..., n_b) → validate → mask → C-contiguous (n_vox, n_b)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,7 +74,6 @@ class IVIMResult:
     bounds: dict
     b_values: np.ndarray
     b_threshold: float = 200.0
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple:
@@ -126,9 +125,15 @@ def check_fit_options(method="segmented", bounds=None, b_threshold=200.0) -> Non
     method, invalid bounds, or a b_threshold that is not a finite number >= 0."""
     _method_code(method)
     resolve_bounds(bounds)
+    _threshold_value(b_threshold)
+
+
+def _threshold_value(b_threshold) -> float:
+    """``b_threshold`` as a float, or ``ValueError`` unless it is finite and >= 0."""
     b_threshold = float(b_threshold)
     if not math.isfinite(b_threshold) or b_threshold < 0:
         raise ValueError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
+    return b_threshold
 
 
 def _method_code(method: str) -> int:
@@ -138,9 +143,7 @@ def _method_code(method: str) -> int:
 
 
 def _check_threshold(b: np.ndarray, b_threshold: float, method: str) -> float:
-    b_threshold = float(b_threshold)
-    if not math.isfinite(b_threshold) or b_threshold < 0:
-        raise ValueError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
+    b_threshold = _threshold_value(b_threshold)
     if method == "segmented":
         n_high = np.unique(b[b >= b_threshold]).size
         if n_high < 2:
@@ -298,8 +301,6 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial)
     b = validate_b_values(b_values, signal.shape[-1])
     b_threshold = _check_threshold(b, b_threshold, method)
     bounds = resolve_bounds(bounds)
-    if signal.dtype.kind not in "fiub":
-        raise ValueError(f"signal must be real numbers, got dtype {signal.dtype}")
     n_b = signal.shape[-1]
     if mask is None:
         Y = _as_kernel_matrix(signal.reshape(-1, n_b))

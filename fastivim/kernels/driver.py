@@ -45,7 +45,7 @@ def _start_grid(bound, floor, n):
     return np.geomspace(max(lo, min(floor, hi)), hi, n)
 
 
-def make_tables(b_values, bounds, weights_by_group=True):
+def make_tables(b_values, bounds):
     """Voxel-independent inputs of :func:`fit_volume`.
 
     Parameters

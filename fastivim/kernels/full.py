@@ -3,9 +3,9 @@
 S0 and f enter the model linearly (as c1 = S0 * f and c2 = S0 * (1 - f)), so for each (D, D_star)
 pair of a coarse log-spaced grid the best (S0, f) is a 2×2 least-squares solve on precomputed,
 voxel-independent Gram matrices (variable projection, Golub & Pereyra 1973,
-doi:10.1137/0710036). The best grid pair seeds a bounded LM on all four parameters, which then
-converges in a few iterations from inside the right basin, without the multi-start that
-general-purpose optimisers need.
+doi:10.1137/0710036). A noisy voxel's sum of squares often has two or three basins, so the
+bounded LM on all four parameters is run from a few such starts (see :func:`fit_full_voxel`)
+and the lowest sum of squares is kept.
 """
 
 import math
@@ -41,7 +41,7 @@ def grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p, p_c
     ``PAIR`` (n_j, n_k, 7) holds, per grid pair, the voxel-independent factors of the 2×2
     least-squares solve (inverse Gram matrix entries) and of the two f-edge solves (inverse
     and plain squared norms), from :func:`fastivim.kernels.driver.make_tables`: the search
-        costs a few multiply-adds per pair, no division and no unpredictable branch.
+    costs a few multiply-adds per pair, no division and no unpredictable branch.
 
     Returns
     -------
@@ -114,24 +114,23 @@ def grid_start(ybar, w, lo, hi, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, p, p_c
 
 
 @jit_voxel
-def dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, D, prof, e2):
+def dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, tt, D, prof, e2):
     """Fit over the D_star grid with D held at ``D``: S0 and f solved exactly per point.
 
     Noisy voxels often have two or three basins along D_star, with bumps finer than any
     affordable grid; the profile shows where they are. ``PS`` must hold ``ES @ (w * ybar)``
-    (from :func:`grid_start`). Fills ``prof[:3]`` (of shape (4, n_k)) with each grid point's
-    weighted sum of squares (``inf`` where D_star <= D), S0 and f; ``prof[3]`` is scratch for
-    the caller; ``e2`` (n_u,) is scratch for ``exp(-b * D)``, computed once.
+    (from :func:`grid_start`) and ``tt`` the voxel's ``sum w ybar**2``. Fills ``prof[:3]``
+    (of shape (4, n_k)) with each grid point's weighted sum of squares (``inf`` where
+    D_star <= D), S0 and f; ``prof[3]`` is scratch for the caller; ``e2`` (n_u,) is scratch
+    for ``exp(-b * D)``, computed once.
     """
     nu = ybar.shape[0]
     ge = 0.0
     pe = 0.0
-    tt = 0.0
     for u in range(nu):
         e2[u] = math.exp(-bu[u] * D)
         ge += w[u] * e2[u] * e2[u]
         pe += w[u] * e2[u] * ybar[u]
-        tt += w[u] * ybar[u] * ybar[u]
     f_lo = lo[1]
     f_hi = hi[1]
     for k in range(dstar_grid.shape[0]):
@@ -249,7 +248,7 @@ def fit_full_voxel(ybar, bu, w, b_min, lo, hi, ES, ED, GSS, PAIR, dstar_grid, d_
     if not found:
         return st.NO_CONVERGENCE
     # 4: other basins along D_star
-    dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, p[3], prof, r)
+    dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, tt, p[3], prof, r)
     nk = dstar_grid.shape[0]
     D_fit = p[3]
     Ds_fit = p[2]

@@ -118,8 +118,8 @@ def profile_newton(r, bu, w, dstar_grid, q, lo2, hi2, work):
         G2 = 0.0
         for u in range(nu):
             bb = bu[u]
-            we = w[u] * math.exp(-bb * x)
-            e = we / w[u]
+            e = math.exp(-bb * x)
+            we = w[u] * e
             P += we * r[u]
             G += we * e
             P1 -= we * bb * r[u]
