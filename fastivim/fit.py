@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels import ensure_fresh_cache
 from .kernels import status as st
-from .kernels.driver import METHOD_FULL, METHOD_SEGMENTED, chunk_count, fit_volume, make_tables
+from .kernels.block import fit_volume_block
+from .kernels.driver import chunk_count, fit_volume
+from .kernels.tables import METHOD_FULL, METHOD_SEGMENTED, make_settings, make_tables
 from .model import PARAM_NAMES, bounds_array, resolve_bounds
 
 #: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`.
@@ -27,6 +30,16 @@ PROGRESS_CHUNK = 1 << 17
 
 #: Below this many voxels the kernel runs on the calling thread alone (see _fit_on_one_thread).
 SERIAL_BELOW = 2048
+
+#: The compiled kernels ``fit_voxels`` can run: the block kernel (default, vectorised) and the
+#: scalar one-voxel-at-a-time kernel it reproduces (the reference of the equivalence tests and
+#: the benchmark, reached with the private ``fit_voxels(..., _kernel="scalar")``).
+KERNELS = ("block", "scalar")
+
+#: The kernel each method runs by default: the faster one as measured by
+#: bench/bench_kernels.py (which prints both). The block ``full`` kernel gives the same answers
+#: but is not yet faster than the scalar one (numba's reference counting in its per-lane steps).
+DEFAULT_KERNEL = {"segmented": "block", "full": "scalar"}
 
 #: Columns of the kernel's per-voxel output rows.
 OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")
@@ -171,34 +184,41 @@ def _as_kernel_matrix(Y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(Y, dtype=dtype)
 
 
-def _run_kernel(Y, method_code, b, bounds, b_threshold, progress):
+def _kernel_function(kernel):
+    """The compiled kernel named ``kernel``; the first call checks numba's cache is current."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; valid kernels are {', '.join(KERNELS)}")
+    ensure_fresh_cache()
+    return fit_volume_block if kernel == "block" else fit_volume
+
+
+def _run_kernel(Y, method_code, b, bounds, b_threshold, progress, kernel="block"):
     """Fit a (n_vox, n_b) matrix; return ``out`` (n_vox, 6) float32 and ``status`` uint8."""
     n = Y.shape[0]
     out = np.empty((n, len(OUTPUT_COLUMNS)), dtype=np.float32)
     status = np.empty(n, dtype=np.uint8)
+    run = _kernel_function(kernel)
     if n == 0:
         return out, status
-    barr = bounds_array(bounds)
-    t = make_tables(b, barr)
-    args = (t["groups"], t["bu"], t["w"], barr, b_threshold * 1e-3, t["ES"], t["ED"],
-            t["GSS"], t["PAIR"], t["dstar_grid"], t["d_grid"], MAX_ITERATIONS)
+    tables = make_tables(b, bounds_array(bounds))
+    settings = make_settings(method_code, b_threshold, MAX_ITERATIONS)
     if not progress:
         if n < SERIAL_BELOW:
-            _fit_on_one_thread(Y, method_code, args, out, status)
+            _fit_on_one_thread(run, Y, tables, settings, out, status)
         else:
-            fit_volume(Y, method_code, *args, chunk_count(n), out, status)
+            run(Y, tables, settings, chunk_count(n), out, status)
         return out, status
     from tqdm.auto import tqdm  # lazy: pipelines that never ask for a bar never import it
 
     with tqdm(total=n, unit="vox", unit_scale=True, desc="fitting", leave=False) as bar:
         for a in range(0, n, PROGRESS_CHUNK):
             z = min(a + PROGRESS_CHUNK, n)
-            fit_volume(Y[a:z], method_code, *args, chunk_count(z - a), out[a:z], status[a:z])
+            run(Y[a:z], tables, settings, chunk_count(z - a), out[a:z], status[a:z])
             bar.update(z - a)
     return out, status
 
 
-def _fit_on_one_thread(Y, method_code, args, out, status):
+def _fit_on_one_thread(run, Y, tables, settings, out, status):
     """Run the kernel on the calling thread only: waking the pool costs more than a few hundred
     voxels take (measured: 100 voxels ran at 18k voxels/s on 2 threads, 300k on 1)."""
     import numba
@@ -206,7 +226,7 @@ def _fit_on_one_thread(Y, method_code, args, out, status):
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        fit_volume(Y, method_code, *args, 1, out, status)
+        run(Y, tables, settings, 1, out, status)
     finally:
         numba.set_num_threads(threads)
 
@@ -227,7 +247,8 @@ def load_kernel(dtype=np.float32) -> float:
     return time.perf_counter() - t0
 
 
-def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False):
+def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False, *,
+               _kernel=None):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -243,6 +264,9 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
         s/mm²; samples at or above it give D in the segmented method (and its start).
     progress : bool
         Show a tqdm bar on stderr.
+    _kernel : {None, "block", "scalar"}
+        Private: which compiled kernel runs (:data:`KERNELS`; None: :data:`DEFAULT_KERNEL`).
+        Both give the same answers; the scalar one is the reference for tests and benchmarks.
 
     Returns
     -------
@@ -252,7 +276,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
     Y = np.asarray(Y)
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
-    return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],))
+    return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],),
+                _kernel)
 
 
 def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_threshold=200.0,
@@ -296,7 +321,8 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
     return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial)
 
 
-def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial):
+def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
+         kernel=None):
     code = _method_code(method)
     b = validate_b_values(b_values, signal.shape[-1])
     b_threshold = _check_threshold(b, b_threshold, method)
@@ -306,7 +332,8 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial)
         Y = _as_kernel_matrix(signal.reshape(-1, n_b))
     else:
         Y = _as_kernel_matrix(signal[mask])
-    out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress)
+    out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress,
+                              kernel or DEFAULT_KERNEL[method])
     maps = {}
     if mask is None:
         for k, name in enumerate(OUTPUT_COLUMNS):

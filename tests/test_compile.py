@@ -1,9 +1,10 @@
-"""The voxel-loop kernel really compiles in parallel (numba-stats ``test_njit`` style).
+"""The voxel-loop kernels really compile in parallel (numba-stats ``test_njit`` style).
 
-A kernel that declares ``parallel=True`` but whose ``prange`` loop cannot be turned into a
-parfor silently runs serially; numba only says so through a ``NumbaPerformanceWarning``. These
-tests recompile the kernel from its Python source without the on-disk cache (a cached load
-would not warn), with every warning turned into an error, and check the parfor count.
+Both kernels are checked: the block kernel and the scalar reference. A kernel that declares
+``parallel=True`` but whose ``prange`` loop cannot be turned into a parfor silently runs
+serially; numba only says so through a ``NumbaPerformanceWarning``. These tests recompile the
+kernel from its Python source without the on-disk cache (a cached load would not warn), with
+every warning turned into an error, and check the parfor count.
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ import pytest
 
 import fastivim
 import fastivim.fit
-from fastivim.kernels import driver
+from fastivim.kernels import block, driver
 
 pytestmark = pytest.mark.jit_only
 
+#: kernel name -> (attribute of fastivim.fit that runs it, its dispatcher)
+KERNELS = {"block": ("fit_volume_block", block.fit_volume_block),
+           "scalar": ("fit_volume", driver.fit_volume)}
 
-def _fresh(parallel: bool):
-    """A cache-free recompilation of ``fit_volume`` with the project's options."""
-    opts = {k: v for k, v in driver.fit_volume.targetoptions.items() if k != "nopython"}
+
+def _fresh(parallel: bool, kernel="block"):
+    """A cache-free recompilation of a kernel with the project's options."""
+    dispatcher = KERNELS[kernel][1]
+    opts = {k: v for k, v in dispatcher.targetoptions.items() if k != "nopython"}
     opts["parallel"] = parallel
-    return numba.njit(cache=False, **opts)(driver.fit_volume.py_func)
+    return numba.njit(cache=False, **opts)(dispatcher.py_func)
 
 
 #: Enough voxels that fit_voxels takes the multi-threaded path (small calls run on one thread)
@@ -35,33 +41,37 @@ N_THREADED = max(fastivim.fit.SERIAL_BELOW + 1, 2500) if not os.environ.get(
     "NUMBA_DISABLE_JIT") == "1" else 64
 
 
-def _fit_with(monkeypatch, kernel, method):
-    monkeypatch.setattr(fastivim.fit, "fit_volume", kernel)
+def _fit_with(monkeypatch, compiled, method, kernel="block"):
+    monkeypatch.setattr(fastivim.fit, KERNELS[kernel][0], compiled)
     ph = fastivim.simulate.phantom((N_THREADED,), snr=None, seed=3)
-    return fastivim.fit_voxels(ph.signal.astype(np.float64), ph.b_values, method=method)
+    return fastivim.fit_voxels(ph.signal.astype(np.float64), ph.b_values, method=method,
+                               _kernel=kernel)
 
 
-def test_kernel_declares_parallel():
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_declares_parallel(kernel):
     """The dispatcher that the API calls was built with parallel=True and an on-disk cache."""
-    assert fastivim.fit.fit_volume is driver.fit_volume
-    assert driver.fit_volume.targetoptions["parallel"] is True
-    assert driver.fit_volume._cache.__class__.__name__ != "NullCache"
-    flags = driver.fit_volume.targetoptions["fastmath"]
+    name, dispatcher = KERNELS[kernel]
+    assert getattr(fastivim.fit, name) is dispatcher
+    assert dispatcher.targetoptions["parallel"] is True
+    assert dispatcher._cache.__class__.__name__ != "NullCache"
+    flags = dispatcher.targetoptions["fastmath"]
     # NaN/inf checks must stay meaningful: no nnan/ninf (nor the all-in fastmath=True)
     assert flags is not True
     assert not {"nnan", "ninf", "fast"} & set(flags)
 
 
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("method", ["full", "segmented"])
-def test_parallel_compiles_without_fallback(monkeypatch, method):
+def test_parallel_compiles_without_fallback(monkeypatch, method, kernel):
     """Warnings as errors: no NumbaPerformanceWarning / NumbaParallelSafetyWarning, >= 1 parfor."""
-    kernel = _fresh(parallel=True)
+    compiled = _fresh(parallel=True, kernel=kernel)
     with warnings.catch_warnings():
         warnings.simplefilter("error", numba.NumbaWarning)
         warnings.simplefilter("error", numba.NumbaPerformanceWarning)
         warnings.simplefilter("error", numba.core.errors.NumbaParallelSafetyWarning)
-        res = _fit_with(monkeypatch, kernel, method)
-    (cres,) = kernel.overloads.values()
+        res = _fit_with(monkeypatch, compiled, method, kernel)
+    (cres,) = compiled.overloads.values()
     diagnostics = cres.metadata["parfor_diagnostics"]
     assert diagnostics.count_parfors() >= 1, "prange loop was not converted to a parfor"
     assert np.all(np.isfinite(res.D))

@@ -1,11 +1,19 @@
-"""Compiled numba kernels: arrays and scalars in, arrays out; no Python objects, no I/O."""
+"""Compiled numba kernels: arrays and scalars in, arrays out; no Python objects, no I/O.
+
+Importing this package compiles, hashes and touches nothing: :func:`ensure_fresh_cache` runs
+once, where a kernel is first about to be called (``fastivim.fit``).
+"""
 
 import hashlib
+import threading
 from pathlib import Path
 
-#: Name of the file, beside numba's cache of ``driver.fit_volume``, that records which kernel
-#: sources that cache was built from.
+#: Name of the file, beside numba's cache of the kernels, that records which kernel sources
+#: that cache was built from.
 DIGEST_FILE = "fastivim-kernel-sources.sha256"
+
+_checked = False
+_lock = threading.Lock()
 
 
 def sources_digest() -> str:
@@ -16,34 +24,54 @@ def sources_digest() -> str:
     return h.hexdigest()
 
 
-def _drop_stale_cache():
-    """Flush numba's cache of ``fit_volume`` when any kernel module changed since it was built.
+def cached_kernels():
+    """The dispatchers that keep an on-disk cache (each embeds helpers from other modules)."""
+    from .block import fit_volume_block
+    from .driver import fit_volume
 
-    numba stamps a cached function with the hash of its *own* file only, yet the cached
-    ``driver.fit_volume`` embeds the helpers it calls from ``voxel.py``, ``full.py``, etc.
-    (compiled uncached, as part of it): after editing a helper, the stale machine code would be
-    loaded. A digest of all kernel sources is kept beside the cache; when it differs, the cache
-    index is emptied so numba recompiles. Only cache files are touched, never sources; a
-    read-only install (whose sources cannot change) is left alone.
+    return (fit_volume, fit_volume_block)
+
+
+def _drop_stale_cache(dispatchers):
+    """Flush numba's cache of ``dispatchers`` when any kernel module changed since it was built.
+
+    numba stamps a cached function with the hash of its *own* file only, yet a cached kernel
+    such as ``driver.fit_volume`` embeds the helpers it calls from ``voxel.py``, ``full.py``,
+    ``vmath.py``, etc. (compiled uncached, as part of it): after editing a helper, the stale
+    machine code would be loaded. A digest of all kernel sources is kept beside the cache; when
+    it differs, every listed kernel's cache index is emptied so numba recompiles. Only cache
+    files are touched, never sources; a read-only install (whose sources cannot change) is
+    left alone.
     """
-    from . import driver
+    digest = None
+    for dispatcher in dispatchers:
+        cache = getattr(dispatcher, "_cache", None)
+        path = getattr(cache, "cache_path", None)
+        if not path:
+            continue
+        stamp = Path(path) / DIGEST_FILE
+        digest = digest or sources_digest()
+        try:
+            if stamp.is_file() and stamp.read_text().strip() == digest:
+                continue
+            for d in dispatchers:  # kernels sharing this cache folder share the stamp
+                c = getattr(d, "_cache", None)
+                if getattr(c, "cache_path", None) == path:
+                    c.flush()
+            Path(path).mkdir(parents=True, exist_ok=True)
+            tmp = stamp.with_name(f".{stamp.name}.{id(stamp)}.partial")
+            tmp.write_text(digest + "\n")
+            tmp.replace(stamp)  # atomic: concurrent processes see the old or the new digest
+        except OSError:
+            pass
 
-    cache = getattr(driver.fit_volume, "_cache", None)
-    path = getattr(cache, "cache_path", None)
-    if not path:
+
+def ensure_fresh_cache():
+    """Run the stale-cache check of :func:`_drop_stale_cache` once per process (thread-safe)."""
+    global _checked
+    if _checked:
         return
-    stamp = Path(path) / DIGEST_FILE
-    digest = sources_digest()
-    try:
-        if stamp.is_file() and stamp.read_text().strip() == digest:
-            return
-        cache.flush()
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_name(f".{stamp.name}.{id(stamp)}.partial")
-        tmp.write_text(digest + "\n")
-        tmp.replace(stamp)  # atomic: concurrent importers see the old or the new digest
-    except OSError:
-        pass
-
-
-_drop_stale_cache()
+    with _lock:
+        if not _checked:
+            _drop_stale_cache(cached_kernels())
+            _checked = True

@@ -4,7 +4,10 @@
 is allocated once per chunk (a handful of chunks per thread), never per voxel; each voxel's
 result lands in its own row of ``out`` and its own ``status`` entry, so threads never share
 writes. The voxel-independent tables (b-value groups, grids, Gram matrices) come from
-:func:`make_tables`, built once in NumPy.
+:func:`fastivim.kernels.tables.make_tables`, built once in NumPy.
+
+This is the scalar kernel: one voxel at a time, the reference that the block kernels of
+:mod:`fastivim.kernels.block` reproduce (``fit_voxels(..., _kernel="scalar")`` runs it).
 """
 
 import numpy as np
@@ -14,91 +17,20 @@ from . import status as st
 from ._jit import jit_parallel, jit_voxel
 from .full import fit_full_voxel
 from .segmented import fit_segmented_voxel
+from .tables import (  # noqa: F401  (re-exported: the scalar kernel's public names)
+    METHOD_FULL,
+    METHOD_SEGMENTED,
+    N_D_GRID,
+    N_DSTAR_GRID,
+    Settings,
+    Tables,
+    make_settings,
+    make_tables,
+)
 from .voxel import fail_voxel, finish_voxel, group_means, internal_bounds
-
-METHOD_SEGMENTED = 0
-METHOD_FULL = 1
-
-#: Grid sizes of the starting-point searches (log-spaced over the bounds).
-N_DSTAR_GRID = 12
-N_D_GRID = 10
-
-#: Lowest grid values (mm²/s) when a lower bound is below them; the fit itself still reaches
-#: down to the bound.
-GRID_FLOOR_D = 5e-5
-GRID_FLOOR_DSTAR = 1e-3
 
 #: Chunks per thread: enough for load balance, few enough that scratch is negligible.
 CHUNKS_PER_THREAD = 16
-
-
-def _start_grid(bound, floor, n):
-    """``n`` log-spaced starting values inside ``bound`` (lo, hi), internal units.
-
-    The grid only seeds the solvers, so it starts at ``floor`` when the lower bound is below it
-    (a bound of 0, as OSIPI's D bound, would otherwise spend the grid on decades where no
-    tissue lives, or fail: a geometric sequence cannot include 0).
-    """
-    lo, hi = float(bound[0]), float(bound[1])
-    if not hi > 0.0:
-        return np.zeros(n)
-    return np.geomspace(max(lo, min(floor, hi)), hi, n)
-
-
-def make_tables(b_values, bounds):
-    """Voxel-independent inputs of :func:`fit_volume`.
-
-    Parameters
-    ----------
-    b_values : (n_b,) float64
-        b-values in s/mm², in the column order of the signal matrix.
-    bounds : (4, 2) float64
-        Bounds in :data:`fastivim.model.PARAM_NAMES` order, user units.
-
-    Returns
-    -------
-    dict
-        ``groups`` (n_b,) int64, ``bu`` (n_u,) unique b in ms/µm², ``w`` (n_u,) group sizes,
-        ``dstar_grid`` (n_k,), ``d_grid`` (n_j,) in µm²/ms, ``ES`` (n_k, n_u), ``ED`` (n_j, n_u),
-        ``GSS`` (n_k,) weighted squared norms of the ``ES`` rows, and ``PAIR`` (n_j, n_k, 7):
-        per (D_j, D_star_k) pair the inverse Gram entries ``G_DD/det, G_SD/det, G_SS/det``
-        (NaN for numerically singular pairs), then the inverse squared norms of
-        ``f*ES + (1-f)*ED`` at the lower and upper f bound, then those squared norms.
-    """
-    b = np.asarray(b_values, dtype=np.float64)
-    b_unique, groups = np.unique(b, return_inverse=True)
-    w = np.bincount(groups).astype(np.float64)
-    bu = b_unique * 1e-3
-    dstar_grid = _start_grid(bounds[2] * 1e3, GRID_FLOOR_DSTAR * 1e3, N_DSTAR_GRID)
-    d_grid = _start_grid(bounds[3] * 1e3, GRID_FLOOR_D * 1e3, N_D_GRID)
-    ES = np.exp(-np.outer(dstar_grid, bu))
-    ED = np.exp(-np.outer(d_grid, bu))
-    GSS = (ES * ES) @ w
-    GDD = (ED * ED) @ w
-    GSD = (ED * w) @ ES.T  # (n_j, n_k)
-    det = GSS[None, :] * GDD[:, None] - GSD**2
-    singular = det <= 1e-12 * GSS[None, :] * GDD[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(singular, np.nan, 1.0 / det)
-    pair = np.empty(GSD.shape + (7,))
-    pair[..., 0] = GDD[:, None] * inv
-    pair[..., 1] = GSD * inv
-    pair[..., 2] = GSS[None, :] * inv
-    for col, fb in ((3, bounds[1, 0]), (4, bounds[1, 1])):
-        gv = fb * fb * GSS[None, :] + 2 * fb * (1 - fb) * GSD + (1 - fb) ** 2 * GDD[:, None]
-        pair[..., col] = 1.0 / gv
-        pair[..., col + 2] = gv
-    return {
-        "groups": groups.astype(np.int64),
-        "bu": bu,
-        "w": w,
-        "dstar_grid": dstar_grid,
-        "d_grid": d_grid,
-        "ES": np.ascontiguousarray(ES),
-        "ED": np.ascontiguousarray(ED),
-        "GSS": GSS,
-        "PAIR": pair,
-    }
 
 
 def chunk_count(n_vox):
@@ -134,24 +66,17 @@ def fit_one_voxel(Y, v, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR,
 
 
 @jit_parallel
-def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR, dstar_grid,
-               d_grid, maxit, n_chunks, out, status):
-    """Fit every row of ``Y`` (n_vox, n_b) in parallel.
+def fit_volume(Y, tables, settings, n_chunks, out, status):
+    """Fit every row of ``Y`` (n_vox, n_b) in parallel, one voxel at a time.
 
     Parameters
     ----------
     Y : (n_vox, n_b) float32 or float64, C-contiguous
-        Raw signal, one voxel per row, columns in the order of ``groups``.
-    method : int
-        :data:`METHOD_SEGMENTED` or :data:`METHOD_FULL`.
-    groups, bu, w, ES, ED, GSS, PAIR, dstar_grid, d_grid
-        Tables from :func:`make_tables`.
-    bounds : (4, 2) float64
-        Bounds in user units.
-    b_min : float
-        High-b threshold for the segmented step, ms/µm².
-    maxit : int
-        Iteration limit of each Levenberg–Marquardt run.
+        Raw signal, one voxel per row, columns in the order of ``tables.groups``.
+    tables : :class:`fastivim.kernels.tables.Tables`
+        From :func:`make_tables`.
+    settings : :class:`fastivim.kernels.tables.Settings`
+        Method, high-b threshold (ms/µm²) and iteration limit.
     n_chunks : int
         Number of voxel ranges handed to ``prange`` (a few per thread: see
         :func:`chunk_count`; computed outside because ``numba.get_num_threads`` inside a
@@ -161,8 +86,12 @@ def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR, dstar
     status : (n_vox,) uint8, output
         Status code per voxel (:mod:`fastivim.kernels.status`).
     """
+    t = tables
+    method = settings.method
+    b_min = settings.b_min
+    maxit = settings.maxit
     n = Y.shape[0]
-    nu = bu.shape[0]
+    nu = t.bu.shape[0]
     n_chunks = max(1, min(n, n_chunks))
     for c in prange(n_chunks):
         start = c * n // n_chunks
@@ -177,14 +106,14 @@ def fit_volume(Y, method, groups, bu, w, bounds, b_min, ES, ED, GSS, PAIR, dstar
         p2 = np.empty(2)
         lo2 = np.empty(2)
         hi2 = np.empty(2)
-        PS = np.empty(dstar_grid.shape[0])
-        PD = np.empty(d_grid.shape[0])
-        prof = np.empty((4, dstar_grid.shape[0]))
+        PS = np.empty(t.dstar_grid.shape[0])
+        PD = np.empty(t.d_grid.shape[0])
+        prof = np.empty((4, t.dstar_grid.shape[0]))
         work = np.empty(2 * nu + 16)
         mat = np.empty((3, 4, 4))
         free = np.empty(4, dtype=np.bool_)
         for v in range(start, stop):
-            status[v] = fit_one_voxel(Y, v, method, groups, bu, w, bounds, b_min, ES, ED, GSS,
-                                      PAIR, dstar_grid, d_grid, maxit, out, ybar, model, r,
-                                      p, starts, lo, hi, PS, PD, prof, work, mat, free, p2,
-                                      lo2, hi2)
+            status[v] = fit_one_voxel(Y, v, method, t.groups, t.bu, t.w, t.bounds, b_min, t.ES,
+                                      t.ED, t.GSS, t.PAIR, t.dstar_grid, t.d_grid, maxit, out,
+                                      ybar, model, r, p, starts, lo, hi, PS, PD, prof, work, mat,
+                                      free, p2, lo2, hi2)

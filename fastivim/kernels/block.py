@@ -1,0 +1,983 @@
+"""Block kernels: the scalar kernels' algorithm, a block of voxels at a time.
+
+The scalar kernel (:mod:`fastivim.kernels.driver`) fits one voxel after another; its inner
+loops run over ~10 b-values and call libm's ``exp``, so the CPU's vector units stay idle. Here
+a block of up to :data:`BLOCK` voxels is stored lane-wise (``(n_u, BLOCK)`` arrays, one column
+per voxel): every stage loops over b-values (or grid points) outside and over the voxels of the
+block inside, and LLVM vectorises that inner loop (8 float64 lanes with AVX-512). Three things
+make it vectorise and keep it exact:
+
+* :func:`fastivim.kernels.vmath.vexp`, a branch-free exp within ~2 ulp of libm's;
+* :data:`fastivim.kernels._jit.jit_block` marks array arguments ``noalias`` (otherwise LLVM
+  must assume that the output columns may overlap the inputs, and vectorises nothing);
+* per-voxel decisions are written as selects with both operands computed first, never as a
+  branch on data inside a lane loop.
+
+Each voxel makes the same decisions as in the scalar kernel, in the same floating-point order;
+only ``exp`` differs (by an ulp or two), so sums of squares agree to ~1e-12 except where two
+starting points tie to within rounding (tests/test_block.py measures the agreement).
+
+Levenberg–Marquardt runs differ in length from voxel to voxel, so the ``full`` method feeds
+them to :data:`LANES` lanes that advance in lock-step: each lockstep round evaluates the model,
+gradient and Hessian of every lane at once (vectorised), then each lane's own (scalar) LM logic
+takes its step. A lane whose run has ended takes the voxel's next start, or the block's next
+voxel (a task list), so a slow voxel never holds the others.
+"""
+
+import math
+from collections import namedtuple
+
+import numpy as np
+from numba import prange
+
+from . import status as st
+from ._jit import jit_block, jit_parallel, jit_voxel
+from .full import MAX_RESTARTS, RESTART_NEIGHBOURHOOD, RESTART_SLACK, SEPARATION, dstar_profile
+from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
+from .tables import METHOD_FULL
+from .vmath import vexp
+from .voxel import (
+    KIND_PERFUSION,
+    LM_FTOL,
+    LM_LAMBDA0,
+    LM_LAMBDA_MAX,
+    LM_XTOL,
+    fail_voxel,
+    finish_voxel,
+    levenberg_marquardt,
+    solve_damped,
+)
+
+#: Per-lane steps take the whole scratch tuple; inlined into their caller (numba IR), so that
+#: the tuple is not copied into each call's argument list (~60 arrays, ~500 machine words).
+jit_lane = jit_voxel
+
+#: Voxels per block (the width of every lane-wise array).
+BLOCK = 128
+#: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
+LANES = 16
+
+#: Lane phases of the LM engine.
+IDLE = 0  #: no voxel (none left in the block, or the last one was just written)
+INIT = 1  #: a run just started: the next evaluation is at its start point
+TRIAL = 2  #: the next evaluation is at a trial point
+HELD = 3  #: holds a voxel between runs: its next start is chosen before the next round
+
+Scratch = namedtuple(
+    "Scratch",
+    [
+        # per voxel of the block, (.., BLOCK)
+        "YB", "SC", "LO", "HI", "CODE", "A", "D", "R", "Q", "BLO", "BHI", "DSLO", "ACC", "NUSED",
+        "BFIRST", "DIST", "BEST", "WK", "PFOK", "NEWT",
+        "PS", "PD", "PSEP", "PCLOSE", "RSEP", "RCLOSE", "TT", "PB", "MB", "SSRB", "FOUND",
+        "STAGE", "RS", "NR",
+        # per lane of the LM engine, (.., LANES)
+        "EP", "YL", "MT", "GT", "HT", "ST", "LP", "LG", "LH", "LMOD", "LPT", "LPRED", "LSTATE",
+        # one voxel's contiguous copies for the scalar helpers
+        "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
+        "mat", "free",
+    ],
+)
+Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
+
+Lane-wise arrays put the voxel (or lane) last so that the inner loops are unit-stride:
+``YB`` (n_u, BLOCK) scaled group means; ``SC`` scale; ``LO``/``HI`` (4, BLOCK) internal
+bounds; ``CODE`` status of the segmented start, ``A``/``D`` its intercept and D, ``R``
+(n_u, BLOCK) tissue residual ``ybar - A exp(-b D)``, ``Q`` (2, BLOCK) perfusion start (B,
+D_star), ``BLO``/``BHI`` bounds of B, ``DSLO`` lower bound of D_star; ``ACC`` (6, BLOCK)
+accumulators; ``NUSED``/``BFIRST``/``DIST`` the log-linear fit's sample bookkeeping; ``BEST``
+best grid reduction; ``WK`` (n_u, BLOCK) perfusion term; ``PFOK`` profile-Newton success;
+``NEWT`` (6, BLOCK) Newton state (x, bracket, state, first bracket). Full method: ``PS``
+(n_k, BLOCK), ``PD`` (n_j, BLOCK) grid projections, ``PSEP``/``PCLOSE`` (4, BLOCK) grid starts and
+``RSEP``/``RCLOSE`` their reductions, ``TT`` ``sum w ybar**2``, ``PB`` (4, BLOCK) and ``MB``
+(n_u, BLOCK) best estimate and model, ``SSRB`` its sum of squares, ``FOUND``, ``STAGE`` next
+start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count.
+LM lanes: ``EP`` (4, LANES) evaluation points, ``YL`` (n_u, LANES) targets, ``MT``/``GT``/
+``HT`` (n_u/4/10, LANES) model, gradient and Hessian (upper triangle, row-major) there, ``ST``
+its sum of squares; ``LP`` (LANES, 4) current point, ``LG`` (LANES, 4) gradient and ``LH``
+(LANES, 4, 4) Hessian at it, ``LMOD`` (n_u, LANES) model at it, ``LPT`` (LANES, 4) trial point,
+``LPRED`` (LANES, 5) predicted decrease, ssr, lambda, Nielsen factor, ``tt``; ``LSTATE``
+(LANES, 3) phase, voxel slot, iteration count.
+"""
+
+
+@jit_voxel
+def alloc_scratch(nu, nk, nj):
+    """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids)."""
+    B = BLOCK
+    L = LANES
+    return Scratch(
+        np.empty((nu, B)), np.empty(B), np.empty((4, B)), np.empty((4, B)),
+        np.empty(B, dtype=np.int64), np.empty(B), np.empty(B), np.empty((nu, B)),
+        np.empty((2, B)), np.empty(B), np.empty(B), np.empty(B), np.empty((6, B)),
+        np.empty(B, dtype=np.int64), np.empty(B), np.empty(B, dtype=np.bool_), np.empty(B),
+        np.empty((nu, B)), np.empty(B, dtype=np.bool_), np.empty((6, B)),
+        np.empty((nk, B)), np.empty((nj, B)), np.empty((4, B)), np.empty((4, B)), np.empty(B),
+        np.empty(B), np.empty(B), np.empty((4, B)), np.empty((nu, B)), np.empty(B),
+        np.empty(B, dtype=np.bool_), np.empty(B, dtype=np.int64), np.empty((3, 4, B)),
+        np.empty(B, dtype=np.int64),
+        np.empty((4, L)), np.empty((nu, L)), np.empty((nu, L)), np.empty((4, L)),
+        np.empty((10, L)), np.empty(L), np.empty((L, 4)), np.empty((L, 4)),
+        np.empty((L, 4, 4)), np.empty((nu, L)), np.empty((L, 4)), np.empty((L, 5)),
+        np.empty((L, 3), dtype=np.int64),
+        np.empty(nu), np.empty(nu), np.empty(nu), np.empty(4), np.empty(4), np.empty(4),
+        np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
+        np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
+    )
+
+
+# ------------------------------------------------------------------- lane-wise stages
+@jit_block
+def block_group_means(Y, v0, nl, groups, w, YB, SC, DIST):
+    """Group means of voxels ``v0 .. v0 + nl`` of ``Y`` into ``YB`` (n_u, nl), divided by the
+    scale ``SC`` (nl,): as :func:`fastivim.kernels.voxel.group_means`, NaN scale when unusable.
+    ``DIST`` (nl,) bool is scratch (non-finite sample seen)."""
+    nu = YB.shape[0]
+    for u in range(nu):
+        for lane in range(nl):
+            YB[u, lane] = 0.0
+    for lane in range(nl):
+        DIST[lane] = False
+    for i in range(Y.shape[1]):
+        g = groups[i]
+        for lane in range(nl):
+            yi = np.float64(Y[v0 + lane, i])
+            DIST[lane] = DIST[lane] | (not math.isfinite(yi))
+            YB[g, lane] += yi
+    for lane in range(nl):
+        SC[lane] = -math.inf
+    for u in range(nu):
+        wu = w[u]
+        for lane in range(nl):
+            m = YB[u, lane] / wu
+            YB[u, lane] = m
+            s = SC[lane]
+            SC[lane] = m if m > s else s
+    for lane in range(nl):
+        s = SC[lane]
+        SC[lane] = s if (s > 0.0 and not DIST[lane]) else math.nan
+    for u in range(nu):
+        for lane in range(nl):
+            YB[u, lane] /= SC[lane]
+
+
+@jit_block
+def block_bounds(bounds, SC, nl, LO, HI):
+    """Internal bounds per voxel (:func:`fastivim.kernels.voxel.internal_bounds`)."""
+    for lane in range(nl):
+        LO[0, lane] = bounds[0, 0] / SC[lane]
+        HI[0, lane] = bounds[0, 1] / SC[lane]
+        LO[1, lane] = bounds[1, 0]
+        HI[1, lane] = bounds[1, 1]
+        LO[2, lane] = bounds[2, 0] * 1e3
+        HI[2, lane] = bounds[2, 1] * 1e3
+        LO[3, lane] = bounds[3, 0] * 1e3
+        HI[3, lane] = bounds[3, 1] * 1e3
+
+
+@jit_block
+def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
+    """:func:`fastivim.kernels.voxel.loglinear_fit` for every voxel: ``A``, ``D`` and
+    ``CODE`` (``st.OK`` or ``st.NUMERICAL_FAILURE``)."""
+    for k in range(5):
+        for lane in range(nl):
+            ACC[k, lane] = 0.0
+    for lane in range(nl):
+        NUSED[lane] = 0
+        BFIRST[lane] = -1.0
+        DIST[lane] = False
+    for u in range(bu.shape[0]):
+        if not bu[u] >= b_min:
+            continue
+        x = bu[u]
+        wu = w[u]
+        for lane in range(nl):
+            y = YB[u, lane]
+            use = y > 0.0
+            om = wu * y * y
+            ly = math.log(y if use else 1.0)
+            s0 = ACC[0, lane] + om
+            sx = ACC[1, lane] + om * x
+            sy = ACC[2, lane] + om * ly
+            sxx = ACC[3, lane] + om * x * x
+            sxy = ACC[4, lane] + om * x * ly
+            ACC[0, lane] = s0 if use else ACC[0, lane]
+            ACC[1, lane] = sx if use else ACC[1, lane]
+            ACC[2, lane] = sy if use else ACC[2, lane]
+            ACC[3, lane] = sxx if use else ACC[3, lane]
+            ACC[4, lane] = sxy if use else ACC[4, lane]
+            n = NUSED[lane]
+            first = BFIRST[lane]
+            DIST[lane] = DIST[lane] | (use and n > 0 and x != first)
+            BFIRST[lane] = x if (use and n == 0) else first
+            NUSED[lane] = n + 1 if use else n
+    for lane in range(nl):
+        s0 = ACC[0, lane]
+        xm = ACC[1, lane] / s0
+        ym = ACC[2, lane] / s0
+        cxx = ACC[3, lane] / s0 - xm * xm
+        cxy = ACC[4, lane] / s0 - xm * ym
+        slope = cxy / cxx
+        z = ym - slope * xm
+        a = vexp(z) if z <= 708.0 else math.inf  # vexp clamps; libm would overflow to inf
+        ok = DIST[lane] and cxx > 0.0 and math.isfinite(a) and math.isfinite(slope)
+        A[lane] = a
+        D[lane] = -slope
+        CODE[lane] = st.OK if ok else st.NUMERICAL_FAILURE
+
+
+@jit_block
+def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE, R, Q, BLO,
+                          BHI, DSLO, BEST):
+    """:func:`fastivim.kernels.segmented.perfusion_start` after the log-linear step.
+
+    Clamps ``D``, sets ``CODE`` to ``st.DSTAR_NOT_ABOVE_D`` where D_star has no room, writes
+    the tissue residual ``R`` (n_u, nl), the bounds of B (``BLO``, ``BHI``) and of D_star
+    (``DSLO`` and ``HI[2]``), and the best grid start ``Q`` (2, nl) = (B, D_star).
+    """
+    nu = bu.shape[0]
+    for lane in range(nl):
+        d = min(max(D[lane], LO[3, lane]), HI[3, lane])
+        D[lane] = d
+        ds_lo = max(LO[2, lane], d * (1.0 + DSTAR_MARGIN))
+        DSLO[lane] = ds_lo
+        c = CODE[lane]
+        CODE[lane] = st.DSTAR_NOT_ABOVE_D if (c == st.OK and not ds_lo < HI[2, lane]) else c
+    for u in range(nu):
+        bb = bu[u]
+        for lane in range(nl):
+            R[u, lane] = YB[u, lane] - A[lane] * vexp(-bb * D[lane])
+    for lane in range(nl):
+        a = A[lane]
+        f_lo = LO[1, lane]
+        f_hi = HI[1, lane]
+        b_lo = max(a * f_lo / (1.0 - f_lo), LO[0, lane] - a)
+        b_hi = a * f_hi / (1.0 - f_hi) if f_hi < 1.0 else math.inf
+        b_hi = min(b_hi, HI[0, lane] - a)
+        BLO[lane] = b_lo
+        BHI[lane] = b_hi if not b_hi < b_lo else b_lo
+        BEST[lane] = -math.inf
+        Q[0, lane] = b_lo
+        Q[1, lane] = DSLO[lane]
+    for k in range(dstar_grid.shape[0]):
+        g = dstar_grid[k]
+        gss = GSS[k]
+        for lane in range(nl):
+            P = 0.0
+            for u in range(nu):
+                P += w[u] * ES[k, u] * R[u, lane]
+            B = min(max(P / gss, BLO[lane]), BHI[lane])
+            reduction = 2.0 * B * P - B * B * gss
+            take = (not (g < DSLO[lane] or g > HI[2, lane])) and reduction > BEST[lane]
+            BEST[lane] = reduction if take else BEST[lane]
+            Q[0, lane] = B if take else Q[0, lane]
+            Q[1, lane] = g if take else Q[1, lane]
+
+
+@jit_block
+def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, NEWT, ACC,
+                         WK, PFOK):
+    """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``,
+    all lanes iterating together (a lane that has stopped keeps its state).
+
+    ``PFOK`` gets the success flag; where true, ``Q`` holds the polished (B, D_star) and ``WK``
+    (n_u, nl) the perfusion term ``B exp(-b D_star)``.
+    """
+    nu = bu.shape[0]
+    nk = dstar_grid.shape[0]
+    # NEWT rows: x, bracket a, b, state (0 running, 1 converged, 2 failed), first a, first b
+    for lane in range(nl):
+        x = Q[1, lane]
+        a = DSLO[lane]
+        b = HI[2, lane]
+        for k in range(nk):  # bracket: the grid neighbours of the start
+            g = dstar_grid[k]
+            a = g if (g < x and g > a) else a
+            b = g if (g > x and g < b) else b
+        NEWT[0, lane] = x
+        NEWT[1, lane] = a
+        NEWT[2, lane] = b
+        NEWT[3, lane] = 0.0 if CODE[lane] == st.OK else 2.0
+        NEWT[4, lane] = a  # the bracket before any step, for the edge test at the end
+        NEWT[5, lane] = b
+    for _ in range(PROFILE_MAXIT):
+        running = 0
+        for lane in range(nl):
+            running += NEWT[3, lane] == 0.0
+        if running == 0:
+            break
+        for k in range(6):
+            for lane in range(nl):
+                ACC[k, lane] = 0.0
+        for u in range(nu):
+            bb = bu[u]
+            wu = w[u]
+            for lane in range(nl):
+                e = vexp(-bb * NEWT[0, lane])
+                we = wu * e
+                ru = R[u, lane]
+                ACC[0, lane] += we * ru
+                ACC[1, lane] += we * e
+                ACC[2, lane] -= we * bb * ru
+                ACC[3, lane] -= 2.0 * we * bb * e
+                ACC[4, lane] += we * bb * bb * ru
+                ACC[5, lane] += 4.0 * we * bb * bb * e
+        for lane in range(nl):
+            P = ACC[0, lane]
+            G = ACC[1, lane]
+            P1 = ACC[2, lane]
+            G1 = ACC[3, lane]
+            P2 = ACC[4, lane]
+            G2 = ACC[5, lane]
+            x = NEWT[0, lane]
+            a = NEWT[1, lane]
+            b = NEWT[2, lane]
+            state = NEWT[3, lane]
+            num = 2.0 * P * P1 * G - P * P * G1
+            dh = num / (G * G)
+            d2h = ((2.0 * P1 * P1 * G + 2.0 * P * P2 * G - P * P * G2) * G - 2.0 * G1 * num) / (
+                G * G * G)
+            a2 = max(a, x) if dh > 0.0 else a
+            b2 = b if dh > 0.0 else min(b, x)
+            xn = x - dh / d2h if d2h < 0.0 else (b2 if dh > 0.0 else a2)
+            xn = xn if (a2 < xn and xn < b2) else 0.5 * (a2 + b2)
+            live = state == 0.0
+            bad = not (G > 0.0 and P > 0.0)
+            conv = abs(xn - x) <= PROFILE_XTOL * x
+            NEWT[3, lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
+            NEWT[0, lane] = xn if (live and not bad) else x
+            NEWT[1, lane] = a2 if (live and not bad) else a
+            NEWT[2, lane] = b2 if (live and not bad) else b
+    for k in range(2):
+        for lane in range(nl):
+            ACC[k, lane] = 0.0
+    for u in range(nu):
+        bb = bu[u]
+        wu = w[u]
+        for lane in range(nl):
+            e = vexp(-bb * NEWT[0, lane])
+            WK[u, lane] = e
+            ACC[0, lane] += wu * e * R[u, lane]
+            ACC[1, lane] += wu * e * e
+    for lane in range(nl):
+        x = NEWT[0, lane]
+        brlo = NEWT[4, lane]
+        brhi = NEWT[5, lane]
+        span = brhi - brlo
+        inside = not (x - brlo <= 1e-6 * span or brhi - x <= 1e-6 * span)
+        B = ACC[0, lane] / ACC[1, lane]
+        ok = NEWT[3, lane] == 1.0 and inside and BLO[lane] < B and B < BHI[lane]
+        PFOK[lane] = ok
+        ACC[2, lane] = B
+        Q[0, lane] = B if ok else Q[0, lane]
+        Q[1, lane] = x if ok else Q[1, lane]
+    for u in range(nu):
+        for lane in range(nl):
+            WK[u, lane] *= ACC[2, lane]
+
+
+@jit_block
+def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, PSEP,
+                     PCLOSE, RSEP, RCLOSE, TT):
+    """:func:`fastivim.kernels.full.grid_start` for every voxel, and ``TT = sum w ybar**2``."""
+    nu = YB.shape[0]
+    nk = dstar_grid.shape[0]
+    nj = d_grid.shape[0]
+    for k in range(nk):
+        for lane in range(nl):
+            PS[k, lane] = 0.0
+        for u in range(nu):
+            c = w[u] * ES[k, u]
+            for lane in range(nl):
+                PS[k, lane] += c * YB[u, lane]
+    for j in range(nj):
+        for lane in range(nl):
+            PD[j, lane] = 0.0
+        for u in range(nu):
+            c = w[u] * ED[j, u]
+            for lane in range(nl):
+                PD[j, lane] += c * YB[u, lane]
+    for lane in range(nl):
+        TT[lane] = 0.0
+        RSEP[lane] = -math.inf
+        RCLOSE[lane] = -math.inf
+    for u in range(nu):
+        for lane in range(nl):
+            TT[lane] += w[u] * YB[u, lane] * YB[u, lane]
+    f_lo = LO[1, 0]
+    f_hi = HI[1, 0]
+    for j in range(nj):
+        for k in range(nk):
+            if not dstar_grid[k] > d_grid[j]:
+                continue
+            g0 = PAIR[j, k, 0]
+            g1 = PAIR[j, k, 1]
+            g2 = PAIR[j, k, 2]
+            g3 = PAIR[j, k, 3]
+            g4 = PAIR[j, k, 4]
+            g5 = PAIR[j, k, 5]
+            g6 = PAIR[j, k, 6]
+            dsk = dstar_grid[k]
+            dj = d_grid[j]
+            if dsk >= SEPARATION * dj:
+                _grid_pair(PS, PD, k, j, nl, LO, HI, f_lo, f_hi, g0, g1, g2, g3, g4, g5, g6,
+                           dsk, dj, RSEP, PSEP)
+            else:
+                _grid_pair(PS, PD, k, j, nl, LO, HI, f_lo, f_hi, g0, g1, g2, g3, g4, g5, g6,
+                           dsk, dj, RCLOSE, PCLOSE)
+
+
+@jit_block
+def _grid_pair(PS, PD, k, j, nl, LO, HI, f_lo, f_hi, g0, g1, g2, g3, g4, g5, g6, dsk, dj, RB,
+               PBEST):
+    """One (D_j, D_star_k) pair of :func:`block_grid_start` for every voxel: keep it in
+    ``PBEST`` (4, nl) where its reduction beats ``RB``."""
+    for lane in range(nl):
+        ps = PS[k, lane]
+        pd = PD[j, lane]
+        S0_lo = LO[0, lane]
+        S0_hi = HI[0, lane]
+        c1 = g0 * ps - g1 * pd
+        c2 = g2 * pd - g1 * ps
+        S0 = c1 + c2
+        feasible = (S0 > 0.0) & (c1 >= f_lo * S0) & (c1 <= f_hi * S0) & (S0 >= S0_lo) & (
+            S0 <= S0_hi)
+        red_free = c1 * ps + c2 * pd
+        pv_lo = f_lo * ps + (1.0 - f_lo) * pd
+        s_lo = min(max(pv_lo * g3, S0_lo), S0_hi)
+        red_lo = 2.0 * s_lo * pv_lo - s_lo * s_lo * g5
+        pv_hi = f_hi * ps + (1.0 - f_hi) * pd
+        s_hi = min(max(pv_hi * g4, S0_lo), S0_hi)
+        red_hi = 2.0 * s_hi * pv_hi - s_hi * s_hi * g6
+        red_edge = max(red_lo, red_hi)
+        reduction = red_free if feasible else red_edge
+        take = reduction > RB[lane]
+        lo_edge = red_lo >= red_hi
+        s0 = S0 if feasible else (s_lo if lo_edge else s_hi)
+        f = c1 / S0 if feasible else (f_lo if lo_edge else f_hi)
+        RB[lane] = reduction if take else RB[lane]
+        PBEST[0, lane] = s0 if take else PBEST[0, lane]
+        PBEST[1, lane] = f if take else PBEST[1, lane]
+        PBEST[2, lane] = dsk if take else PBEST[2, lane]
+        PBEST[3, lane] = dj if take else PBEST[3, lane]
+
+
+@jit_block
+def lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST):
+    """Full-model :func:`fastivim.kernels.voxel.evaluate` at the points ``EP`` (4, LANES) for
+    the targets ``YL`` (n_u, LANES): model ``MT``, gradient half ``GT`` (4, LANES), Hessian half
+    ``HT`` (10, LANES; a00 a01 a02 a03 a11 a12 a13 a22 a23 a33) and sum of squares ``ST``."""
+    nl = EP.shape[1]
+    for k in range(10):
+        for lane in range(nl):
+            HT[k, lane] = 0.0
+    for k in range(4):
+        for lane in range(nl):
+            GT[k, lane] = 0.0
+    for lane in range(nl):
+        ST[lane] = 0.0
+    for u in range(bu.shape[0]):
+        b = bu[u]
+        wu = w[u]
+        for lane in range(nl):
+            S0 = EP[0, lane]
+            f = EP[1, lane]
+            Ds = EP[2, lane]
+            D = EP[3, lane]
+            e1 = vexp(-b * Ds)
+            e2 = vexp(-b * D)
+            mix = f * e1 + (1.0 - f) * e2
+            mu = S0 * mix
+            MT[u, lane] = mu
+            r = YL[u, lane] - mu
+            ST[lane] += wu * r * r
+            j0 = mix
+            j1 = S0 * (e1 - e2)
+            be1 = b * e1
+            be2 = b * e2
+            j2 = -S0 * f * be1
+            j3 = -S0 * (1.0 - f) * be2
+            wr = wu * r
+            GT[0, lane] += j0 * wr
+            GT[1, lane] += j1 * wr
+            GT[2, lane] += j2 * wr
+            GT[3, lane] += j3 * wr
+            w0 = wu * j0
+            w1 = wu * j1
+            w2 = wu * j2
+            HT[0, lane] += w0 * j0
+            HT[1, lane] += w0 * j1 - wr * (e1 - e2)
+            HT[2, lane] += w0 * j2 + wr * f * be1
+            HT[3, lane] += w0 * j3 + wr * (1.0 - f) * be2
+            HT[4, lane] += w1 * j1
+            HT[5, lane] += w1 * j2 + wr * S0 * be1
+            HT[6, lane] += w1 * j3 - wr * S0 * be2
+            HT[7, lane] += w2 * j2 - wr * S0 * f * b * be1
+            HT[8, lane] += w2 * j3
+            HT[9, lane] += wu * j3 * j3 - wr * S0 * (1.0 - f) * b * be2
+
+
+# ---------------------------------------------------------------- the segmented method
+@jit_lane
+def _copy_voxel(s, lane, nu, YB, LO, HI, yv, lov, hiv):
+    """Contiguous copies of slot ``lane``'s means and bounds for the scalar helpers."""
+    for u in range(nu):
+        yv[u] = YB[u, lane]
+    for i in range(4):
+        lov[i] = LO[i, lane]
+        hiv[i] = HI[i, lane]
+
+
+@jit_voxel
+def segmented_block(Y, v0, nl, t, settings, s, out, status):
+    """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the segmented method."""
+    nu = t.bu.shape[0]
+    _front(Y, v0, nl, t, settings, s)
+    block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
+                         s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK)
+    for lane in range(nl):
+        v = v0 + lane
+        if not s.SC[lane] > 0.0:
+            status[v] = fail_voxel(out, v, st.BAD_INPUT)
+            continue
+        code = s.CODE[lane]
+        if code != st.OK:
+            status[v] = fail_voxel(out, v, code)
+            continue
+        if not s.PFOK[lane]:
+            # the optimum is on a bound (of B or D_star) or the profile misbehaves: the scalar
+            # kernel's bounded 2-parameter Levenberg–Marquardt, on this voxel's copies
+            for u in range(nu):
+                s.rv[u] = s.R[u, lane]
+            s.q[0] = s.Q[0, lane]
+            s.q[1] = s.Q[1, lane]
+            s.lo2[0] = s.BLO[lane]
+            s.hi2[0] = s.BHI[lane]
+            s.lo2[1] = s.DSLO[lane]
+            s.hi2[1] = s.HI[2, lane]
+            ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, s.q, s.lo2, s.hi2, t.bu,
+                                                 t.w, s.rv, settings.maxit, s.work, s.mat,
+                                                 s.free)
+            if not converged:
+                status[v] = fail_voxel(out, v, st.NO_CONVERGENCE)
+                continue
+            B = s.q[0]
+            Ds = s.q[1]
+            for u in range(nu):
+                s.WK[u, lane] = s.work[u]
+        else:
+            B = s.Q[0, lane]
+            Ds = s.Q[1, lane]
+        S0 = s.A[lane] + B
+        if not S0 > 0.0:
+            status[v] = fail_voxel(out, v, st.NUMERICAL_FAILURE)
+            continue
+        s.pv[0] = S0
+        s.pv[1] = B / S0
+        s.pv[2] = Ds
+        s.pv[3] = s.D[lane]
+        for u in range(nu):
+            s.mv[u] = s.YB[u, lane] - s.R[u, lane] + s.WK[u, lane]
+        status[v] = _write(Y, v, lane, t, s, out)
+
+
+@jit_lane
+def _write(Y, v, lane, t, s, out):
+    """Write voxel ``v`` (slot ``lane``) from ``s.pv``/``s.mv`` through the scalar
+    :func:`fastivim.kernels.voxel.finish_voxel`; return its status."""
+    for i in range(4):
+        s.lov[i] = s.LO[i, lane]
+        s.hiv[i] = s.HI[i, lane]
+    return finish_voxel(Y, v, t.groups, s.mv, s.pv, s.SC[lane], s.lov, s.hiv, out)
+
+
+@jit_voxel
+def _front(Y, v0, nl, t, settings, s):
+    """Stages shared by both methods: group means, bounds, log-linear step, perfusion start."""
+    block_group_means(Y, v0, nl, t.groups, t.w, s.YB, s.SC, s.DIST)
+    block_bounds(t.bounds, s.SC, nl, s.LO, s.HI)
+    block_loglinear(t.bu, t.w, s.YB, settings.b_min, nl, s.ACC, s.NUSED, s.BFIRST, s.DIST, s.A,
+                    s.D, s.CODE)
+    block_perfusion_start(t.bu, t.w, s.YB, t.ES, t.GSS, t.dstar_grid, nl, s.LO, s.HI, s.A, s.D,
+                          s.CODE, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.BEST)
+
+
+# -------------------------------------------------------------------- the full method
+# The per-lane steps below take plain arrays, never the Scratch tuple: reading a field of a
+# tuple of arrays costs numba a reference-count call, which in these scalar steps cost more
+# than the arithmetic (measured: 1.9 µs per lane step with the tuple).
+@jit_lane
+def _lane_start(lane, slot, p0, p1, p2, p3, LP, EP, YL, YB, LSTATE, LPRED, TT):
+    """Start a Levenberg–Marquardt run of voxel ``slot`` on ``lane`` from (p0, p1, p2, p3)."""
+    LP[lane, 0] = p0
+    LP[lane, 1] = p1
+    LP[lane, 2] = p2
+    LP[lane, 3] = p3
+    for i in range(4):
+        EP[i, lane] = LP[lane, i]
+    for u in range(YB.shape[0]):
+        YL[u, lane] = YB[u, slot]
+    LSTATE[lane, 0] = INIT
+    LSTATE[lane, 1] = slot
+    LSTATE[lane, 2] = 0
+    LPRED[lane, 2] = LM_LAMBDA0
+    LPRED[lane, 3] = 2.0
+    LPRED[lane, 4] = TT[slot]
+
+
+@jit_lane
+def _lane_take(lane, LMOD, MT, LG, GT, LH, HT, LPRED, ST):
+    """Make the point just evaluated (``MT``, ``GT``, ``HT``, ``ST``) the lane's current one."""
+    for u in range(MT.shape[0]):
+        LMOD[u, lane] = MT[u, lane]
+    for i in range(4):
+        LG[lane, i] = GT[i, lane]
+    LH[lane, 0, 0] = HT[0, lane]
+    LH[lane, 0, 1] = LH[lane, 1, 0] = HT[1, lane]
+    LH[lane, 0, 2] = LH[lane, 2, 0] = HT[2, lane]
+    LH[lane, 0, 3] = LH[lane, 3, 0] = HT[3, lane]
+    LH[lane, 1, 1] = HT[4, lane]
+    LH[lane, 1, 2] = LH[lane, 2, 1] = HT[5, lane]
+    LH[lane, 1, 3] = LH[lane, 3, 1] = HT[6, lane]
+    LH[lane, 2, 2] = HT[7, lane]
+    LH[lane, 2, 3] = LH[lane, 3, 2] = HT[8, lane]
+    LH[lane, 3, 3] = HT[9, lane]
+    LPRED[lane, 1] = ST[lane]
+
+
+@jit_lane
+def _lane_raise(lane, LPRED):
+    """Nielsen's damping increase after a rejected step; returns the new lambda."""
+    lam = LPRED[lane, 2] * LPRED[lane, 3]
+    LPRED[lane, 2] = lam
+    LPRED[lane, 3] *= 2.0
+    return lam
+
+
+@jit_lane
+def _lane_pre(lane, maxit, LSTATE, LPRED, LG, LP, LO, HI, LH, LPT, EP, mat, work, free):
+    """The scalar LM loop body up to the trial evaluation (:func:`levenberg_marquardt`).
+
+    Runs loop bodies (each counts as an iteration) until one needs the model at a trial point
+    (returns 0, trial in ``EP``) or the run ends: 1 converged, 2 not converged.
+    """
+    slot = LSTATE[lane, 1]
+    while True:
+        it = LSTATE[lane, 2]
+        if it >= maxit:
+            return 2
+        LSTATE[lane, 2] = it + 1
+        ssr = LPRED[lane, 1]
+        lam = LPRED[lane, 2]
+        if ssr <= 1e-28 * LPRED[lane, 4]:
+            return 1  # exact fit to machine precision
+        n_free = 0
+        for i in range(4):
+            g = LG[lane, i]
+            at_lo = LP[lane, i] <= LO[i, slot] and g < 0.0
+            at_hi = LP[lane, i] >= HI[i, slot] and g > 0.0
+            free[i] = not (at_lo or at_hi)
+            if free[i]:
+                n_free += 1
+            work[i] = g
+        if n_free == 0:
+            return 1  # every parameter pinned with the gradient pointing outward
+        for i in range(4):
+            for j in range(4):
+                mat[0, i, j] = LH[lane, i, j]
+        if not solve_damped(4, mat, 0, work, 0, 4, lam, free):
+            if _lane_raise(lane, LPRED) > LM_LAMBDA_MAX:
+                return 2
+            continue
+        step_small = True
+        for i in range(4):
+            p = LP[lane, i]
+            v = min(max(p + work[4 + i], LO[i, slot]), HI[i, slot])
+            work[4 + i] = v - p  # the step actually taken, after clipping to the box
+            LPT[lane, i] = v
+            if abs(v - p) > LM_XTOL * (abs(p) + LM_XTOL):
+                step_small = False
+        if step_small:
+            return 1
+        pred = 0.0
+        for i in range(4):
+            q = 0.0
+            for j in range(4):
+                q += mat[0, i, j] * work[4 + j]
+            pred += work[4 + i] * (2.0 * work[i] - q)
+        if not pred > 0.0:
+            if _lane_raise(lane, LPRED) > LM_LAMBDA_MAX:
+                return 2
+            continue
+        if pred <= LM_FTOL * ssr and lam <= 1.0:
+            return 1
+        if not LPT[lane, 2] > LPT[lane, 3]:
+            if _lane_raise(lane, LPRED) > LM_LAMBDA_MAX:
+                return 1
+            continue
+        LPRED[lane, 0] = pred
+        for i in range(4):
+            EP[i, lane] = LPT[lane, i]
+        LSTATE[lane, 0] = TRIAL
+        return 0
+
+
+@jit_lane
+def _lane_post(lane, LPRED, ST, LP, LPT, LMOD, MT, LG, GT, LH, HT):
+    """Accept or reject the evaluated trial point; 0 to go on, 1 when the run converged."""
+    ssr = LPRED[lane, 1]
+    ssr_try = ST[lane]
+    rho = (ssr - ssr_try) / LPRED[lane, 0]
+    if rho > 1e-4:
+        decrease = ssr - ssr_try
+        for i in range(4):
+            LP[lane, i] = LPT[lane, i]
+        _lane_take(lane, LMOD, MT, LG, GT, LH, HT, LPRED, ST)
+        # Nielsen (1999): relax damping when the quadratic model predicted well
+        q = 2.0 * rho - 1.0
+        LPRED[lane, 2] *= max(1.0 / 3.0, 1.0 - q * q * q)
+        LPRED[lane, 3] = 2.0
+        if decrease <= LM_FTOL * ssr_try:
+            return 1
+    elif _lane_raise(lane, LPRED) > LM_LAMBDA_MAX:
+        return 1  # no descent along any damped direction: stationary
+    return 0
+
+
+@jit_lane
+def _adopt(lane, slot, converged, LPRED, SSRB, FOUND, PB, LP, MB, LMOD):
+    """The scalar ``_refine``'s choice: keep the run's result if it is the voxel's best."""
+    ssr = LPRED[lane, 1]
+    if converged and (ssr < SSRB[slot] or not FOUND[slot]):
+        for i in range(4):
+            PB[i, slot] = LP[lane, i]
+        for u in range(MB.shape[0]):
+            MB[u, slot] = LMOD[u, lane]
+        SSRB[slot] = ssr
+        FOUND[slot] = True
+
+
+@jit_lane
+def _same_basin(a, sa, b, sb):
+    """:func:`fastivim.kernels.full._same_basin` on columns ``sa`` of ``a``, ``sb`` of ``b``."""
+    n = RESTART_NEIGHBOURHOOD
+    return (n * b[2, sb] > a[2, sa] > b[2, sb] / n) and (n * b[3, sb] > a[3, sa] > b[3, sb] / n)
+
+
+@jit_lane
+def _on_bound(slot, PB, LO, HI):
+    """Whether the voxel's best estimate sits exactly on one of its bounds."""
+    for i in range(4):
+        if PB[i, slot] <= LO[i, slot] or PB[i, slot] >= HI[i, slot]:
+            return True
+    return False
+
+
+@jit_voxel
+def _restarts(t, s, slot):
+    """Step 4 of :func:`fastivim.kernels.full.fit_full_voxel`: the D_star profile at the fitted
+    D and the (up to ``MAX_RESTARTS``) restart points, most promising first, into ``RS``.
+    Once per voxel, so it may read the Scratch tuple."""
+    nu = s.YB.shape[0]
+    nk = t.dstar_grid.shape[0]
+    prof = s.prof
+    YB = s.YB
+    yv = s.yv
+    PS = s.PS
+    psv = s.psv
+    for u in range(nu):
+        yv[u] = YB[u, slot]
+    for k in range(nk):
+        psv[k] = PS[k, slot]
+    for i in range(4):
+        s.lov[i] = s.LO[i, slot]
+        s.hiv[i] = s.HI[i, slot]
+    D_fit = s.PB[3, slot]
+    Ds_fit = s.PB[2, slot]
+    ssr = s.SSRB[slot]
+    dstar_profile(yv, t.bu, t.w, s.lov, s.hiv, t.ES, t.GSS, t.dstar_grid, psv, s.TT[slot],
+                  D_fit, prof, s.e2)
+    for k in range(nk):
+        sk = prof[0, k]
+        ratio = t.dstar_grid[k] / Ds_fit
+        candidate = (
+            sk < ssr * (1.0 + RESTART_SLACK)
+            and not (k > 0 and prof[0, k - 1] < sk)
+            and not (k < nk - 1 and prof[0, k + 1] < sk)
+            and not RESTART_NEIGHBOURHOOD > ratio > 1.0 / RESTART_NEIGHBOURHOOD
+        )
+        prof[3, k] = 1.0 if candidate else 0.0
+    n = 0
+    RS = s.RS
+    for _ in range(MAX_RESTARTS):
+        kbest = -1
+        for k in range(nk):  # the most promising remaining candidate first
+            if prof[3, k] > 0.0 and (kbest < 0 or prof[0, k] < prof[0, kbest]):
+                kbest = k
+        if kbest < 0:
+            break
+        prof[3, kbest] = 0.0
+        RS[n, 0, slot] = prof[1, kbest]
+        RS[n, 1, slot] = prof[2, kbest]
+        RS[n, 2, slot] = t.dstar_grid[kbest]
+        RS[n, 3, slot] = D_fit
+        n += 1
+    s.NR[slot] = n
+
+
+@jit_voxel
+def _finish_full(Y, v0, slot, t, s, out, status):
+    """Write voxel ``slot``'s best estimate (``PB``, ``MB``) through the scalar finish."""
+    for i in range(4):
+        s.pv[i] = s.PB[i, slot]
+    for u in range(s.YB.shape[0]):
+        s.mv[u] = s.MB[u, slot]
+    status[v0 + slot] = _write(Y, v0 + slot, slot, t, s, out)
+
+
+@jit_voxel
+def full_block(Y, v0, nl, t, settings, s, out, status):
+    """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the full method.
+
+    Starts, in the order of :func:`fastivim.kernels.full.fit_full_voxel` (``STAGE``): 0 the
+    segmented start, 1 the separated grid pair, 2 the close pair, 3 the D_star profile, 4–6
+    its restarts, 7 write. Each start runs on a lane of the lock-step LM engine.
+    """
+    _front(Y, v0, nl, t, settings, s)
+    block_grid_start(s.YB, t.w, nl, s.LO, s.HI, t.ES, t.ED, t.PAIR, t.dstar_grid, t.d_grid,
+                     s.PS, s.PD, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT)
+    _lm_engine(Y, v0, nl, t, settings, s, out, status, s.YB, s.SC, s.LO, s.HI, s.CODE, s.A,
+               s.D, s.Q, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.PB, s.MB, s.SSRB, s.FOUND,
+               s.STAGE, s.RS, s.NR, s.EP, s.YL, s.MT, s.GT, s.HT, s.ST, s.LP, s.LG, s.LH,
+               s.LMOD, s.LPT, s.LPRED, s.LSTATE, s.mat, s.work, s.free)
+
+
+@jit_voxel
+def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, D, Q, PSEP,
+               PCLOSE, RSEP, RCLOSE, TT, PB, MB, SSRB, FOUND, STAGE, RS, NR, EP, YL, MT, GT, HT,
+               ST, LP, LG, LH, LMOD, LPT, LPRED, LSTATE, mat, work, free):
+    """The lock-step LM engine of :func:`full_block`, with every array it touches per step
+    passed explicitly (``s`` and ``t`` are read only once per voxel)."""
+    bu = t.bu
+    w = t.w
+    maxit = settings.maxit
+    nu = YB.shape[0]
+    for u in range(nu):
+        for lane in range(LANES):
+            YL[u, lane] = 0.0
+    for lane in range(LANES):
+        for i in range(4):
+            EP[i, lane] = 1.0
+        LSTATE[lane, 0] = IDLE
+    nxt = 0  # the task list: the block's next voxel not yet taken by a lane
+    while True:  # one pass per lock-step round
+        # lanes without a run (at the start, or after one ended) take the next start
+        active = 0
+        for lane in range(LANES):
+            if LSTATE[lane, 0] == IDLE and nxt >= nl:
+                continue
+            while LSTATE[lane, 0] != INIT and LSTATE[lane, 0] != TRIAL:
+                # the lane's voxel (if any) moves to its next start, or the lane takes a voxel
+                slot = LSTATE[lane, 1] if LSTATE[lane, 0] != IDLE else -1
+                if slot < 0:
+                    if nxt >= nl:
+                        LSTATE[lane, 0] = IDLE
+                        break
+                    slot = nxt
+                    nxt += 1
+                    LSTATE[lane, 1] = slot
+                    LSTATE[lane, 0] = HELD  # holds a voxel, no run
+                    STAGE[slot] = 0
+                    FOUND[slot] = False
+                    SSRB[slot] = math.inf
+                    if not SC[slot] > 0.0:  # non-finite samples or no positive signal
+                        status[v0 + slot] = fail_voxel(out, v0 + slot, st.BAD_INPUT)
+                        LSTATE[lane, 0] = IDLE
+                        continue
+                stage = STAGE[slot]
+                STAGE[slot] = stage + 1
+                found = FOUND[slot]
+                best = SSRB[slot]
+                tt = TT[slot]
+                if stage == 0:  # 1: the segmented answer before its polish
+                    if CODE[slot] == st.OK and A[slot] + Q[0, slot] > 0.0:
+                        S0 = A[slot] + Q[0, slot]
+                        _lane_start(lane, slot, S0, Q[0, slot] / S0, Q[1, slot], D[slot], LP,
+                                    EP, YL, YB, LSTATE, LPRED, TT)
+                elif stage == 1:  # 2: the best separated grid pair
+                    red = RSEP[slot]
+                    if red > -math.inf and (not found or (
+                            tt - red < best * (1.0 + RESTART_SLACK)
+                            and not _same_basin(PSEP, slot, PB, slot))):
+                        _lane_start(lane, slot, PSEP[0, slot], PSEP[1, slot], PSEP[2, slot],
+                                    PSEP[3, slot], LP, EP, YL, YB, LSTATE, LPRED, TT)
+                elif stage == 2:  # 3: the best close grid pair
+                    red = RCLOSE[slot]
+                    if red > -math.inf and (not found
+                                            or tt - red < best * (1.0 + RESTART_SLACK)
+                                            or _on_bound(slot, PB, LO, HI)):
+                        _lane_start(lane, slot, PCLOSE[0, slot], PCLOSE[1, slot],
+                                    PCLOSE[2, slot], PCLOSE[3, slot], LP, EP, YL, YB, LSTATE,
+                                    LPRED, TT)
+                elif stage == 3:
+                    if not found:
+                        status[v0 + slot] = fail_voxel(out, v0 + slot, st.NO_CONVERGENCE)
+                        LSTATE[lane, 0] = IDLE
+                    else:
+                        _restarts(t, s, slot)
+                elif stage < 4 + MAX_RESTARTS:  # 4: other basins along D_star
+                    i = stage - 4
+                    if i < NR[slot]:
+                        _lane_start(lane, slot, RS[i, 0, slot], RS[i, 1, slot], RS[i, 2, slot],
+                                    RS[i, 3, slot], LP, EP, YL, YB, LSTATE, LPRED, TT)
+                else:
+                    _finish_full(Y, v0, slot, t, s, out, status)
+                    LSTATE[lane, 0] = IDLE
+            if LSTATE[lane, 0] != IDLE:
+                active += 1
+        if active == 0:
+            break
+        lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST)
+        for lane in range(LANES):
+            phase = LSTATE[lane, 0]
+            if phase == IDLE:
+                continue
+            if phase == INIT:
+                _lane_take(lane, LMOD, MT, LG, GT, LH, HT, LPRED, ST)
+                r = _lane_pre(lane, maxit, LSTATE, LPRED, LG, LP, LO, HI, LH, LPT, EP, mat,
+                              work, free)
+            else:
+                r = _lane_post(lane, LPRED, ST, LP, LPT, LMOD, MT, LG, GT, LH, HT)
+                if r == 0:
+                    r = _lane_pre(lane, maxit, LSTATE, LPRED, LG, LP, LO, HI, LH, LPT, EP,
+                                  mat, work, free)
+            if r != 0:
+                _adopt(lane, LSTATE[lane, 1], r == 1, LPRED, SSRB, FOUND, PB, LP, MB, LMOD)
+                LSTATE[lane, 0] = HELD  # holds its voxel, no run: the next round gives it one
+
+
+# ---------------------------------------------------------------------------- the kernel
+@jit_parallel
+def fit_volume_block(Y, tables, settings, n_chunks, out, status):
+    """Fit every row of ``Y`` (n_vox, n_b) in parallel, a block of voxels at a time.
+
+    Same arguments, outputs and answers as :func:`fastivim.kernels.driver.fit_volume` (the
+    scalar kernel): ``tables`` from :func:`fastivim.kernels.tables.make_tables`, ``settings``
+    a :class:`fastivim.kernels.tables.Settings`, ``out`` (n_vox, 6) float32 and ``status``
+    (n_vox,) uint8 outputs. Scratch is allocated once per chunk.
+    """
+    n = Y.shape[0]
+    nu = tables.bu.shape[0]
+    nk = tables.dstar_grid.shape[0]
+    nj = tables.d_grid.shape[0]
+    n_chunks = max(1, min(n, n_chunks))
+    for c in prange(n_chunks):
+        start = c * n // n_chunks
+        stop = (c + 1) * n // n_chunks
+        s = alloc_scratch(nu, nk, nj)
+        for v0 in range(start, stop, BLOCK):
+            nl = min(BLOCK, stop - v0)
+            if settings.method == METHOD_FULL:
+                full_block(Y, v0, nl, tables, settings, s, out, status)
+            else:
+                segmented_block(Y, v0, nl, tables, settings, s, out, status)
