@@ -120,7 +120,7 @@ def resolve_bounds(bounds: Mapping[str, tuple] | None = None) -> dict:
             f"bound {merged['D'][0]:g}); the model needs D_star > D"
         )
     lo32, hi32 = float32_bounds(merged)
-    for key, l32, h32 in zip(PARAM_NAMES, lo32, hi32):
+    for key, l32, h32 in zip(PARAM_NAMES, lo32, hi32, strict=True):
         if l32 > h32:
             raise ValueError(
                 f"bounds[{key!r}] = {merged[key]} holds no float32 value, and maps are stored "

@@ -153,10 +153,11 @@ def test_values_fitted_on_a_bound_survive_float32(method):
 
 
 def test_float32_bounds_are_the_tightest_inside():
-    lo32, hi32 = fastivim.model.float32_bounds(fastivim.resolve_bounds(
-        {"f": (0.1, 0.3), "D": (1e-4, 1.2e-3), "S0": (0.7, math.inf)}))
-    for (lo, hi), l32, h32 in zip(fastivim.model.bounds_array(fastivim.resolve_bounds(
-            {"f": (0.1, 0.3), "D": (1e-4, 1.2e-3), "S0": (0.7, math.inf)})), lo32, hi32):
+    bounds = fastivim.resolve_bounds(
+        {"f": (0.1, 0.3), "D": (1e-4, 1.2e-3), "S0": (0.7, math.inf)})
+    lo32, hi32 = fastivim.model.float32_bounds(bounds)
+    pairs = fastivim.model.bounds_array(bounds)
+    for (lo, hi), l32, h32 in zip(pairs, lo32, hi32, strict=True):
         assert float(l32) >= lo and float(np.nextafter(l32, np.float32(-np.inf))) < lo
         if math.isfinite(hi):
             assert float(h32) <= hi and float(np.nextafter(h32, np.float32(np.inf))) > hi
