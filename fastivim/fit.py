@@ -6,17 +6,23 @@ Data flow: signal (..., n_b) → validate → mask → C-contiguous (n_vox, n_b)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .kernels import status as st
 from .kernels.driver import METHOD_FULL, METHOD_SEGMENTED, chunk_count, fit_volume, make_tables
-from .model import PARAM_NAMES, bounds_array, float32_bounds, resolve_bounds
+from .model import METHODS as _METHOD_NAMES
+from .model import PARAM_NAMES, bounds_array, float32_bounds
+from .options import FitOptions
 
-#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`.
+#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`, with their kernel code.
+#: The names and their descriptions are declared in :data:`fastivim.model.METHODS`.
 METHODS = {"segmented": METHOD_SEGMENTED, "full": METHOD_FULL}
+assert set(METHODS) == set(_METHOD_NAMES), "every method of model.METHODS needs a kernel here"
+
+#: Default of ``b_threshold`` (s/mm²), from :class:`fastivim.options.FitOptions`.
+B_THRESHOLD = FitOptions().b_threshold
 
 #: Iteration limit of each Levenberg–Marquardt run (accepted plus rejected steps).
 MAX_ITERATIONS = 200
@@ -30,6 +36,9 @@ SERIAL_BELOW = 2048
 
 #: Columns of the kernel's per-voxel output rows.
 OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")
+
+#: Maps summarised by :meth:`IVIMResult.summary` (run record, report, batch table).
+SUMMARY_MAPS = ("D", "D_star", "f", "S0", "r_squared")
 
 
 @dataclass
@@ -73,7 +82,7 @@ class IVIMResult:
     method: str
     bounds: dict
     b_values: np.ndarray
-    b_threshold: float = 200.0
+    b_threshold: float = B_THRESHOLD
 
     @property
     def shape(self) -> tuple:
@@ -89,6 +98,42 @@ class IVIMResult:
         """Number of voxels per status code (only codes that occur)."""
         codes, counts = np.unique(self.status, return_counts=True)
         return {int(c): int(n) for c, n in zip(codes, counts, strict=True)}
+
+    def summary(self, names=SUMMARY_MAPS) -> dict:
+        """Median and quartiles of some maps inside the quality mask, and voxel counts.
+
+        Parameters
+        ----------
+        names : sequence of str
+            Result attributes; those that are None (absent for this model) are left out.
+
+        Returns
+        -------
+        dict
+            ``stats``: ``{name: {"median", "q25", "q75", "n"}}`` over the finite values in the
+            quality mask, in the map's units (None when no voxel passed); ``voxels``:
+            ``total``, ``fitted`` (inside the mask), ``quality`` and ``status_counts``
+            (``{"code": count}``, string keys as in JSON).
+        """
+        q = np.asarray(self.quality_mask)
+        stats = {}
+        for name in names:
+            m = getattr(self, name, None)
+            if m is None:
+                continue
+            v = np.asarray(m, dtype=np.float64)[q]
+            v = v[np.isfinite(v)]
+            if v.size:
+                q25, med, q75 = (float(x) for x in np.percentile(v, [25, 50, 75]))
+            else:
+                q25 = med = q75 = None
+            stats[name] = {"median": med, "q25": q25, "q75": q75, "n": int(v.size)}
+        counts = self.status_counts()
+        total = int(np.asarray(self.status).size)
+        return {"stats": stats,
+                "voxels": {"total": total, "fitted": total - counts.get(st.OUTSIDE_MASK, 0),
+                           "quality": int(q.sum()),
+                           "status_counts": {str(k): v for k, v in counts.items()}}}
 
 
 #: Plausible largest b-value of a diffusion acquisition, s/mm²: below it the values are most
@@ -193,30 +238,7 @@ def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
     return b
 
 
-def check_fit_options(method="segmented", bounds=None, b_threshold=200.0) -> None:
-    """Raise ``ValueError`` for a fit option that is wrong whatever the data: an unknown
-    method, invalid bounds, or a b_threshold that is not a finite number >= 0."""
-    _method_code(method)
-    resolve_bounds(bounds)
-    _threshold_value(b_threshold)
-
-
-def _threshold_value(b_threshold) -> float:
-    """``b_threshold`` as a float, or ``ValueError`` unless it is finite and >= 0."""
-    b_threshold = float(b_threshold)
-    if not math.isfinite(b_threshold) or b_threshold < 0:
-        raise ValueError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
-    return b_threshold
-
-
-def _method_code(method: str) -> int:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
-    return METHODS[method]
-
-
 def _check_threshold(b: np.ndarray, b_threshold: float, method: str) -> float:
-    b_threshold = _threshold_value(b_threshold)
     if method == "segmented":
         n_high = np.unique(b[b >= b_threshold]).size
         if n_high < 2:
@@ -313,7 +335,7 @@ def load_kernel(dtype=np.float32) -> float:
     return time.perf_counter() - t0
 
 
-def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False):
+def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD, progress=False):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -341,8 +363,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
     return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],))
 
 
-def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_threshold=200.0,
-             progress=False):
+def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
+             b_threshold=B_THRESHOLD, progress=False):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -383,10 +405,11 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
 
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial):
-    code = _method_code(method)
+    opts = FitOptions(method=method, bounds=bounds, b_threshold=b_threshold)
+    code = METHODS[opts.method]
     b = validate_b_values(b_values, signal.shape[-1])
-    b_threshold = _check_threshold(b, b_threshold, method)
-    bounds = resolve_bounds(bounds)
+    b_threshold = _check_threshold(b, opts.b_threshold, method)
+    bounds = dict(opts.bounds)
     n_b = signal.shape[-1]
     if mask is None:
         Y = _as_kernel_matrix(signal.reshape(-1, n_b))

@@ -219,7 +219,9 @@ def test_bad_command_line_options(work):
 
 
 def test_interrupted_write_leaves_no_finished_map(work, monkeypatch):
-    real = io._Staging.write
+    from fastivim.io import write as io_write
+
+    real = io_write.Staging.write
     seen = []
 
     def interrupt_after_three(self, final, payload):
@@ -228,7 +230,7 @@ def test_interrupted_write_leaves_no_finished_map(work, monkeypatch):
             raise KeyboardInterrupt
         return real(self, final, payload)
 
-    monkeypatch.setattr(io._Staging, "write", interrupt_after_three)
+    monkeypatch.setattr(io_write.Staging, "write", interrupt_after_three)
     r = invoke("run", "dwi.nii.gz", "-q")
     assert r.exit_code != 0
     assert not (work / "dwi_ivim").exists()
