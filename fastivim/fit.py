@@ -6,7 +6,6 @@ Data flow: signal (..., n_b) → validate → mask → C-contiguous (n_vox, n_b)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +15,17 @@ from .kernels import status as st
 from .kernels.block import fit_volume_block
 from .kernels.driver import chunk_count, fit_volume
 from .kernels.tables import METHOD_FULL, METHOD_SEGMENTED, make_settings, make_tables
-from .model import PARAM_NAMES, bounds_array, resolve_bounds
+from .model import METHODS as _METHOD_NAMES
+from .model import PARAM_NAMES, bounds_array, float32_bounds
+from .options import FitOptions
 
-#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`.
+#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`, with their kernel code.
+#: The names and their descriptions are declared in :data:`fastivim.model.METHODS`.
 METHODS = {"segmented": METHOD_SEGMENTED, "full": METHOD_FULL}
+assert set(METHODS) == set(_METHOD_NAMES), "every method of model.METHODS needs a kernel here"
+
+#: Default of ``b_threshold`` (s/mm²), from :class:`fastivim.options.FitOptions`.
+B_THRESHOLD = FitOptions().b_threshold
 
 #: Iteration limit of each Levenberg–Marquardt run (accepted plus rejected steps).
 MAX_ITERATIONS = 200
@@ -43,6 +49,9 @@ DEFAULT_KERNEL = {"segmented": "block", "full": "scalar"}
 
 #: Columns of the kernel's per-voxel output rows.
 OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")
+
+#: Maps summarised by :meth:`IVIMResult.summary` (run record, report, batch table).
+SUMMARY_MAPS = ("D", "D_star", "f", "S0", "r_squared")
 
 
 @dataclass
@@ -86,7 +95,7 @@ class IVIMResult:
     method: str
     bounds: dict
     b_values: np.ndarray
-    b_threshold: float = 200.0
+    b_threshold: float = B_THRESHOLD
 
     @property
     def shape(self) -> tuple:
@@ -103,6 +112,111 @@ class IVIMResult:
         codes, counts = np.unique(self.status, return_counts=True)
         return {int(c): int(n) for c, n in zip(codes, counts, strict=True)}
 
+    def summary(self, names=SUMMARY_MAPS) -> dict:
+        """Median and quartiles of some maps inside the quality mask, and voxel counts.
+
+        Parameters
+        ----------
+        names : sequence of str
+            Result attributes; those that are None (absent for this model) are left out.
+
+        Returns
+        -------
+        dict
+            ``stats``: ``{name: {"median", "q25", "q75", "n"}}`` over the finite values in the
+            quality mask, in the map's units (None when no voxel passed); ``voxels``:
+            ``total``, ``fitted`` (inside the mask), ``quality`` and ``status_counts``
+            (``{"code": count}``, string keys as in JSON).
+        """
+        q = np.asarray(self.quality_mask)
+        stats = {}
+        for name in names:
+            m = getattr(self, name, None)
+            if m is None:
+                continue
+            v = np.asarray(m, dtype=np.float64)[q]
+            v = v[np.isfinite(v)]
+            if v.size:
+                q25, med, q75 = (float(x) for x in np.percentile(v, [25, 50, 75]))
+            else:
+                q25 = med = q75 = None
+            stats[name] = {"median": med, "q25": q25, "q75": q75, "n": int(v.size)}
+        counts = self.status_counts()
+        total = int(np.asarray(self.status).size)
+        return {"stats": stats,
+                "voxels": {"total": total, "fitted": total - counts.get(st.OUTSIDE_MASK, 0),
+                           "quality": int(q.sum()),
+                           "status_counts": {str(k): v for k, v in counts.items()}}}
+
+
+#: Plausible largest b-value of a diffusion acquisition, s/mm²: below it the values are most
+#: likely in ms/µm² (0.8 for 800 s/mm²), above it in s/m² (8e8).
+B_MAX_PLAUSIBLE = (100.0, 10000.0)
+
+#: IVIM separates perfusion (sampled below this b-value, s/mm²) from diffusion (above it).
+PERFUSION_B_LIMIT = 200.0
+
+#: b-values closer than this (absolute s/mm², or relative) count as one shell when judging the
+#: sampling: a DTI shell jittered around 1000 is one b-value, not six.
+SHELL_ABS = 5.0
+SHELL_REL = 0.02
+
+
+def b_shells(b) -> np.ndarray:
+    """The shells of a b-value list: sorted distinct values, near-equal ones merged.
+
+    Values within ``SHELL_ABS`` s/mm² or ``SHELL_REL`` of the previous shell's first value join
+    it. Returns each shell's smallest value, float64 (n_shells,).
+    """
+    shells = []
+    for v in np.unique(np.asarray(b, dtype=np.float64)):
+        if shells and v - shells[-1] <= max(SHELL_ABS, SHELL_REL * shells[-1]):
+            continue
+        shells.append(v)
+    return np.asarray(shells)
+
+
+def _check_b_units(b: np.ndarray) -> None:
+    """``ValueError`` unless the largest b-value is plausible in s/mm²."""
+    lo, hi = B_MAX_PLAUSIBLE
+    bmax = float(b.max())
+    if bmax < lo:
+        hint = ("if they are in ms/µm² (a largest value of 0.8 is typical), multiply them by "
+                "1000" if bmax <= 10 else "an IVIM acquisition needs b-values past "
+                f"{PERFUSION_B_LIMIT:g} s/mm² for D")
+        raise ValueError(f"the largest b-value is {bmax:g}, too small for b-values in s/mm² "
+                         f"(diffusion b-values lie between about 1 and 10,000 s/mm²); {hint}")
+    if bmax > hi:
+        hint = ("they look like s/m²: divide them by 1e6" if bmax > 1e5 else
+                "no tissue diffusion acquisition goes that high")
+        raise ValueError(f"the largest b-value is {bmax:g}, too large for b-values in s/mm² "
+                         f"(diffusion b-values lie between about 1 and 10,000 s/mm²); {hint}")
+
+
+def _check_ivim_sampling(b: np.ndarray) -> None:
+    """``ValueError`` unless the b-values can separate perfusion from diffusion.
+
+    The rule: at least 2 shells (see :func:`b_shells`) below ``PERFUSION_B_LIMIT`` (f and
+    D_star live there; one may be b = 0) and at least 2 at or above it (D).
+    """
+    shells = b_shells(b)
+    low = shells[shells < PERFUSION_B_LIMIT]
+    high = shells[shells >= PERFUSION_B_LIMIT]
+    note = (f"b-values within {SHELL_ABS:g} s/mm² or {SHELL_REL:.0%} of each other count as "
+            f"one")
+    if low.size < 2:
+        raise ValueError(
+            f"not an IVIM acquisition: {low.size} distinct b-value(s) below "
+            f"{PERFUSION_B_LIMIT:g} s/mm² ({', '.join(f'{v:g}' for v in low) or 'none'}); "
+            f"f and D_star need at least 2 there (e.g. 0 and 50) to be told from D ({note})"
+        )
+    if high.size < 2:
+        raise ValueError(
+            f"not an IVIM acquisition: {high.size} distinct b-value(s) at or above "
+            f"{PERFUSION_B_LIMIT:g} s/mm² ({', '.join(f'{v:g}' for v in high) or 'none'}); "
+            f"D needs at least 2 there ({note})"
+        )
+
 
 def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
     """Check b-values and return them as float64 (n_b,).
@@ -110,8 +224,10 @@ def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
     Raises
     ------
     ValueError
-        Not 1-D numeric, a NaN/inf or negative value, a count different from ``n_b``, or
-        fewer than 4 distinct values.
+        Not 1-D numeric, a NaN/inf or negative value, a count different from ``n_b``, fewer
+        than 4 distinct values, a largest value implausible in s/mm² (``B_MAX_PLAUSIBLE``: the
+        message names the likely unit), or a sampling that cannot separate perfusion from
+        diffusion (:func:`_check_ivim_sampling`).
     """
     try:
         b = np.asarray(b_values, dtype=np.float64)
@@ -130,33 +246,12 @@ def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
         raise ValueError(
             f"IVIM needs at least 4 distinct b-values, got {n_distinct} ({np.unique(b).tolist()})"
         )
+    _check_b_units(b)
+    _check_ivim_sampling(b)
     return b
 
 
-def check_fit_options(method="segmented", bounds=None, b_threshold=200.0) -> None:
-    """Raise ``ValueError`` for a fit option that is wrong whatever the data: an unknown
-    method, invalid bounds, or a b_threshold that is not a finite number >= 0."""
-    _method_code(method)
-    resolve_bounds(bounds)
-    _threshold_value(b_threshold)
-
-
-def _threshold_value(b_threshold) -> float:
-    """``b_threshold`` as a float, or ``ValueError`` unless it is finite and >= 0."""
-    b_threshold = float(b_threshold)
-    if not math.isfinite(b_threshold) or b_threshold < 0:
-        raise ValueError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
-    return b_threshold
-
-
-def _method_code(method: str) -> int:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
-    return METHODS[method]
-
-
 def _check_threshold(b: np.ndarray, b_threshold: float, method: str) -> float:
-    b_threshold = _threshold_value(b_threshold)
     if method == "segmented":
         n_high = np.unique(b[b >= b_threshold]).size
         if n_high < 2:
@@ -218,6 +313,19 @@ def _run_kernel(Y, method_code, b, bounds, b_threshold, progress, kernel="block"
     return out, status
 
 
+def store_inside_bounds(out: np.ndarray, bounds) -> None:
+    """Round the parameter columns of ``out`` (n_vox, >= 4) float32 inward onto the bounds.
+
+    The kernels keep every estimate inside its float64 bounds, but storing a value fitted on a
+    bound as float32 rounds to the nearest float32, which can lie outside (0.3 becomes
+    0.30000001). This moves such values to the nearest float32 inside; it changes nothing else
+    (a move of at most one float32 ulp), and NaN stays NaN.
+    """
+    lo32, hi32 = float32_bounds(bounds)
+    params = out[:, : len(PARAM_NAMES)]
+    np.clip(params, lo32, hi32, out=params)
+
+
 def _fit_on_one_thread(run, Y, tables, settings, out, status):
     """Run the kernel on the calling thread only: waking the pool costs more than a few hundred
     voxels take (measured: 100 voxels ran at 18k voxels/s on 2 threads, 300k on 1)."""
@@ -247,8 +355,8 @@ def load_kernel(dtype=np.float32) -> float:
     return time.perf_counter() - t0
 
 
-def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False, *,
-               _kernel=None):
+def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD, progress=False,
+               *, _kernel=None):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -280,8 +388,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
                 _kernel)
 
 
-def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_threshold=200.0,
-             progress=False):
+def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
+             b_threshold=B_THRESHOLD, progress=False):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -323,17 +431,19 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
          kernel=None):
-    code = _method_code(method)
+    opts = FitOptions(method=method, bounds=bounds, b_threshold=b_threshold)
+    code = METHODS[opts.method]
     b = validate_b_values(b_values, signal.shape[-1])
-    b_threshold = _check_threshold(b, b_threshold, method)
-    bounds = resolve_bounds(bounds)
+    b_threshold = _check_threshold(b, opts.b_threshold, method)
+    bounds = dict(opts.bounds)
     n_b = signal.shape[-1]
     if mask is None:
         Y = _as_kernel_matrix(signal.reshape(-1, n_b))
     else:
         Y = _as_kernel_matrix(signal[mask])
     out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress,
-                              kernel or DEFAULT_KERNEL[method])
+                              kernel or DEFAULT_KERNEL[opts.method])
+    store_inside_bounds(out, bounds)
     maps = {}
     if mask is None:
         for k, name in enumerate(OUTPUT_COLUMNS):

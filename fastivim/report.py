@@ -18,7 +18,8 @@ the global backend, is never touched. matplotlib is the optional extra ``fastivi
 is imported only when a figure is drawn, and its absence raises :class:`ImportError` saying how to
 install it. ``import fastivim`` never imports this module.
 
-Colour ranges are fixed (see :data:`DISPLAY`), so maps of different subjects compare at a
+Colour ranges are fixed (see :data:`DISPLAY`, from the map table :data:`fastivim.model.MAPS`), so
+maps of different subjects compare at a
 glance; values beyond a range take the end colour (the colour bar shows an arrow):
 
 ========  ===================  ==========  ==========================================
@@ -40,19 +41,18 @@ from __future__ import annotations
 import base64
 import html
 import io as _io
-import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from ._atomic import write_atomic
+from .io.layout import REPORT_FILES
 from .kernels import status as st
-from .model import ivim_signal
+from .model import MAPS, ivim_signal
 
 #: Resolution of every figure (pixels per inch); sizes below are in inches.
 DPI = 100
@@ -63,13 +63,6 @@ N_SLICES = 4
 #: Sample voxels drawn by :func:`plot_decay` when none are given.
 N_VOXELS = 6
 
-#: File names written by :func:`make_report` into its output directory.
-REPORT_FILES = {
-    "html": "report.html",
-    "maps": "report_maps.png",
-    "histograms": "report_histograms.png",
-    "decay": "report_decay.png",
-}
 
 _INSTALL_HINT = "the report needs matplotlib: pip install fastivim[report]"
 
@@ -78,36 +71,9 @@ _QUALITY_COLOURS = ("#000000", "#e66101", "#1b9e77")  # not fitted, failed, pass
 _QUALITY_LABELS = ("not fitted", "failed", "passed")
 
 
-@dataclass(frozen=True)
-class Display:
-    """How one parameter is shown: name, units, scale factor, fixed range and colour map.
-
-    ``scale`` multiplies the stored value (D in mm²/s × 1e3 → ×10⁻³ mm²/s). ``vmax = None``
-    means the 99th percentile of the fitted voxels (S0 only, whose units are arbitrary).
-    """
-
-    attr: str
-    label: str
-    units: str
-    scale: float
-    vmin: float
-    vmax: float | None
-    cmap: str
-    log: bool = False
-
-    @property
-    def axis_label(self) -> str:
-        return f"{self.label} ({self.units})"
-
-
-#: Display of each map (keys are :class:`~fastivim.IVIMResult` attributes).
-DISPLAY = {
-    "D": Display("D", "D", "×10⁻³ mm²/s", 1e3, 0.0, 3.0, "viridis"),
-    "D_star": Display("D_star", "D*", "×10⁻³ mm²/s", 1e3, 2.0, 100.0, "plasma", log=True),
-    "f": Display("f", "f", "fraction", 1.0, 0.0, 0.5, "cividis"),
-    "S0": Display("S0", "S0", "input units", 1.0, 0.0, None, "gray"),
-    "r_squared": Display("r_squared", "R²", "unitless", 1.0, 0.5, 1.0, "YlGnBu_r"),
-}
+#: Display of each map that has one (keys are :class:`~fastivim.IVIMResult` attributes), from
+#: the map table :data:`fastivim.model.MAPS`.
+DISPLAY = {m.attr: m.display for m in MAPS if m.display is not None}
 
 #: Rows of :func:`plot_maps`, top to bottom (``quality_mask`` is the categorical row).
 MAP_ROWS = ("D", "D_star", "f", "S0", "r_squared", "quality_mask")
@@ -534,15 +500,6 @@ def _signal_array(dwi, shape) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- summary
 
-def _stats(v) -> dict:
-    v = np.asarray(v, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"median": None, "q25": None, "q75": None, "n": 0}
-    q25, med, q75 = (float(x) for x in np.percentile(v, [25, 50, 75]))
-    return {"median": med, "q25": q25, "q75": q75, "n": int(v.size)}
-
-
 def summary(result, record=None) -> dict:
     """Numbers of the report's table.
 
@@ -561,15 +518,8 @@ def summary(result, record=None) -> dict:
         ``b_threshold``, ``bounds``, ``b_values`` and, from the record, ``input``,
         ``command``, ``mask_source``, ``timings``, ``threads``, ``version``.
     """
-    q = np.asarray(result.quality_mask)
-    stats = {name: _stats(np.asarray(getattr(result, name))[q])
-             for name in ("D", "D_star", "f", "S0", "r_squared")}
-    counts = result.status_counts()
-    total = int(np.asarray(result.status).size)
     out = {
-        "stats": stats,
-        "voxels": {"total": total, "fitted": total - counts.get(st.OUTSIDE_MASK, 0),
-                   "quality": int(q.sum()), "status_counts": counts},
+        **result.summary(),
         "method": result.method,
         "b_threshold": float(result.b_threshold),
         "bounds": {k: (float(lo), float(hi)) for k, (lo, hi) in result.bounds.items()},
@@ -591,9 +541,8 @@ def summary_html(s: dict) -> str:
     """The summary of :func:`summary` as HTML tables."""
     e = html.escape
     rows = []
-    for name in ("D", "D_star", "f", "S0", "r_squared"):
+    for name, x in s["stats"].items():
         d = DISPLAY[name]
-        x = s["stats"][name]
         if x["median"] is None:
             cells = "<td>–</td><td>–</td>"
         else:
@@ -685,7 +634,7 @@ def _notes(s0_vmax: float) -> dict:
 
 
 def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
-                title=None) -> Path:
+                title=None, prefix: str = "") -> Path:
     """Draw every figure and write ``report.html`` with the PNGs beside it.
 
     Parameters
@@ -704,6 +653,8 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     voxel_size : sequence of float, optional
         mm, for the maps' aspect ratio.
     title : str, optional
+    prefix : str
+        Put before every file name (a BIDS series' ``sub-01_model-ivim_``).
 
     Returns
     -------
@@ -730,12 +681,12 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     s = summary(result, record)
     s["report_seconds"] = time.perf_counter() - t0
     for name, payload in pngs.items():
-        write_atomic(out_dir / REPORT_FILES[name], payload)
+        write_atomic(out_dir / (prefix + REPORT_FILES[name]), payload)
     for name in skipped:  # a figure of an earlier report must not pass for this one's
-        (out_dir / REPORT_FILES[name]).unlink(missing_ok=True)
+        (out_dir / (prefix + REPORT_FILES[name])).unlink(missing_ok=True)
     doc = _html(s, pngs, figures, skipped, _s0_vmax(result),
                 title or f"fastivim QC report: {Path(s.get('input', 'IVIM fit')).name}")
-    target = out_dir / REPORT_FILES["html"]
+    target = out_dir / (prefix + REPORT_FILES["html"])
     write_atomic(target, doc.encode("utf-8"))
     return target
 
@@ -766,80 +717,24 @@ def _html(s, pngs, figures, skipped, s0_vmax, title) -> str:
 
 # ------------------------------------------------------------------ from a run's out dir
 
-#: Map files of a ``fastivim run`` output directory and the result attribute each fills.
-_MAP_FILES = {"D": "D", "D_star": "D_star", "f": "f", "S0": "S0", "R2": "r_squared",
-              "RMSE": "rmse", "quality_mask": "quality_mask", "status": "status"}
-
-
 def load_output(out_dir):
-    """Read a ``fastivim run`` output directory back.
+    """Read a finished run back: ``(result, record, voxel_size)``; see
+    :func:`fastivim.io.load_output` (which also returns the output's layout)."""
+    from .io import load_output as _load
 
-    Returns
-    -------
-    result : IVIMResult
-    record : dict
-        ``fastivim.json``.
-    voxel_size : tuple of float
-        mm, from the maps' header.
-
-    Raises
-    ------
-    ValueError
-        No ``fastivim.json``, a missing or unreadable map, or maps of different shapes; the
-        message names the file.
-    """
-    import nibabel as nib
-
-    from .fit import IVIMResult
-
-    out_dir = Path(out_dir)
-    rec_path = out_dir / "fastivim.json"
-    try:
-        record = json.loads(rec_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{rec_path}: no such file (not a fastivim run output)") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{rec_path}: cannot read the run record ({exc})") from None
-    maps = {}
-    zooms = None
-    for fname, attr in _MAP_FILES.items():
-        p = out_dir / f"{fname}.nii.gz"
-        try:
-            img = nib.load(p)
-            arr = np.asarray(img.dataobj)
-        except FileNotFoundError:
-            raise ValueError(f"{p}: missing map") from None
-        except Exception as exc:
-            raise ValueError(f"{p}: cannot read the map ({exc})") from None
-        if zooms is None:
-            zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-        maps[attr] = arr
-    shapes = {a.shape for a in maps.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"{out_dir}: maps of different shapes {sorted(shapes)}")
-    bounds = {k: (float(lo), math.inf if hi is None else float(hi))
-              for k, (lo, hi) in record.get("bounds", {}).items()}
-    for k in ("D", "D_star", "f", "S0", "r_squared", "rmse"):
-        maps[k] = maps[k].astype(np.float32, copy=False)
-    result = IVIMResult(
-        quality_mask=maps.pop("quality_mask") > 0,
-        status=maps.pop("status").astype(np.uint8, copy=False),
-        method=str(record.get("method", "?")),
-        bounds=bounds,
-        b_values=np.asarray(record.get("b_values", []), dtype=np.float64),
-        b_threshold=float(record.get("b_threshold", 200.0)),
-        **maps,
-    )
+    result, record, zooms, _ = _load(out_dir)
     return result, record, zooms
 
 
 def report_from_output(out_dir, dwi=None) -> Path:
-    """Write ``report.html`` (and its PNGs) into the output directory of ``fastivim run``.
+    """Write ``report.html`` (and its PNGs) beside the maps of a finished run.
 
     Parameters
     ----------
     out_dir : str or Path
-        Holds the maps and ``fastivim.json``.
+        The output folder of ``fastivim run -o`` (maps and ``fastivim.json``), or a BIDS
+        series: its run record ``..._model-ivim_fastivim.json`` or the ``dwi`` folder holding
+        it (the report is then ``..._model-ivim_report.html``).
     dwi : str or Path, optional
         The fitted 4D image; default the ``input`` recorded in ``fastivim.json`` (read with
         its recorded b-values). When it cannot be read the report is written without the
@@ -848,7 +743,7 @@ def report_from_output(out_dir, dwi=None) -> Path:
     Returns
     -------
     Path
-        ``OUT_DIR/report.html``.
+        ``OUT_DIR/report.html`` (or the BIDS series' ``..._model-ivim_report.html``).
 
     Raises
     ------
@@ -858,7 +753,9 @@ def report_from_output(out_dir, dwi=None) -> Path:
         ``out_dir`` is not a readable run output.
     """
     _mpl()
-    result, record, zooms = load_output(out_dir)
+    from .io import load_output as _load
+
+    result, record, zooms, layout = _load(out_dir)
     signal = None
     src = dwi if dwi is not None else record.get("input")
     if src is None:
@@ -875,8 +772,8 @@ def report_from_output(out_dir, dwi=None) -> Path:
             signal = d.data
         except (ValueError, OSError) as exc:
             warnings.warn(f"no signal-decay figure: {exc}", stacklevel=2)
-    return make_report(result, signal, result.b_values, out_dir, record=record,
-                       voxel_size=zooms)
+    return make_report(result, signal, result.b_values, layout.folder, record=record,
+                       voxel_size=zooms, prefix=layout.prefix)
 
 
 __all__ = [

@@ -102,3 +102,30 @@ def phantom(shape, b_values=DEFAULT_B_VALUES, snr=30.0, seed=0, ranges=None) -> 
     signal = add_rician_noise(clean, sigma, rng).astype(np.float32)
     return Phantom(signal=signal, b_values=b, S0=S0, f=f, D_star=D_star, D=D, mask=mask,
                    snr=float("inf") if noise_free else float(snr), sigma=sigma)
+
+
+def error_table(estimate: dict, truth: dict, where) -> dict:
+    """Accuracy of fitted maps against the truth, over the voxels ``where``.
+
+    Parameters
+    ----------
+    estimate, truth : dict of arrays
+        Maps by parameter name (same shapes).
+    where : bool array
+        Voxels to compare (e.g. the quality mask inside the phantom).
+
+    Returns
+    -------
+    dict
+        ``{name: {"truth_median", "fit_median", "median_abs_rel_error", "median_rel_bias"}}``
+        for every name of ``estimate`` (relative errors as fractions).
+    """
+    out = {}
+    for name, est in estimate.items():
+        e = np.asarray(est, dtype=np.float64)[where]
+        t = np.asarray(truth[name], dtype=np.float64)[where]
+        rel = (e - t) / t
+        out[name] = {"truth_median": float(np.median(t)), "fit_median": float(np.median(e)),
+                     "median_abs_rel_error": float(np.median(np.abs(rel))),
+                     "median_rel_bias": float(np.median(rel))}
+    return out

@@ -164,7 +164,7 @@ BAD_CASES = {
     "malformed config": (["run", "--config", "bad.yaml", "dwi.nii.gz"],
                          "bad.yaml: unknown key 'treads'"),
     "config wrong type": (["run", "--config", "badtype.yaml", "dwi.nii.gz"],
-                          "badtype.yaml: 'b_threshold' must be a finite number, got 'high'"),
+                          "badtype.yaml: 'b_threshold' must be a finite number >= 0, got 'high'"),
     "segmented without high b": (["run", "dwi.nii.gz", "--b-threshold", "900"],
                                  "needs at least 2 distinct b-values >= b_threshold"),
 }
@@ -219,7 +219,9 @@ def test_bad_command_line_options(work):
 
 
 def test_interrupted_write_leaves_no_finished_map(work, monkeypatch):
-    real = io._Staging.write
+    from fastivim.io import write as io_write
+
+    real = io_write.Staging.write
     seen = []
 
     def interrupt_after_three(self, final, payload):
@@ -228,7 +230,7 @@ def test_interrupted_write_leaves_no_finished_map(work, monkeypatch):
             raise KeyboardInterrupt
         return real(self, final, payload)
 
-    monkeypatch.setattr(io._Staging, "write", interrupt_after_three)
+    monkeypatch.setattr(io_write.Staging, "write", interrupt_after_three)
     r = invoke("run", "dwi.nii.gz", "-q")
     assert r.exit_code != 0
     assert not (work / "dwi_ivim").exists()

@@ -231,7 +231,8 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
                           BHI, DSLO, BEST):
     """:func:`fastivim.kernels.segmented.perfusion_start` after the log-linear step.
 
-    Clamps ``D``, sets ``CODE`` to ``st.DSTAR_NOT_ABOVE_D`` where D_star has no room, writes
+    Clamps ``D``, sets ``CODE`` to ``st.DSTAR_NOT_ABOVE_D`` where D_star has no room, moves
+    ``A`` into the range the S0 and f bounds allow (``feasible_intercept``), writes
     the tissue residual ``R`` (n_u, nl), the bounds of B (``BLO``, ``BHI``) and of D_star
     (``DSLO`` and ``HI[2]``), and the best grid start ``Q`` (2, nl) = (B, D_star).
     """
@@ -243,19 +244,23 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
         DSLO[lane] = ds_lo
         c = CODE[lane]
         CODE[lane] = st.DSTAR_NOT_ABOVE_D if (c == st.OK and not ds_lo < HI[2, lane]) else c
+    for lane in range(nl):  # feasible_intercept
+        a_lo = LO[0, lane] * (1.0 - HI[1, lane])
+        a_hi = HI[0, lane] * (1.0 - LO[1, lane]) if math.isfinite(HI[0, lane]) else math.inf
+        A[lane] = min(max(A[lane], a_lo), a_hi)
     for u in range(nu):
         bb = bu[u]
         for lane in range(nl):
             R[u, lane] = YB[u, lane] - A[lane] * vexp(-bb * D[lane])
-    for lane in range(nl):
+    for lane in range(nl):  # perfusion_range
         a = A[lane]
         f_lo = LO[1, lane]
         f_hi = HI[1, lane]
-        b_lo = max(a * f_lo / (1.0 - f_lo), LO[0, lane] - a)
+        b_lo = max(a * f_lo / (1.0 - f_lo) if f_lo < 1.0 else 0.0, LO[0, lane] - a)
         b_hi = a * f_hi / (1.0 - f_hi) if f_hi < 1.0 else math.inf
         b_hi = min(b_hi, HI[0, lane] - a)
         BLO[lane] = b_lo
-        BHI[lane] = b_hi if not b_hi < b_lo else b_lo
+        BHI[lane] = b_hi if b_lo <= b_hi else b_lo
         BEST[lane] = -math.inf
         Q[0, lane] = b_lo
         Q[1, lane] = DSLO[lane]
@@ -607,13 +612,15 @@ def _front(Y, v0, nl, t, settings, s):
 # tuple of arrays costs numba a reference-count call, which in these scalar steps cost more
 # than the arithmetic (measured: 1.9 µs per lane step with the tuple).
 @jit_lane
-def _lane_start(lane, slot, p0, p1, p2, p3, LP, EP, YL, YB, LSTATE, LPRED, TT):
-    """Start a Levenberg–Marquardt run of voxel ``slot`` on ``lane`` from (p0, p1, p2, p3)."""
+def _lane_start(lane, slot, p0, p1, p2, p3, LP, EP, YL, YB, LO, HI, LSTATE, LPRED, TT):
+    """Start a Levenberg–Marquardt run of voxel ``slot`` on ``lane`` from (p0, p1, p2, p3),
+    moved into the voxel's box as :func:`levenberg_marquardt` does."""
     LP[lane, 0] = p0
     LP[lane, 1] = p1
     LP[lane, 2] = p2
     LP[lane, 3] = p3
     for i in range(4):
+        LP[lane, i] = min(max(LP[lane, i], LO[i, slot]), HI[i, slot])
         EP[i, lane] = LP[lane, i]
     for u in range(YB.shape[0]):
         YL[u, lane] = YB[u, slot]
@@ -903,22 +910,22 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                     if CODE[slot] == st.OK and A[slot] + Q[0, slot] > 0.0:
                         S0 = A[slot] + Q[0, slot]
                         _lane_start(lane, slot, S0, Q[0, slot] / S0, Q[1, slot], D[slot], LP,
-                                    EP, YL, YB, LSTATE, LPRED, TT)
+                                    EP, YL, YB, LO, HI, LSTATE, LPRED, TT)
                 elif stage == 1:  # 2: the best separated grid pair
                     red = RSEP[slot]
                     if red > -math.inf and (not found or (
                             tt - red < best * (1.0 + RESTART_SLACK)
                             and not _same_basin(PSEP, slot, PB, slot))):
                         _lane_start(lane, slot, PSEP[0, slot], PSEP[1, slot], PSEP[2, slot],
-                                    PSEP[3, slot], LP, EP, YL, YB, LSTATE, LPRED, TT)
+                                    PSEP[3, slot], LP, EP, YL, YB, LO, HI, LSTATE, LPRED, TT)
                 elif stage == 2:  # 3: the best close grid pair
                     red = RCLOSE[slot]
                     if red > -math.inf and (not found
                                             or tt - red < best * (1.0 + RESTART_SLACK)
                                             or _on_bound(slot, PB, LO, HI)):
                         _lane_start(lane, slot, PCLOSE[0, slot], PCLOSE[1, slot],
-                                    PCLOSE[2, slot], PCLOSE[3, slot], LP, EP, YL, YB, LSTATE,
-                                    LPRED, TT)
+                                    PCLOSE[2, slot], PCLOSE[3, slot], LP, EP, YL, YB, LO, HI,
+                                    LSTATE, LPRED, TT)
                 elif stage == 3:
                     if not found:
                         status[v0 + slot] = fail_voxel(out, v0 + slot, st.NO_CONVERGENCE)
@@ -929,7 +936,7 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                     i = stage - 4
                     if i < NR[slot]:
                         _lane_start(lane, slot, RS[i, 0, slot], RS[i, 1, slot], RS[i, 2, slot],
-                                    RS[i, 3, slot], LP, EP, YL, YB, LSTATE, LPRED, TT)
+                                    RS[i, 3, slot], LP, EP, YL, YB, LO, HI, LSTATE, LPRED, TT)
                 else:
                     _finish_full(Y, v0, slot, t, s, out, status)
                     LSTATE[lane, 0] = IDLE
