@@ -42,10 +42,8 @@ SERIAL_BELOW = 2048
 #: the benchmark, reached with the private ``fit_voxels(..., _kernel="scalar")``).
 KERNELS = ("block", "scalar")
 
-#: The kernel each method runs by default: the faster one as measured by
-#: bench/bench_kernels.py (which prints both). The block ``full`` kernel gives the same answers
-#: but is not yet faster than the scalar one (numba's reference counting in its per-lane steps).
-DEFAULT_KERNEL = {"segmented": "block", "full": "scalar"}
+#: The kernel each method runs by default (bench/bench_kernels.py measures both).
+DEFAULT_KERNEL = {"segmented": "block", "full": "block"}
 
 #: Columns of the kernel's per-voxel output rows.
 OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")

@@ -41,9 +41,26 @@ def _bits_as_float64(typingctx, x):
 
 
 @njit(fastmath=FASTMATH_FLAGS, error_model="numpy", inline="always")
+def vmax(a, b):
+    """``max(a, b)`` with numba's builtin semantics (``b if b > a else a``), always inlined.
+
+    The builtin ``max``/``min`` are compiled once per process as separate functions; when the
+    first user had other compile flags, LLVM does not inline them, and a loop that calls one
+    is not vectorised (measured: ``lanes_evaluate`` 10x slower).
+    """
+    return b if b > a else a
+
+
+@njit(fastmath=FASTMATH_FLAGS, error_model="numpy", inline="always")
+def vmin(a, b):
+    """``min(a, b)`` with numba's builtin semantics (``b if b < a else a``), always inlined."""
+    return b if b < a else a
+
+
+@njit(fastmath=FASTMATH_FLAGS, error_model="numpy", inline="always")
 def vexp(x):
     """``exp(x)`` for float64 ``x`` without branches or calls (NaN in, NaN out)."""
-    xc = min(max(x, X_MIN), X_MAX)
+    xc = vmin(vmax(x, X_MIN), X_MAX)
     k = math.floor(xc * LOG2E + 0.5)
     r = (xc - k * LN2_HI) - k * LN2_LO
     p = 1.0 / 6227020800.0
