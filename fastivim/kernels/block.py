@@ -45,7 +45,6 @@ from .voxel import (
     fail_voxel,
     finish_voxel,
     levenberg_marquardt,
-    solve_damped,
 )
 
 #: Voxels per block (the width of every lane-wise array).
@@ -883,10 +882,56 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                 if n_free == 0:
                     r = 1  # every parameter pinned with the gradient pointing outward
                     break
+                # solve_damped(4, mat, 0, work, 0, 4, lam, free), written out: a call that
+                # takes arrays costs reference-count updates on entry and exit
+                dmax = 0.0
+                for i in range(4):
+                    mat[0, i, i] = LH[lane, i, i]
+                    if abs(LH[lane, i, i]) > dmax:
+                        dmax = abs(LH[lane, i, i])
+                floor = 1e-12 * dmax + 1e-300
                 for i in range(4):
                     for j in range(4):
                         mat[0, i, j] = LH[lane, i, j]
-                solved = solve_damped(4, mat, 0, work, 0, 4, lam, free)
+                        if free[i] and free[j]:
+                            mat[2, i, j] = LH[lane, i, j]
+                        else:
+                            mat[2, i, j] = 1.0 if i == j else 0.0
+                    if free[i]:
+                        mat[2, i, i] += lam * vmax(abs(LH[lane, i, i]), floor)
+                        work[4 + i] = work[i]
+                    else:
+                        work[4 + i] = 0.0
+                solved = True
+                for j in range(4):  # in-place Cholesky mat[2] = L L^T (lower triangle)
+                    sj = mat[2, j, j]
+                    for k in range(j):
+                        sj -= mat[2, j, k] * mat[2, j, k]
+                    if not sj > 0.0:
+                        solved = False
+                        break
+                    dj = math.sqrt(sj)
+                    mat[2, j, j] = dj
+                    inv = 1.0 / dj
+                    for i in range(j + 1, 4):
+                        si = mat[2, i, j]
+                        for k in range(j):
+                            si -= mat[2, i, k] * mat[2, j, k]
+                        mat[2, i, j] = si * inv
+                if solved:
+                    for i in range(4):  # forward substitution
+                        si = work[4 + i]
+                        for k in range(i):
+                            si -= mat[2, i, k] * work[4 + k]
+                        work[4 + i] = si / mat[2, i, i]
+                    for i in range(3, -1, -1):  # back substitution
+                        si = work[4 + i]
+                        for k in range(i + 1, 4):
+                            si -= mat[2, k, i] * work[4 + k]
+                        work[4 + i] = si / mat[2, i, i]
+                    for i in range(4):
+                        if not free[i]:
+                            work[4 + i] = 0.0
                 pred = 0.0
                 step_small = True
                 if solved:
