@@ -12,7 +12,6 @@ small pieces they are built from.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -291,6 +290,4 @@ def test_importing_kernels_touches_no_cache(tmp_path):
     code = ("import fastivim.kernels as k, fastivim.kernels.block, fastivim.kernels.driver; "
             "assert not k._checked; import fastivim; "
             "assert not k._checked, 'checked at import'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path),
-                   env={**__import__('os').environ})
-    assert math.isfinite(1.0)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path))

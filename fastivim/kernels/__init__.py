@@ -25,7 +25,11 @@ def sources_digest() -> str:
 
 
 def cached_kernels():
-    """The dispatchers that keep an on-disk cache (each embeds helpers from other modules)."""
+    """The dispatchers that keep an on-disk cache (each embeds helpers from other modules).
+
+    Every ``cache=True`` kernel of this package belongs here, so that its cache is flushed
+    when any kernel source changes.
+    """
     from .block import fit_volume_block
     from .driver import fit_volume
 
