@@ -6,6 +6,7 @@ it cannot use; nothing here writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -342,6 +343,26 @@ def find_record(path) -> Path:
     raise InputError(f"{path / RECORD_NAME}: no such file (not a fastivim run output)")
 
 
+def verify_manifest(layout, record: dict) -> None:
+    """Check that every file the record's ``manifest`` lists is the one it describes.
+
+    Raises
+    ------
+    InputError
+        A file missing, or of another size or SHA-256 (a mix of two runs); names the file.
+    """
+    for name, want in (record.get("manifest") or {}).items():
+        p = layout.folder / name
+        try:
+            payload = p.read_bytes()
+        except OSError:
+            raise InputError(f"{p}: listed in {layout.record.name} but missing (an incomplete "
+                             f"run; run it again)") from None
+        if len(payload) != want["bytes"] or hashlib.sha256(payload).hexdigest() != want["sha256"]:
+            raise InputError(f"{p}: not the file {layout.record.name} describes (written by "
+                             f"another run; run it again)")
+
+
 def load_output(path):
     """Read the maps of a finished run back (plain folder, or a BIDS series by its record).
 
@@ -379,6 +400,7 @@ def load_output(path):
         layout = layout_of_record(rec_path)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    verify_manifest(layout, record)
     model = record.get("model", "ivim")
     maps = {}
     zooms = None
