@@ -411,3 +411,30 @@ def load_output(path):
         **maps,
     )
     return result, record, zooms, layout
+
+
+def file_fingerprint(path) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file's content (read in 1 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"size": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def input_fingerprints(dwi, bvals=None, bvecs=None, mask=None) -> dict:
+    """Fingerprints (:func:`file_fingerprint`) of a run's input files, None where not a file.
+
+    Recorded in every run record; ``fastivim batch`` reuses a series only while all of them
+    are unchanged (an edited ``.bval`` means a refit).
+    """
+    out = {}
+    for key, path in (("dwi", dwi), ("bvals", bvals), ("bvecs", bvecs), ("mask", mask)):
+        try:
+            out[key] = file_fingerprint(path) if path is not None else None
+        except OSError:
+            out[key] = None
+    return out
+
