@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ from .options import RunOptions, check_threads
 
 #: A progress bar is shown only when at least this many voxels are fitted.
 PROGRESS_MIN_VOXELS = 1 << 16
+
+#: Loading the kernel from numba's disk cache takes well under a second; when it takes longer
+#: than this (s), numba is compiling it and the user is told why the run is silent.
+COMPILE_NOTE_AFTER = 1.0
+
+#: The note given then.
+COMPILE_NOTE = ("compiling the fitting kernel once, about 20 s (later runs start in under a "
+                "second)")
 
 
 @dataclass
@@ -110,6 +119,20 @@ def resolve_inputs(dwi, options: RunOptions, note=None) -> Inputs:
         return Inputs(d, mask, f"auto: lowest-b signal > {options.mask_fraction:g} x its "
                                f"{AUTO_MASK_PERCENTILE:g}th percentile ({thr:.6g})")
     return Inputs(d, load_mask(mode, d.img), str(Path(mode).absolute()))
+
+
+def load_kernel_noting(dtype, note=None) -> float:
+    """:func:`fastivim.fit.load_kernel`, with :data:`COMPILE_NOTE` sent to ``note`` when it
+    takes longer than :data:`COMPILE_NOTE_AFTER` (a first run compiles). Returns seconds."""
+    if note is None:
+        return load_kernel(dtype)
+    timer = threading.Timer(COMPILE_NOTE_AFTER, note, args=(COMPILE_NOTE,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return load_kernel(dtype)
+    finally:
+        timer.cancel()
 
 
 def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, timings,
@@ -208,7 +231,7 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         t_inputs = time.perf_counter()
         # the compiled kernel's one-off load (or first compile) is timed on its own, so "fit"
         # measures fitting
-        t_load = load_kernel(inputs.dwi.data.dtype)
+        t_load = load_kernel_noting(inputs.dwi.data.dtype, note)
         t_fit0 = time.perf_counter()
         fit = options.fit
         result = fit_ivim(inputs.dwi.data, inputs.dwi.b_values, mask=inputs.mask,

@@ -254,8 +254,20 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
     panel_w = 2.1
     panel_h = float(np.clip(panel_w * (ny * dy) / (nx * dx), 1.2, 3.5))
     ncol = len(slices)
-    fig = _figure(panel_w * ncol + 1.9, panel_h * len(MAP_ROWS) + 0.6)
-    axes = fig.subplots(len(MAP_ROWS), ncol, squeeze=False)
+    # one slice (or a 2-D map): the maps side by side in a grid, each with its colour bar,
+    # rather than a one-column strip six maps tall
+    grid = ncol == 1
+    if grid:
+        gcols = 3
+        grows = -(-len(MAP_ROWS) // gcols)
+        fig = _figure((panel_w + 1.0) * gcols + 0.3, (panel_h + 0.45) * grows + 0.6)
+        flat = fig.subplots(grows, gcols, squeeze=False).ravel()
+        for ax in flat[len(MAP_ROWS):]:
+            ax.set_visible(False)
+        axes = flat[: len(MAP_ROWS)].reshape(-1, 1)
+    else:
+        fig = _figure(panel_w * ncol + 1.9, panel_h * len(MAP_ROWS) + 0.6)
+        axes = fig.subplots(len(MAP_ROWS), ncol, squeeze=False)
     nz_total = shape[2] if len(shape) == 3 else 1
 
     def cut(arr, z):
@@ -285,9 +297,12 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
                            interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if row == 0:
+            if grid:
+                ax.set_title(DISPLAY[name].label if name in DISPLAY else "quality",
+                             fontsize=11)
+            elif row == 0:
                 ax.set_title(f"slice z = {z}" if len(shape) == 3 else "", fontsize=10)
-            if col == 0:
+            if col == 0 and not grid:
                 ax.set_ylabel(DISPLAY[name].label if name in DISPLAY else "quality",
                               fontsize=11)
         if name == "quality_mask":
@@ -303,8 +318,14 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
                 _log_ticks(cb.ax.yaxis, lo, hi)
             cb.ax.tick_params(labelsize=8)
             cb.set_label(label, fontsize=9)
-    where = (f"slices {', '.join(map(str, slices))} of {nz_total} (last axis)"
-             if len(shape) == 3 else "the 2-D map")
+    if len(shape) != 3:
+        where = "the 2-D map"
+    elif nz_total == 1:
+        where = "the single slice"
+    elif ncol == 1:
+        where = f"slice z = {slices[0]} of {nz_total} (last axis)"
+    else:
+        where = f"slices {', '.join(map(str, slices))} of {nz_total} (last axis)"
     fig.suptitle(f"Parameter maps: {where}", fontsize=12)
     return fig
 
