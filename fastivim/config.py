@@ -15,7 +15,15 @@ import math
 from pathlib import Path
 
 from .model import PARAM_NAMES
-from .options import BY_KEY, DEFAULTS, OPTIONS, OptionError, check_bounds, resolve_path
+from .options import (
+    BY_KEY,
+    DEFAULTS,
+    OPTIONS,
+    OptionError,
+    check_bounds,
+    check_threads,
+    resolve_path,
+)
 from .options import check_value as _check_value
 
 __all__ = ["BY_KEY", "OPTIONS", "ConfigError", "check_bounds", "check_value", "defaults",
@@ -75,6 +83,32 @@ def check_value(key: str, value, where: str = "config"):
         raise ConfigError(str(exc)) from None
 
 
+#: YAML 1.1 (PyYAML) reads a number in exponent form without a dot, ``1e-4``, as a string;
+#: config files are full of such diffusivities, so they are read as floats as YAML 1.2 does.
+_FLOAT_RE = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+             r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+             r"|[0-9][0-9_]*[eE][-+]?[0-9]+)$"
+             r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+def _loader():
+    """A safe YAML loader that reads ``1e-4`` as a float (see :data:`_FLOAT_RE`)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_RE),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def load_config(path) -> dict:
     """Read and validate a YAML config file.
 
@@ -105,7 +139,7 @@ def load_config(path) -> dict:
         raise ConfigError(f"{path}: cannot read config ({getattr(exc, 'strerror', None) or exc})"
                           ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -116,6 +150,11 @@ def load_config(path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     values = {str(k): check_value(str(k), v, str(path)) for k, v in data.items()}
+    if values.get("threads") is not None:
+        try:
+            check_threads(values["threads"])
+        except OptionError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     base = Path(path).absolute().parent
     for key, value in values.items():
         if BY_KEY[key].kind in ("path", "bvals"):

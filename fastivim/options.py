@@ -267,8 +267,8 @@ def check_value(key: str, value, where: str | None = None, strict: bool = False)
             raise bad("true or false")
         return value
     if kind == "float":
-        if not _is_number(value) or not math.isfinite(value):
-            raise bad("a finite number")
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise bad("a finite number >= 0")
         return float(value)
     if kind == "fraction":
         if not _is_number(value) or not 0 <= value < 1:

@@ -27,8 +27,16 @@ import numpy as np
 
 from . import __version__
 from .fit import fit_ivim, load_kernel
-from .io.layout import Layout, bids_layout, plain_layout
-from .io.read import AUTO_MASK_PERCENTILE, DWI, InputError, auto_mask, load_dwi, load_mask
+from .io.layout import Layout, bids_layout, plain_layout, source_entities
+from .io.read import (
+    AUTO_MASK_PERCENTILE,
+    DWI,
+    InputError,
+    auto_mask,
+    input_fingerprints,
+    load_dwi,
+    load_mask,
+)
 from .io.write import (
     LayoutWriter,
     OutputError,
@@ -67,13 +75,15 @@ class Inputs:
             np.prod(self.dwi.spatial_shape))
 
 
-def output_layouts(options: RunOptions) -> list:
-    """The layouts a run writes: the plain folder (``out_dir``) and/or the BIDS series."""
+def output_layouts(options: RunOptions, dwi=None) -> list:
+    """The layouts a run writes: the plain folder (``out_dir``) and/or the BIDS series (named
+    with the entities of a BIDS-named ``dwi``, see :func:`fastivim.io.source_entities`)."""
     layouts = []
     if options.out_dir is not None:
         layouts.append(plain_layout(options.out_dir))
     if options.bids is not None:
-        layouts.append(bids_layout(options.bids, options.subject, options.session))
+        layouts.append(bids_layout(options.bids, options.subject, options.session,
+                                   source_entities(dwi) if dwi is not None else ""))
     if not layouts:
         raise ValueError("nothing to write: give out_dir or bids")
     return layouts
@@ -152,6 +162,11 @@ def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, t
         "bvecs_source": str(d.bvecs_path) if d.bvecs_path else None,
         **options.fit.as_json(),
         "mask_source": inputs.mask_source,
+        # content of every input file: a later batch refits when any of them changed
+        "inputs": input_fingerprints(d.path, d.bvals_path, d.bvecs_path,
+                                     None if inputs.mask_source in ("none",) or
+                                     inputs.mask_source.startswith("auto") else
+                                     inputs.mask_source),
         "threads": threads,
         # what a later run compares to decide whether these outputs can be reused
         "settings": {**options.fit.as_json(), "mask_fraction": options.mask_fraction,
@@ -255,7 +270,7 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         Invalid options.
     """
     t_start = time.perf_counter()
-    layouts = output_layouts(options)
+    layouts = output_layouts(options, dwi)
     check_inputs_are_not_outputs(dwi, options, layouts)
     for layout in layouts:  # before a large image is read
         check_writable(_all_files(layout), options.overwrite)

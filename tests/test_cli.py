@@ -164,7 +164,7 @@ BAD_CASES = {
     "malformed config": (["run", "--config", "bad.yaml", "dwi.nii.gz"],
                          "bad.yaml: unknown key 'treads'"),
     "config wrong type": (["run", "--config", "badtype.yaml", "dwi.nii.gz"],
-                          "badtype.yaml: 'b_threshold' must be a finite number, got 'high'"),
+                          "badtype.yaml: 'b_threshold' must be a finite number >= 0, got 'high'"),
     "segmented without high b": (["run", "dwi.nii.gz", "--b-threshold", "900"],
                                  "needs at least 2 distinct b-values >= b_threshold"),
 }

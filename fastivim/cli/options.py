@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import shlex
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -19,8 +20,18 @@ from .._atomic import one_line
 from ..model import METHODS, PARAM_NAMES
 from ..options import BY_KEY, ConflictError
 
+
+class _PathType(click.Path):
+    """``click.Path`` that refuses an empty string: ``-o ""`` would mean the current folder."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("empty path (name a file or folder)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 #: Click type of every path argument and option.
-path_type = click.Path(path_type=Path)
+path_type = _PathType(path_type=Path)
 
 
 def from_table(*decls, key, **kw):
@@ -103,6 +114,17 @@ def clean_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # library warnings (numpy, nibabel) never reach stderr raw: after a refusal the Error
+        # line says all; after a run they become notes (not under -q)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            result = _call(*args, **kwargs)
+        if not kwargs.get("quiet"):
+            for msg in dict.fromkeys(one_line(w.message) for w in caught):
+                click.echo(f"fastivim: warning: {msg}", err=True)
+        return result
+
+    def _call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):

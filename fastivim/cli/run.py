@@ -79,10 +79,10 @@ def command(ctx, dwi, config_file, **params):
                               key=lambda x: int(x[0])):
             note(f"status {code} ({STATUS_MEANINGS[int(code)]}): {n:,} voxels")
     if opts.report:
-        from ..io import bids_layout
+        from ..io import bids_layout, source_entities
 
         target = opts.out_dir if opts.out_dir is not None else bids_layout(
-            opts.bids, opts.subject, opts.session).record
+            opts.bids, opts.subject, opts.session, source_entities(dwi)).record
         write_report(target)
 
 

@@ -20,16 +20,13 @@ import numpy as np
 from .._atomic import one_line as _one_line
 from ..fit import validate_b_values
 from ..options import RunOptions
+from .checks import InputError, check_bvecs, check_nifti
 
 #: Automatic mask: fraction of this percentile of the lowest-b image (see :func:`auto_mask`).
 AUTO_MASK_PERCENTILE = 99.0
 
 #: Default fraction of the automatic mask (``RunOptions.mask_fraction``).
 MASK_FRACTION = RunOptions().mask_fraction
-
-
-class InputError(ValueError):
-    """Unusable input (image, b-values, mask); the one-line message names the file."""
 
 
 @dataclass
@@ -110,6 +107,7 @@ def load_nifti(path, what: str = "file"):
         raise InputError(f"{path}: not a NIfTI file ({_one_line(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI-1/NIfTI-2 image ({type(img).__name__})")
+    check_nifti(img, path)  # before any data is read: a lying header costs nothing
     return img
 
 
@@ -150,7 +148,7 @@ def read_bvals(path) -> np.ndarray:
     path = Path(path)
     _check_readable_file(path, "b-value file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: editors may add a byte-order mark
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read b-value file ({_one_line(exc)})") from None
     rows = [line.replace(",", " ").split() for line in text.splitlines()]
@@ -174,9 +172,11 @@ def read_bvecs(path, n_b: int) -> np.ndarray:
     path = Path(path)
     _check_readable_file(path, "b-vector file")
     try:
-        v = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except (OSError, ValueError) as exc:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: editors may add a byte-order mark
+        v = np.loadtxt(text.splitlines(), dtype=np.float64, ndmin=2)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read b-vectors ({_one_line(exc)})") from None
+    check_bvecs(v, path)
     if v.shape == (3, n_b):
         return v.T.copy()
     if v.shape == (n_b, 3):
@@ -433,3 +433,30 @@ def load_output(path):
         **maps,
     )
     return result, record, zooms, layout
+
+
+def file_fingerprint(path) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file's content (read in 1 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"size": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def input_fingerprints(dwi, bvals=None, bvecs=None, mask=None) -> dict:
+    """Fingerprints (:func:`file_fingerprint`) of a run's input files, None where not a file.
+
+    Recorded in every run record; ``fastivim batch`` reuses a series only while all of them
+    are unchanged (an edited ``.bval`` means a refit).
+    """
+    out = {}
+    for key, path in (("dwi", dwi), ("bvals", bvals), ("bvecs", bvecs), ("mask", mask)):
+        try:
+            out[key] = file_fingerprint(path) if path is not None else None
+        except OSError:
+            out[key] = None
+    return out
+
