@@ -296,3 +296,40 @@ def test_ctrl_c_is_honoured_within_about_a_second_on_a_large_volume_with_q(tmp_p
     assert proc.returncode == 130, proc.stderr.read()
     assert latency < 2.0, f"Ctrl-C took {latency:.2f} s to stop the run"
     assert not (tmp_path / "out").exists()
+
+
+def test_two_batches_into_one_derivatives_folder_one_refuses(tmp_path):
+    from fastivim import batch
+    from fastivim.io.write import OutputLock
+
+    root = tmp_path / "bids"
+    io.write_phantom(root / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", phantom((8, 8, 2), seed=1))
+    deriv = tmp_path / "deriv"
+    deriv.mkdir()
+    other = OutputLock(deriv / f".{batch.SUMMARY_NAME}.lock")  # a batch running elsewhere
+    other.acquire()
+    try:
+        r = invoke("batch", root, "-o", deriv, "-q")
+        assert r.exit_code == 1, r.output
+        assert r.output.count("\n") == 1 and "another fastivim run is writing here" in r.output
+        assert not (deriv / batch.SUMMARY_NAME).exists()  # the other batch's table is its own
+    finally:
+        other.release()
+    r = invoke("batch", root, "-o", deriv, "-q")
+    assert r.exit_code == 0, r.output
+    assert not list(deriv.glob(".*"))
+
+
+def test_batch_does_not_reuse_a_series_whose_files_do_not_match_its_record(tmp_path):
+    root = tmp_path / "bids"
+    for sub in ("01", "02"):
+        io.write_phantom(root / f"sub-{sub}" / "dwi" / f"sub-{sub}_dwi.nii.gz",
+                         phantom((8, 8, 2), seed=int(sub)))
+    deriv = tmp_path / "deriv"
+    assert invoke("batch", root, "-o", deriv, "-q").exit_code == 0
+    d1, d2 = deriv / "sub-01" / "dwi", deriv / "sub-02" / "dwi"
+    (d1 / "sub-01_model-ivim_f.nii.gz").write_bytes((d2 / "sub-02_model-ivim_f.nii.gz")
+                                                    .read_bytes())  # a mix in sub-01
+    r = invoke("batch", root, "-o", deriv, "--dry-run")
+    plan = {line.split()[0]: line.split()[1] for line in r.output.splitlines()[:2]}
+    assert plan == {"sub-01": "fit", "sub-02": "skip"}, r.output
