@@ -111,7 +111,6 @@ def load_nifti(path, what: str = "file"):
     return img
 
 
-
 def _read_data(img, path: Path) -> np.ndarray:
     """The image's array with slope/intercept applied.
 
@@ -131,8 +130,6 @@ def _read_data(img, path: Path) -> np.ndarray:
         return img.get_fdata(dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read the image data ({_one_line(exc)})") from None
-
-
 
 
 def read_bvals(path) -> np.ndarray:
@@ -312,8 +309,6 @@ def load_mask(path, reference_img) -> np.ndarray:
     if not mask.any():
         raise InputError(f"{path}: mask is empty (no non-zero voxel)")
     return mask
-
-
 
 
 # ------------------------------------------------------------------------- a run's outputs

@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from .._atomic import json_bytes
+from .._atomic import json_bytes, partial_path
 from ..kernels.status import STATUS_MEANINGS
 from ..model import EQUATION, bounds_to_json, maps_of
 from .layout import BIDS_VERSION, Layout, bids_layout, check_label, plain_layout
@@ -76,7 +76,6 @@ def _as_reference(reference_img, shape):
     return reference_img
 
 
-
 def map_image(data, reference_img, dtype="float32", descrip=""):
     """A 3D NIfTI of ``data`` that overlays ``reference_img`` exactly.
 
@@ -105,16 +104,17 @@ def nifti_bytes(img, compresslevel: int = GZIP_LEVEL) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)
 
 
-
 class Staging:
-    """Write files under hidden ``.NAME.partial`` names; rename all at :meth:`commit`.
+    """Several files that appear together: each is written to its :func:`partial_path`, and all
+    are renamed into place at :meth:`commit`.
 
     Used as a context manager: any exception (or interrupt) before the commit removes the
-    partial files and the directories this staging created.
+    partial files and the directories this staging created. :class:`LayoutWriter` adds the
+    lock, the manifest and the commit order of a run's outputs.
     """
 
     def __init__(self):
-        self._items = []
+        self.items = []  # (partial, final, size in bytes, sha256)
         self._made_dirs = []
 
     def makedirs(self, d: Path) -> None:
@@ -129,30 +129,39 @@ class Staging:
 
     def write(self, final: Path, payload: bytes) -> None:
         self.makedirs(final.parent)
-        partial = final.with_name(f".{final.name}.partial")
-        self._items.append((partial, final))
+        partial = partial_path(final)
+        self.items.append((partial, final, len(payload), _sha256(payload)))
         with open(partial, "wb") as fh:
             fh.write(payload)
 
     def commit(self) -> list:
-        for partial, final in self._items:
+        for partial, final, _, _ in self.items:
             os.replace(partial, final)
-        done = [final for _, final in self._items]
-        self._items = []
+        done = [final for _, final, _, _ in self.items]
+        self.items = []
         self._made_dirs = []
         return done
 
     def abort(self) -> None:
-        for partial, _ in self._items:
+        """Remove the partial files, then the folders this staging created."""
+        self.remove_files()
+        self.remove_dirs()
+
+    def remove_files(self) -> None:
+        for partial, _, _, _ in self.items:
             try:
                 partial.unlink()
             except OSError:
                 pass
+        self.items = []
+
+    def remove_dirs(self) -> None:
         for d in reversed(self._made_dirs):
             try:
                 d.rmdir()
-            except OSError:
+            except OSError:  # not empty: something else lives there now
                 pass
+        self._made_dirs = []
 
     def __enter__(self):
         return self
@@ -161,8 +170,7 @@ class Staging:
         if exc_type is not None:
             self.abort()
             if issubclass(exc_type, OSError) and not isinstance(exc, OutputError):
-                path = getattr(exc, "filename", None) or "output"
-                raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+                raise _cannot_write(exc) from None
         return False
 
 
@@ -198,7 +206,6 @@ def check_writable(targets, overwrite: bool = False) -> None:
         except OSError as exc:
             raise OutputError(f"{d}: output directory is not writable "
                               f"({exc.strerror or exc})") from None
-
 
 
 def sidecar(info, result) -> dict:
@@ -361,13 +368,12 @@ class LayoutWriter:
         self.layout = layout
         self.overwrite = overwrite
         self.lock = OutputLock(layout.folder / f".{layout.record.name}.lock")
-        self._staged = []  # (partial, final, payload size, sha256)
-        self._made_dirs = []
+        self._staging = Staging()
         self.committed = []
 
     def __enter__(self):
         try:
-            self._makedirs(self.layout.folder)
+            self._staging.makedirs(self.layout.folder)
             self.lock.acquire()
             self._remove_stale_partials()
         except BaseException as exc:
@@ -384,20 +390,10 @@ class LayoutWriter:
             raise _cannot_write(exc) from None
         return False
 
-    def _makedirs(self, d: Path) -> None:
-        missing = []
-        p = d
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        for p in reversed(missing):
-            p.mkdir()
-            self._made_dirs.append(p)
-
     def _remove_stale_partials(self) -> None:
         """Partial files of this layout left by a killed run (SIGKILL, power loss)."""
         for f in self.layout.owned_files():
-            f.with_name(f".{f.name}.partial").unlink(missing_ok=True)
+            partial_path(f).unlink(missing_ok=True)
 
     def check(self, files) -> None:
         """Under the lock: refuse existing outputs unless overwriting (see
@@ -406,48 +402,32 @@ class LayoutWriter:
 
     def stage(self, final: Path, payload: bytes) -> None:
         """Write ``payload`` under the hidden partial name of ``final``."""
-        self._makedirs(final.parent)
-        partial = final.with_name(f".{final.name}.partial")
-        self._staged.append((partial, final, len(payload), _sha256(payload)))
-        with open(partial, "wb") as fh:
-            fh.write(payload)
+        self._staging.write(final, payload)
 
     def manifest(self) -> dict:
         """``{file name relative to the folder: {"bytes", "sha256"}}`` of the staged files."""
         return {str(final.relative_to(self.layout.folder)): {"bytes": size, "sha256": digest}
-                for _, final, size, digest in self._staged if final.parent == self.layout.folder}
+                for _, final, size, digest in self._staging.items
+                if final.parent == self.layout.folder}
 
     def commit(self, record: dict | None) -> list:
         """Stage ``record`` (with the manifest) and make the run visible; return the files."""
         if record is not None:
             self.stage(self.layout.record, json_bytes(dict(record, manifest=self.manifest())))
-        finals = {final for _, final, _, _ in self._staged}
+        finals = {final for _, final, _, _ in self._staging.items}
         with deferred_signals():
             self.layout.record.unlink(missing_ok=True)  # from here the layout reads incomplete
             for f in self.layout.owned_files():  # files of the older run not replaced now
                 if f not in finals:
                     f.unlink(missing_ok=True)
-            for partial, final, _, _ in self._staged:
-                os.replace(partial, final)  # the record is staged last: renamed in last
-            self.committed = [final for _, final, _, _ in self._staged]
-            self._staged = []
-            self._made_dirs = []
+            # in staging order: the record, staged last, is renamed in last
+            self.committed = self._staging.commit()
         return self.committed
 
     def _cleanup(self) -> None:
-        for partial, _, _, _ in self._staged:
-            try:
-                partial.unlink()
-            except OSError:
-                pass
-        self._staged = []
+        self._staging.remove_files()
         self.lock.release()
-        for d in reversed(self._made_dirs):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-        self._made_dirs = []
+        self._staging.remove_dirs()  # after the lock file is gone
 
 
 def _cannot_write(exc: OSError) -> OutputError:
