@@ -351,3 +351,18 @@ def test_batch_does_not_reuse_a_series_whose_files_do_not_match_its_record(tmp_p
     r = invoke("batch", root, "-o", deriv, "--dry-run")
     plan = {line.split()[0]: line.split()[1] for line in r.output.splitlines()[:2]}
     assert plan == {"sub-01": "fit", "sub-02": "skip"}, r.output
+
+
+def test_a_file_system_without_locks_still_writes(work, monkeypatch):
+    """Some network mounts refuse flock (ENOLCK): the run goes on, unlocked, all or nothing."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    r = invoke("run", "dwi.nii.gz", "-q")
+    assert r.exit_code == 0, r.output
+    assert assert_one_run(work / "dwi_ivim") is not None
+    assert not list((work / "dwi_ivim").glob(".*"))

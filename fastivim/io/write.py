@@ -307,6 +307,8 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                if exc.errno in _NO_LOCKING:  # a file system without locks: go on unlocked
+                    break
                 holder = _read_holder(fd)
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -335,6 +337,11 @@ class OutputLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+#: ``flock`` errors of file systems that do not support locks (some network mounts): the run
+#: then goes on without the lock (the staging and commit order still hold).
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def _read_holder(fd) -> str:
