@@ -3,8 +3,8 @@
 The model ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))`` is evaluated, with
 S0 = 1, on a fixed grid over (D, D_star, f) inside the bounds (log-spaced D and D_star, linear
 f, both bounds included; points with D_star < 2 D dropped). For a voxel with group means ``y``
-(n_u,), S0 is profiled out at each grid point ``g`` (the weighted least-squares scale ``<y, m_g> / |m_g|²``,
-clipped to the S0 bounds), which leaves the log-likelihood
+(n_u,), S0 is profiled out at each grid point ``g`` (the weighted least-squares scale
+``<y, m_g> / |m_g|²``, clipped to the S0 bounds), which leaves the log-likelihood
 
     ``ll_g = (2 s_g <y, m_g> - s_g² |m_g|²) / (2 sigma²)``  (up to a voxel constant)
 
