@@ -14,7 +14,7 @@ import numpy as np
 from .kernels import bayes
 from .kernels import status as st
 from .kernels.driver import METHOD_FULL, METHOD_SEGMENTED, chunk_count, fit_volume, make_tables
-from .model import PARAM_NAMES, bounds_array, resolve_bounds
+from .model import PARAM_NAMES, bounds_array, float32_bounds, resolve_bounds
 
 #: Code of the Bayesian method (it has its own kernels, not a branch of ``fit_volume``).
 METHOD_BAYESIAN = 2
@@ -134,14 +134,85 @@ class IVIMResult:
         return {int(c): int(n) for c, n in zip(codes, counts, strict=True)}
 
 
+#: Plausible largest b-value of a diffusion acquisition, s/mm²: below it the values are most
+#: likely in ms/µm² (0.8 for 800 s/mm²), above it in s/m² (8e8).
+B_MAX_PLAUSIBLE = (100.0, 10000.0)
+
+#: IVIM separates perfusion (sampled below this b-value, s/mm²) from diffusion (above it).
+PERFUSION_B_LIMIT = 200.0
+
+#: b-values closer than this (absolute s/mm², or relative) count as one shell when judging the
+#: sampling: a DTI shell jittered around 1000 is one b-value, not six.
+SHELL_ABS = 5.0
+SHELL_REL = 0.02
+
+
+def b_shells(b) -> np.ndarray:
+    """The shells of a b-value list: sorted distinct values, near-equal ones merged.
+
+    Values within ``SHELL_ABS`` s/mm² or ``SHELL_REL`` of the previous shell's first value join
+    it. Returns each shell's smallest value, float64 (n_shells,).
+    """
+    shells = []
+    for v in np.unique(np.asarray(b, dtype=np.float64)):
+        if shells and v - shells[-1] <= max(SHELL_ABS, SHELL_REL * shells[-1]):
+            continue
+        shells.append(v)
+    return np.asarray(shells)
+
+
+def _check_b_units(b: np.ndarray) -> None:
+    """``ValueError`` unless the largest b-value is plausible in s/mm²."""
+    lo, hi = B_MAX_PLAUSIBLE
+    bmax = float(b.max())
+    if bmax < lo:
+        hint = ("if they are in ms/µm² (a largest value of 0.8 is typical), multiply them by "
+                "1000" if bmax <= 10 else "an IVIM acquisition needs b-values past "
+                f"{PERFUSION_B_LIMIT:g} s/mm² for D")
+        raise ValueError(f"the largest b-value is {bmax:g}, too small for b-values in s/mm² "
+                         f"(diffusion b-values lie between about 1 and 10,000 s/mm²); {hint}")
+    if bmax > hi:
+        hint = ("they look like s/m²: divide them by 1e6" if bmax > 1e5 else
+                "no tissue diffusion acquisition goes that high")
+        raise ValueError(f"the largest b-value is {bmax:g}, too large for b-values in s/mm² "
+                         f"(diffusion b-values lie between about 1 and 10,000 s/mm²); {hint}")
+
+
+def _check_ivim_sampling(b: np.ndarray) -> None:
+    """``ValueError`` unless the b-values can separate perfusion from diffusion.
+
+    The rule: at least 2 shells (see :func:`b_shells`) below ``PERFUSION_B_LIMIT`` (f and
+    D_star live there; one may be b = 0) and at least 2 at or above it (D).
+    """
+    shells = b_shells(b)
+    low = shells[shells < PERFUSION_B_LIMIT]
+    high = shells[shells >= PERFUSION_B_LIMIT]
+    note = (f"b-values within {SHELL_ABS:g} s/mm² or {SHELL_REL:.0%} of each other count as "
+            f"one")
+    if low.size < 2:
+        raise ValueError(
+            f"not an IVIM acquisition: {low.size} distinct b-value(s) below "
+            f"{PERFUSION_B_LIMIT:g} s/mm² ({', '.join(f'{v:g}' for v in low) or 'none'}); "
+            f"f and D_star need at least 2 there (e.g. 0 and 50) to be told from D ({note})"
+        )
+    if high.size < 2:
+        raise ValueError(
+            f"not an IVIM acquisition: {high.size} distinct b-value(s) at or above "
+            f"{PERFUSION_B_LIMIT:g} s/mm² ({', '.join(f'{v:g}' for v in high) or 'none'}); "
+            f"D needs at least 2 there ({note})"
+        )
+
+
 def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
     """Check b-values and return them as float64 (n_b,).
 
     Raises
     ------
     ValueError
-        Not 1-D numeric, a NaN/inf or negative value, a count different from ``n_b``, or
-        fewer than 4 distinct values.
+        Not 1-D numeric, a NaN/inf or negative value, a count different from ``n_b``, fewer
+        than 4 distinct values, a largest value implausible in s/mm² (``B_MAX_PLAUSIBLE``: the
+        message names the likely unit), or a sampling that cannot separate perfusion from
+        diffusion (:func:`_check_ivim_sampling`).
     """
     try:
         b = np.asarray(b_values, dtype=np.float64)
@@ -160,6 +231,8 @@ def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
         raise ValueError(
             f"IVIM needs at least 4 distinct b-values, got {n_distinct} ({np.unique(b).tolist()})"
         )
+    _check_b_units(b)
+    _check_ivim_sampling(b)
     return b
 
 
@@ -239,6 +312,19 @@ def _run_kernel(Y, method_code, b, bounds, b_threshold, progress):
             fit_volume(Y[a:z], method_code, *args, chunk_count(z - a), out[a:z], status[a:z])
             bar.update(z - a)
     return out, status
+
+
+def store_inside_bounds(out: np.ndarray, bounds) -> None:
+    """Round the parameter columns of ``out`` (n_vox, >= 4) float32 inward onto the bounds.
+
+    The kernels keep every estimate inside its float64 bounds, but storing a value fitted on a
+    bound as float32 rounds to the nearest float32, which can lie outside (0.3 becomes
+    0.30000001). This moves such values to the nearest float32 inside; it changes nothing else
+    (a move of at most one float32 ulp), and NaN stays NaN.
+    """
+    lo32, hi32 = float32_bounds(bounds)
+    params = out[:, : len(PARAM_NAMES)]
+    np.clip(params, lo32, hi32, out=params)
 
 
 def _fit_on_one_thread(Y, method_code, args, out, status):
@@ -367,6 +453,7 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     else:
         out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress)
         sd = None
+    store_inside_bounds(out, bounds)
     maps = _unflatten(out, OUTPUT_COLUMNS, mask, spatial)
     if sd is not None:
         maps.update(_unflatten(sd, bayes.SD_COLUMNS, mask, spatial))
@@ -508,22 +595,7 @@ def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
     finally:
         if bar is not None:
             bar.close()
-    _keep_inside_bounds(out, barr)
     return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2)}
-
-
-def _keep_inside_bounds(out, barr):
-    """Nudge float32 parameter columns (S0, f, D_star, D) that rounding put just outside their
-    bounds back inside, by one float32 step (the float64 values are inside by construction)."""
-    for k in range(4):
-        lo, hi = barr[k]
-        col = out[:, k]
-        low = col.astype(np.float64) < lo
-        if low.any():
-            col[low] = np.nextafter(np.float32(lo), np.float32(np.inf))
-        high = col.astype(np.float64) > hi
-        if high.any():
-            col[high] = np.nextafter(np.float32(hi), np.float32(-np.inf))
 
 
 __all__ = ["IVIMResult", "METHODS", "fit_ivim", "fit_voxels", "validate_b_values", "PARAM_NAMES"]

@@ -41,6 +41,7 @@ import numpy as np
 from . import __version__
 from ._atomic import one_line as _one_line
 from .fit import check_fit_options, fit_ivim, load_kernel, validate_b_values
+from .input_checks import InputError, check_bvecs, check_nifti
 from .kernels.status import STATUS_MEANINGS
 
 #: gzip level of written ``.nii.gz`` files. On 128×128×30 maps level 1 takes 57 ms per float32
@@ -91,10 +92,6 @@ MAPS = (
             "1 where the fit converged inside the bounds with D_star > D (status 0)"),
     MapSpec("status", "status", "uint8", "none", "per-voxel fit status code (see Levels)"),
 )
-
-
-class InputError(ValueError):
-    """Unusable input (image, b-values, mask); the one-line message names the file."""
 
 
 class OutputError(RuntimeError):
@@ -179,6 +176,7 @@ def _load_nifti(path, what: str = "file"):
         raise InputError(f"{path}: not a NIfTI file ({_one_line(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI-1/NIfTI-2 image ({type(img).__name__})")
+    check_nifti(img, path)  # before any data is read: a lying header costs nothing
     return img
 
 
@@ -218,7 +216,7 @@ def read_bvals(path) -> np.ndarray:
     path = Path(path)
     _check_readable_file(path, "b-value file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: editors may add a byte-order mark
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read b-value file ({_one_line(exc)})") from None
     rows = [line.replace(",", " ").split() for line in text.splitlines()]
@@ -242,9 +240,11 @@ def read_bvecs(path, n_b: int) -> np.ndarray:
     path = Path(path)
     _check_readable_file(path, "b-vector file")
     try:
-        v = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except (OSError, ValueError) as exc:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: editors may add a byte-order mark
+        v = np.loadtxt(text.splitlines(), dtype=np.float64, ndmin=2)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read b-vectors ({_one_line(exc)})") from None
+    check_bvecs(v, path)
     if v.shape == (3, n_b):
         return v.T.copy()
     if v.shape == (n_b, 3):

@@ -31,6 +31,11 @@ DEFAULT_BOUNDS = {
 }
 
 
+#: Largest plausible diffusivity bound, mm²/s: a D or D_star bound above it is a unit error
+#: (µm²/ms = 1e-3 mm²/s written as mm²/s), not a tissue property.
+MAX_DIFFUSIVITY = 1.0
+
+
 def ivim_signal(b_values, S0, f, D_star, D):
     """Evaluate the IVIM model, broadcasting numpy-style.
 
@@ -69,8 +74,10 @@ def resolve_bounds(bounds: Mapping[str, tuple] | None = None) -> dict:
     ------
     ValueError
         Unknown key, a pair that is not two numbers, a non-finite lower bound, a lower bound
-        above its upper bound, f outside [0, 1], or a negative S0/D/D_star bound; the message
-        names the key.
+        above its upper bound, f outside [0, 1], a negative bound, an S0 upper bound <= 0, a D
+        or D_star bound above :data:`MAX_DIFFUSIVITY` (a unit error), a D_star upper bound
+        not above the D lower bound (D_star > D impossible), or an interval that holds no
+        float32 value (maps are float32); the message names the key and the reason.
     """
     merged = dict(DEFAULT_BOUNDS)
     if bounds is None:
@@ -98,10 +105,52 @@ def resolve_bounds(bounds: Mapping[str, tuple] | None = None) -> dict:
             raise ValueError(f"bounds['f']: upper bound must be <= 1, got {hi}")
         if key in ("D", "D_star") and not math.isfinite(hi):
             raise ValueError(f"bounds[{key!r}]: upper bound must be finite, got {hi}")
+        if key in ("D", "D_star") and hi > MAX_DIFFUSIVITY:
+            raise ValueError(
+                f"bounds[{key!r}]: upper bound {hi:g} mm²/s is not a plausible diffusivity "
+                f"(tissue D is about 1e-3, D_star 1e-2 to 1e-1 mm²/s); values in µm²/ms must "
+                f"be divided by 1000, e.g. {lo * 1e-3:g},{hi * 1e-3:g}"
+            )
+        if key == "S0" and not hi > 0:
+            raise ValueError(f"bounds['S0']: upper bound must be > 0, got {hi:g}")
         merged[key] = (lo, hi)
+    if not merged["D_star"][1] > merged["D"][0]:
+        raise ValueError(
+            f"bounds: D_star (upper bound {merged['D_star'][1]:g}) can never exceed D (lower "
+            f"bound {merged['D'][0]:g}); the model needs D_star > D"
+        )
+    lo32, hi32 = float32_bounds(merged)
+    for key, l32, h32 in zip(PARAM_NAMES, lo32, hi32, strict=True):
+        if l32 > h32:
+            raise ValueError(
+                f"bounds[{key!r}] = {merged[key]} holds no float32 value, and maps are stored "
+                f"as float32: widen it (by a relative 1e-7 is enough)"
+            )
     return merged
 
 
 def bounds_array(bounds: Mapping[str, tuple]) -> np.ndarray:
     """Bounds as a ``(4, 2)`` float64 array in :data:`PARAM_NAMES` order (for the kernels)."""
     return np.array([bounds[k] for k in PARAM_NAMES], dtype=np.float64)
+
+
+def float32_bounds(bounds: Mapping[str, tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 interval inside each float64 bound, in :data:`PARAM_NAMES` order.
+
+    Maps are stored as float32, so a value fitted on a bound must be stored as a float32 that
+    still compares inside it (``float32(0.3)`` is above 0.3).
+
+    Returns
+    -------
+    (lo32, hi32) : two (4,) float32 arrays
+        The smallest float32 >= each lower bound and the largest float32 <= each upper bound
+        (``inf`` stays ``inf``). Where a bound holds no float32 at all, ``lo32 > hi32``.
+    """
+    barr = bounds_array(bounds)
+    lo32 = barr[:, 0].astype(np.float32)
+    hi32 = barr[:, 1].astype(np.float32)
+    below = lo32.astype(np.float64) < barr[:, 0]
+    lo32[below] = np.nextafter(lo32[below], np.float32(np.inf))
+    above = hi32.astype(np.float64) > barr[:, 1]
+    hi32[above] = np.nextafter(hi32[above], np.float32(-np.inf))
+    return lo32, hi32

@@ -24,6 +24,40 @@ PROFILE_XTOL = 1e-10
 
 
 @jit_voxel
+def feasible_intercept(A, lo, hi):
+    """The tissue intercept ``A = S0 * (1 - f)`` moved into the range the bounds allow.
+
+    With S0 in ``[lo[0], hi[0]]`` and f in ``[lo[1], hi[1]]``, ``S0 * (1 - f)`` spans exactly
+    ``[lo[0] * (1 - hi[1]), hi[0] * (1 - lo[1])]``. An intercept outside it (a high-b fit that
+    alone exceeds an S0 bound, or a noise-driven negative one) admits no perfusion term B that
+    keeps both S0 = A + B and f = B / S0 inside their bounds, so it is moved to the nearest end;
+    the fit then ends with S0 and f on their bounds (status ``AT_BOUND``).
+    """
+    A_lo = lo[0] * (1.0 - hi[1])
+    A_hi = hi[0] * (1.0 - lo[1]) if math.isfinite(hi[0]) else math.inf
+    return min(max(A, A_lo), A_hi)
+
+
+@jit_voxel
+def perfusion_range(A, lo, hi):
+    """Bounds ``(B_lo, B_hi)`` of the perfusion amplitude B = S0 * f at intercept ``A``.
+
+    ``f = B / (A + B)`` inside ``[lo[1], hi[1]]`` and ``S0 = A + B`` inside ``[lo[0], hi[0]]``;
+    ``A`` must come from :func:`feasible_intercept`, so the range is not empty (up to
+    rounding, which collapses it onto ``B_lo``).
+    """
+    f_lo = lo[1]
+    f_hi = hi[1]
+    # f >= f_lo  <=>  B (1 - f_lo) >= A f_lo; for f_lo = 1 the intercept is 0 and any B >= 0 goes
+    B_lo = max(A * f_lo / (1.0 - f_lo) if f_lo < 1.0 else 0.0, lo[0] - A)
+    B_hi = A * f_hi / (1.0 - f_hi) if f_hi < 1.0 else math.inf
+    B_hi = min(B_hi, hi[0] - A)
+    if not B_lo <= B_hi:
+        B_hi = B_lo
+    return B_lo, B_hi
+
+
+@jit_voxel
 def perfusion_start(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, r, q, lo2, hi2):
     """Step 1 and the D_star grid of step 2: everything of the segmented fit but the polish.
 
@@ -43,17 +77,11 @@ def perfusion_start(ybar, bu, w, b_min, lo, hi, ES, GSS, dstar_grid, r, q, lo2, 
     ds_lo = max(lo[2], D * (1.0 + DSTAR_MARGIN))
     if not ds_lo < hi[2]:
         return st.DSTAR_NOT_ABOVE_D, A, D
+    A = feasible_intercept(A, lo, hi)
     # what the tissue compartment leaves for the perfusion compartment
     for u in range(nu):
         r[u] = ybar[u] - A * math.exp(-bu[u] * D)
-    # B = S0 * f: its range follows from the f and S0 bounds at this intercept
-    f_lo = lo[1]
-    f_hi = hi[1]
-    B_lo = max(A * f_lo / (1.0 - f_lo), lo[0] - A)
-    B_hi = A * f_hi / (1.0 - f_hi) if f_hi < 1.0 else math.inf
-    B_hi = min(B_hi, hi[0] - A)
-    if B_hi < B_lo:
-        B_hi = B_lo
+    B_lo, B_hi = perfusion_range(A, lo, hi)
     # coarse grid over D_star: B is linear, so each grid point costs a dot product
     best = -math.inf
     B0 = B_lo

@@ -324,6 +324,10 @@ def levenberg_marquardt(kind, n, p, lo, hi, bu, w, t, maxit, work, mat, free):
     DL = 2 * nu + 12  # step
     cur = 0  # which of the two model/gradient/Hessian buffers is current
 
+    for i in range(n):
+        # a start outside the box (a bound the start's arithmetic did not know) would freeze
+        # there: the active set treats a parameter beyond its bound as pinned
+        p[i] = min(max(p[i], lo[i]), hi[i])
     tt = 0.0
     for u in range(nu):
         tt += w[u] * t[u] * t[u]
@@ -439,6 +443,9 @@ def finish_voxel(Y, v, groups, model, p, scale, lo, hi, out):
     for i in range(4):
         if not math.isfinite(p[i]):
             return fail_voxel(out, v, st.NUMERICAL_FAILURE)
+        # the solvers keep p inside the box; S0 = A + B and f = B / S0 can still round an
+        # ulp past a bound, and a reported value must never lie outside it
+        p[i] = min(max(p[i], lo[i]), hi[i])
     if not abs(p[0] * scale) < FLOAT32_MAX:
         return fail_voxel(out, v, st.NUMERICAL_FAILURE)  # S0 would be inf in a float32 map
     nb = Y.shape[1]
