@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import bayes
+from .kernels import bayes, uncertainty
 from .kernels import status as st
 from .kernels.driver import METHOD_FULL, METHOD_SEGMENTED, chunk_count, fit_volume, make_tables
 from .model import PARAM_NAMES, bounds_array, float32_bounds, resolve_bounds
@@ -357,7 +357,7 @@ def load_kernel(dtype=np.float32) -> float:
 
 
 def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False,
-               seed=0):
+               seed=0, uncertainty=False):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -376,6 +376,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
         Show a tqdm bar on stderr.
     seed : int
         ``bayesian`` only: seed of the EM subsample (same seed, same maps, bit for bit).
+    uncertainty : bool
+        Also compute ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see :func:`fit_ivim`).
 
     Returns
     -------
@@ -385,11 +387,12 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
     Y = np.asarray(Y)
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
-    return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],), seed)
+    return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],), seed,
+                uncertainty)
 
 
 def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_threshold=200.0,
-             progress=False, seed=0):
+             progress=False, seed=0, uncertainty=False):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -418,6 +421,12 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
     seed : int
         ``bayesian`` only: seed of the EM subsample (same seed, same maps, bit for bit, on any
         number of threads).
+    uncertainty : bool
+        Add one-SD uncertainty maps ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (float32, each
+        map's own units). ``full``: ``sigma² (JᵀJ)⁻¹`` at the minimum with ``sigma² = SSR /
+        (n_b - 4)``; ``segmented``: from its two steps (see
+        :mod:`fastivim.kernels.uncertainty`); ``bayesian``: the posterior SD, computed
+        whatever this flag says. NaN where the map is NaN or the SD is undetermined.
 
     Returns
     -------
@@ -434,10 +443,12 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
             raise ValueError(f"mask shape {mask.shape} does not match the signal's {spatial}")
         # any non-zero voxel is in; NaN is out (as for mask files read by fastivim.io)
         mask = np.nan_to_num(mask, nan=0.0) != 0 if mask.dtype.kind == "f" else mask.astype(bool)
-    return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed)
+    return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed,
+                uncertainty)
 
 
-def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0):
+def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0,
+         uncertainty=False):
     code = _method_code(method)
     b = validate_b_values(b_values, signal.shape[-1])
     b_threshold = _check_threshold(b, b_threshold, method)
@@ -452,7 +463,7 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
         out, status, sd, extra = _run_bayesian(Y, b, bounds, b_threshold, seed, progress)
     else:
         out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress)
-        sd = None
+        sd = _ls_uncertainty(Y, code, b, b_threshold, out) if uncertainty else None
     store_inside_bounds(out, bounds)
     maps = _unflatten(out, OUTPUT_COLUMNS, mask, spatial)
     if sd is not None:
@@ -473,6 +484,21 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
         **maps,
         **extra,
     )
+
+
+def _ls_uncertainty(Y, code, b, b_threshold, out):
+    """SDs (n_vox, 4) float32 of the least-squares maps in ``out`` (see
+    :mod:`fastivim.kernels.uncertainty`), in :data:`PARAM_NAMES` order."""
+    n = Y.shape[0]
+    sd = np.empty((n, 4), dtype=np.float32)
+    if n == 0:
+        return sd
+    bu, groups = np.unique(b, return_inverse=True)
+    w = np.bincount(groups).astype(np.float64)
+    kind = uncertainty.KIND_FULL if code == METHOD_FULL else uncertainty.KIND_SEGMENTED
+    uncertainty.ls_uncertainty(Y, kind, groups.astype(np.int64), bu * 1e-3, w, b_threshold * 1e-3,
+                               chunk_count(n), out, sd)
+    return sd
 
 
 def _unflatten(out, names, mask, spatial):
