@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import bayes, uncertainty
+from .kernels import bayes, simplified, uncertainty
 from .kernels import status as st
 from .kernels.driver import METHOD_FULL, METHOD_SEGMENTED, chunk_count, fit_volume, make_tables
 from .model import PARAM_NAMES, bounds_array, float32_bounds, resolve_bounds
@@ -21,6 +21,11 @@ METHOD_BAYESIAN = 2
 
 #: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`.
 METHODS = {"segmented": METHOD_SEGMENTED, "full": METHOD_FULL, "bayesian": METHOD_BAYESIAN}
+
+#: Signal models: the bi-exponential IVIM model (S0, f, D_star, D), and the simplified model
+#: (S0, f, D) for protocols with too few low b-values to fit D_star
+#: (:mod:`fastivim.kernels.simplified`).
+MODELS = ("biexponential", "simplified")
 
 #: Bayesian fit: voxels in the EM subsample that learns the prior (drawn with the ``seed``).
 EM_VOXELS = 4000
@@ -97,6 +102,10 @@ class IVIMResult:
         uniform prior over the grid was used instead; None for the other methods.
     noise_sigma : float or None
         ``bayesian`` only: the noise standard deviation estimated for the volume (input units).
+    model : str
+        ``"biexponential"``, or ``"simplified"``: then ``D_star`` and ``D_star_sd`` are None
+        (the model has no D_star) and R²/RMSE cover the samples the model describes (b = 0
+        and b >= b_threshold).
     """
 
     D: np.ndarray
@@ -117,6 +126,7 @@ class IVIMResult:
     S0_sd: np.ndarray | None = None
     prior: str | None = None
     noise_sigma: float | None = None
+    model: str = "biexponential"
 
     @property
     def shape(self) -> tuple:
@@ -124,9 +134,10 @@ class IVIMResult:
         return self.D.shape
 
     def maps(self) -> dict:
-        """The float maps by name: ``D``, ``D_star``, ``f``, ``S0``, ``r_squared``, ``rmse``."""
-        return {name: getattr(self, name) for name in ("D", "D_star", "f", "S0", "r_squared",
-                                                      "rmse")}
+        """The float maps by name: ``D``, ``D_star``, ``f``, ``S0``, ``r_squared``, ``rmse``
+        (``D_star`` left out for the simplified model, which has none)."""
+        names = ("D", "D_star", "f", "S0", "r_squared", "rmse")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def status_counts(self) -> dict:
         """Number of voxels per status code (only codes that occur)."""
@@ -203,8 +214,13 @@ def _check_ivim_sampling(b: np.ndarray) -> None:
         )
 
 
-def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
+def validate_b_values(b_values, n_b: int | None = None, model: str = "biexponential"
+                      ) -> np.ndarray:
     """Check b-values and return them as float64 (n_b,).
+
+    ``model="simplified"`` asks for 3 distinct values instead of 4 and replaces the IVIM
+    sampling rule with its own (b = 0 and 2 values at or above b_threshold, checked in the
+    fit, which knows the threshold).
 
     Raises
     ------
@@ -227,21 +243,36 @@ def validate_b_values(b_values, n_b: int | None = None) -> np.ndarray:
     if n_b is not None and b.size != n_b:
         raise ValueError(f"{b.size} b-values given but the signal has {n_b} samples per voxel")
     n_distinct = np.unique(b).size
-    if n_distinct < 4:
+    need = 3 if model == "simplified" else 4
+    if n_distinct < need:
+        what = "the simplified IVIM model" if model == "simplified" else "IVIM"
         raise ValueError(
-            f"IVIM needs at least 4 distinct b-values, got {n_distinct} ({np.unique(b).tolist()})"
+            f"{what} needs at least {need} distinct b-values, got {n_distinct} "
+            f"({np.unique(b).tolist()})"
         )
     _check_b_units(b)
-    _check_ivim_sampling(b)
+    if model != "simplified":
+        _check_ivim_sampling(b)
     return b
 
 
-def check_fit_options(method="segmented", bounds=None, b_threshold=200.0) -> None:
+def check_fit_options(method="segmented", bounds=None, b_threshold=200.0,
+                      model="biexponential") -> None:
     """Raise ``ValueError`` for a fit option that is wrong whatever the data: an unknown
-    method, invalid bounds, or a b_threshold that is not a finite number >= 0."""
+    method or model, a method the model does not support, invalid bounds, or a b_threshold
+    that is not a finite number >= 0."""
     _method_code(method)
+    _check_model(model, method)
     resolve_bounds(bounds)
     _threshold_value(b_threshold)
+
+
+def _check_model(model, method) -> None:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; valid models are {', '.join(MODELS)}")
+    if model == "simplified" and method == "bayesian":
+        raise ValueError("the bayesian method fits the biexponential model only; use "
+                         "method='segmented' or 'full' with model='simplified'")
 
 
 def _threshold_value(b_threshold) -> float:
@@ -258,8 +289,18 @@ def _method_code(method: str) -> int:
     return METHODS[method]
 
 
-def _check_threshold(b: np.ndarray, b_threshold: float, method: str) -> float:
+def _check_threshold(b: np.ndarray, b_threshold: float, method: str,
+                     model: str = "biexponential") -> float:
     b_threshold = _threshold_value(b_threshold)
+    if model == "simplified":
+        n_high = np.unique(b[b >= b_threshold]).size
+        if not np.any(b == 0) or n_high < 2:
+            raise ValueError(
+                f"the simplified model needs b = 0 and at least 2 distinct b-values >= "
+                f"b_threshold ({b_threshold:g} s/mm²), got {'a' if np.any(b == 0) else 'no'} "
+                f"b = 0 and {n_high}"
+            )
+        return b_threshold
     if method == "segmented":
         n_high = np.unique(b[b >= b_threshold]).size
         if n_high < 2:
@@ -357,7 +398,7 @@ def load_kernel(dtype=np.float32) -> float:
 
 
 def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False,
-               seed=0, uncertainty=False):
+               seed=0, uncertainty=False, model="biexponential"):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -378,6 +419,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
         ``bayesian`` only: seed of the EM subsample (same seed, same maps, bit for bit).
     uncertainty : bool
         Also compute ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see :func:`fit_ivim`).
+    model : {"biexponential", "simplified"}
+        See :func:`fit_ivim`.
 
     Returns
     -------
@@ -388,11 +431,11 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
     return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],), seed,
-                uncertainty)
+                uncertainty, model)
 
 
 def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_threshold=200.0,
-             progress=False, seed=0, uncertainty=False):
+             progress=False, seed=0, uncertainty=False, model="biexponential"):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -427,6 +470,12 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
         (n_b - 4)``; ``segmented``: from its two steps (see
         :mod:`fastivim.kernels.uncertainty`); ``bayesian``: the posterior SD, computed
         whatever this flag says. NaN where the map is NaN or the SD is undetermined.
+    model : {"biexponential", "simplified"}
+        ``"simplified"``: ``S(0) = S0``, ``S(b) = S0 (1 - f) exp(-b D)`` for ``b >=
+        b_threshold`` (osipy's simplified model, for 3-5 b-value protocols where D_star cannot
+        be fitted; samples with 0 < b < b_threshold are not used). Needs b = 0 and 2 distinct
+        b-values >= b_threshold; ``segmented`` and ``full`` give the same least-squares fit
+        (``bayesian`` is refused). The result's ``D_star`` (and ``D_star_sd``) is None.
 
     Returns
     -------
@@ -444,14 +493,15 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
         # any non-zero voxel is in; NaN is out (as for mask files read by fastivim.io)
         mask = np.nan_to_num(mask, nan=0.0) != 0 if mask.dtype.kind == "f" else mask.astype(bool)
     return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed,
-                uncertainty)
+                uncertainty, model)
 
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0,
-         uncertainty=False):
+         uncertainty=False, model="biexponential"):
     code = _method_code(method)
-    b = validate_b_values(b_values, signal.shape[-1])
-    b_threshold = _check_threshold(b, b_threshold, method)
+    _check_model(model, method)
+    b = validate_b_values(b_values, signal.shape[-1], model)
+    b_threshold = _check_threshold(b, b_threshold, method, model)
     bounds = resolve_bounds(bounds)
     n_b = signal.shape[-1]
     if mask is None:
@@ -459,7 +509,10 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     else:
         Y = _as_kernel_matrix(signal[mask])
     extra = {}
-    if code == METHOD_BAYESIAN:
+    if model == "simplified":
+        out, status, sd = _run_simplified(Y, b, bounds, b_threshold, uncertainty)
+        extra = {"model": model}
+    elif code == METHOD_BAYESIAN:
         out, status, sd, extra = _run_bayesian(Y, b, bounds, b_threshold, seed, progress)
     else:
         out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress)
@@ -474,6 +527,9 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
         status_map = np.full(spatial, st.OUTSIDE_MASK, dtype=np.uint8)
         status_map[mask] = status
     del out, sd
+    if model == "simplified":
+        maps["D_star"] = None  # the model has no D_star: no map rather than a NaN one
+        maps.pop("D_star_sd", None)
     return IVIMResult(
         quality_mask=status_map == st.OK,
         status=status_map,
@@ -484,6 +540,22 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
         **maps,
         **extra,
     )
+
+
+def _run_simplified(Y, b, bounds, b_threshold, want_sd):
+    """Fit the simplified model to a (n_vox, n_b) matrix: ``out`` (n_vox, 6) float32 with a
+    NaN D_star column, ``status`` uint8, and ``sd`` (n_vox, 4) float32 or None."""
+    n = Y.shape[0]
+    out = np.empty((n, len(OUTPUT_COLUMNS)), dtype=np.float32)
+    sd = np.empty((n, 4), dtype=np.float32)
+    status = np.empty(n, dtype=np.uint8)
+    if n:
+        bu, groups = np.unique(b, return_inverse=True)
+        w = np.bincount(groups).astype(np.float64)
+        simplified.fit_simplified_volume(Y, groups.astype(np.int64), bu * 1e-3, w, bu == 0,
+                                         bu >= b_threshold, bounds_array(bounds),
+                                         bool(want_sd), chunk_count(n), out, sd, status)
+    return out, status, (sd if want_sd else None)
 
 
 def _ls_uncertainty(Y, code, b, b_threshold, out):
@@ -624,4 +696,5 @@ def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
     return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2)}
 
 
-__all__ = ["IVIMResult", "METHODS", "fit_ivim", "fit_voxels", "validate_b_values", "PARAM_NAMES"]
+__all__ = ["IVIMResult", "METHODS", "MODELS", "fit_ivim", "fit_voxels", "validate_b_values",
+           "PARAM_NAMES"]
