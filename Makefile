@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-nojit bench bench-peers bench-cli bench-batch peers-env lint clean
+.PHONY: install demo test test-nojit bench bench-peers bench-cli bench-batch bench-accuracy peers-env lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ bench-cli: install
 ## Subjects per minute for `fastivim batch` (local and a 2-worker Dask cluster).
 bench-batch: install
 	$(BIN)/python bench/bench_batch.py
+
+## RMSE against the truth of segmented, full and bayesian on the tissue phantom, per tissue.
+bench-accuracy: install
+	$(BIN)/python bench/bench_accuracy.py
 
 OSIPY_VENV ?= .venv-osipy
 PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)

@@ -312,11 +312,9 @@ def _fail(out, sd, v, code):
 
 @jit_voxel
 def posterior_voxel(Y, v, groups, w, bu, sigma2, M, nn, inv_nn, logw, par, cvar, edge, s0_lo,
-                    s0_hi, ybar, a, ll, acc, out, sd):
+                    s0_hi, ybar, a, ll, out, sd):
     """Posterior mean and SD of voxel row ``v`` over the grid; writes ``out[v]`` (6 columns as
     the least-squares kernels) and ``sd[v]`` (:data:`SD_COLUMNS`); returns the status.
-
-    ``acc`` (16,) is scratch for the posterior sums.
     """
     raw_max = debiased_means(Y, v, groups, w, sigma2, ybar)
     if not raw_max > 0.0:
@@ -325,43 +323,55 @@ def posterior_voxel(Y, v, groups, w, bu, sigma2, M, nn, inv_nn, logw, par, cvar,
     mx = log_likelihoods(ybar, w, M, nn, inv_nn, logw, s0_lo, s0_hi, inv2s2, a, ll)
     if not math.isfinite(mx):
         return _fail(out, sd, v, st.NUMERICAL_FAILURE)
-    for k in range(acc.shape[0]):
-        acc[k] = 0.0
+    # local accumulators (not an array): they stay in registers through the loop
+    z0 = zs = zs2 = 0.0
+    zf = zf2 = zds = zds2 = zd = zd2 = 0.0
+    lo_f = hi_f = lo_ds = hi_ds = lo_d = hi_d = 0.0
     for g in range(nn.shape[0]):
         d = ll[g] - mx
         if d > -LOG_CUTOFF:
             p = math.exp(d)
             s = min(max(a[g] * inv_nn[g], s0_lo), s0_hi)
-            acc[0] += p
-            acc[1] += p * s
-            acc[2] += p * (s * s + sigma2 * inv_nn[g])  # S0 given g is Gaussian, variance s²/|m|²
-            for k in range(3):
-                x = par[k, g]
-                acc[3 + 2 * k] += p * x
-                acc[4 + 2 * k] += p * (x * x + cvar[k, g])
-                if edge[k, g] < 0:
-                    acc[9 + k] += p
-                elif edge[k, g] > 0:
-                    acc[12 + k] += p
-    z = 1.0 / acc[0]
-    S0 = acc[1] * z
-    out[v, 0] = S0
-    sd[v, 0] = math.sqrt(max(acc[2] * z - S0 * S0, 0.0))
-    for k in range(3):
-        m = acc[3 + 2 * k] * z
-        out[v, 1 + k] = m
-        sd[v, 1 + k] = math.sqrt(max(acc[4 + 2 * k] * z - m * m, 0.0))
-    f = acc[3] * z
-    Ds = acc[5] * z
-    D = acc[7] * z
+            z0 += p
+            zs += p * s
+            zs2 += p * (s * s + sigma2 * inv_nn[g])  # S0 given g is Gaussian, var sigma²/|m|²
+            x = par[0, g]
+            zf += p * x
+            zf2 += p * (x * x + cvar[0, g])
+            x = par[1, g]
+            zds += p * x
+            zds2 += p * (x * x + cvar[1, g])
+            x = par[2, g]
+            zd += p * x
+            zd2 += p * (x * x + cvar[2, g])
+            if edge[0, g] != 0 or edge[1, g] != 0 or edge[2, g] != 0:  # rare
+                lo_f += p if edge[0, g] < 0 else 0.0
+                hi_f += p if edge[0, g] > 0 else 0.0
+                lo_ds += p if edge[1, g] < 0 else 0.0
+                hi_ds += p if edge[1, g] > 0 else 0.0
+                lo_d += p if edge[2, g] < 0 else 0.0
+                hi_d += p if edge[2, g] > 0 else 0.0
+    z = 1.0 / z0
+    S0 = zs * z
+    f = zf * z
+    Ds = zds * z
+    D = zd * z
     if not (math.isfinite(S0) and math.isfinite(f) and math.isfinite(Ds) and math.isfinite(D)):
         return _fail(out, sd, v, st.NUMERICAL_FAILURE)
+    out[v, 0] = S0
+    out[v, 1] = f
+    out[v, 2] = Ds
+    out[v, 3] = D
+    sd[v, 0] = math.sqrt(max(zs2 * z - S0 * S0, 0.0))
+    sd[v, 1] = math.sqrt(max(zf2 * z - f * f, 0.0))
+    sd[v, 2] = math.sqrt(max(zds2 * z - Ds * Ds, 0.0))
+    sd[v, 3] = math.sqrt(max(zd2 * z - D * D, 0.0))
     r2, rmse = _raw_fit_measures(Y, v, groups, bu, S0, f, Ds, D)  # float64, not the stored maps
     out[v, 4] = r2
     out[v, 5] = rmse
-    for k in range(3):
-        if acc[9 + k] * z > EDGE_MASS or acc[12 + k] * z > EDGE_MASS:
-            return st.AT_BOUND
+    edge_mass = max(max(lo_f, hi_f), max(max(lo_ds, hi_ds), max(lo_d, hi_d))) * z
+    if edge_mass > EDGE_MASS:
+        return st.AT_BOUND
     return st.OK
 
 
@@ -383,7 +393,6 @@ def posterior_volume(Y, groups, w, bu, sigma2, M, nn, inv_nn, logw, par, cvar, e
         ybar = np.empty(nu)
         a = np.empty(ng)
         ll = np.empty(ng)
-        acc = np.empty(16)
         for v in range(c * n // n_chunks, (c + 1) * n // n_chunks):
             status[v] = posterior_voxel(Y, v, groups, w, bu, sigma2, M, nn, inv_nn, logw, par,
-                                        cvar, edge, s0_lo, s0_hi, ybar, a, ll, acc, out, sd)
+                                        cvar, edge, s0_lo, s0_hi, ybar, a, ll, out, sd)
