@@ -1,10 +1,12 @@
-"""Small standard-library helpers shared by io, cli, report and batch.
+"""Small standard-library helpers shared by io, pipeline, cli, report and batch.
 
-Atomic file writes (a file appears complete or not at all) and one-line error messages.
+Atomic file writes (a file appears complete or not at all), the one JSON encoding of every file
+fastivim writes, and one-line error messages.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -26,6 +28,16 @@ def write_atomic(path, payload: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def json_bytes(obj) -> bytes:
+    """The JSON text of every file fastivim writes: indented, UTF-8, no NaN/inf (an error)."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def write_json_atomic(path, obj) -> None:
+    """:func:`write_atomic` of :func:`json_bytes`."""
+    write_atomic(path, json_bytes(obj))
 
 
 def one_line(exc: BaseException) -> str:

@@ -5,7 +5,7 @@
 
     BIDS_ROOT/sub-<S>/[ses-<T>/]dwi/<entities>_dwi.nii[.gz]   + <entities>_dwi.bval beside it
         [+ optional mask, by MASK_PATTERN, default <entities>_desc-brain_mask.nii.gz beside it]
-    ─ fit (io.fit_file) ─>
+    ─ fit (pipeline.run, as fastivim run --bids) ─>
     DERIV_DIR/sub-<S>/[ses-<T>/]dwi/sub-<S>_[ses-<T>_]model-ivim_<map>.nii.gz + .json   (as run)
     DERIV_DIR/sub-<S>/[ses-<T>/]dwi/sub-<S>_[ses-<T>_]model-ivim_fastivim.json  (run record, last)
     DERIV_DIR/fastivim_summary.tsv + .json       (one row per series: medians, counts, status)
@@ -23,8 +23,10 @@ Resuming
     into place; before a series is refitted its record, then its old maps, are deleted. So
     maps exist only with their record (but for the instant of the final renames), and an
     interrupted series never counts as done. A re-run skips complete series (``fitted =
-    earlier-run`` in the table) and redoes the rest: missing, interrupted, failed, or made
-    with other fit options or another input path. ``--redo`` refits everything.
+    earlier-run`` in the table) and redoes the rest: missing, interrupted, failed, made with
+    other fit options or another input path, or from inputs whose content changed since (the
+    record keeps the size and SHA-256 of the image, b-values and mask). ``--redo`` refits
+    everything.
 
 Where it runs, and how many threads
     Default: in this process, one series at a time, each fitted by the parallel numba kernel on
@@ -40,26 +42,26 @@ Where it runs, and how many threads
     numba threads, so that workers × threads ≤ cores on every host (``--threads`` overrides;
     a worker that joins after the start fits with 1 thread).
     Dask is an optional extra: ``pip install 'fastivim[cluster]'``.
+
+This module is library code: :func:`run_batch` and :func:`plan` are called by ``fastivim batch``
+(:mod:`fastivim.cli.batch`, which only parses options and prints) and can be called from Python.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import shlex
 import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import click
-
 from ._atomic import one_line as _one_line
-from ._atomic import write_atomic
+from ._atomic import write_atomic, write_json_atomic
+from .options import RunOptions, check_threads
 
 #: Where a series' own mask is looked for (relative to BIDS_ROOT unless absolute); see
 #: :func:`find_series`. A missing file means the automatic mask.
@@ -79,6 +81,8 @@ EXIT_SOME_FAILED = 3
 COLUMNS = {
     "participant_id": ("BIDS subject, sub-<label>", None),
     "session_id": ("BIDS session, ses-<label>, or n/a", None),
+    "series": ("the series' BIDS entities (image name before _dwi), as in its output names",
+               None),
     "status": ("ok: maps written; failed: see error; pending: not reached (interrupted run)",
                None),
     "fitted": ("this-run: fitted now; earlier-run: complete outputs reused; n/a", None),
@@ -120,8 +124,11 @@ class Series:
     mask : Path or None
         The mask found by the mask pattern; None means the automatic mask.
     problem : str or None
-        A problem found before fitting (e.g. two series for one subject/session); the series
+        A problem found before fitting (a broken link, two images of one series); the series
         is then reported as failed with this message.
+    entities : str
+        BIDS entities of the image name besides sub and ses (``acq-a_dir-AP``); they name the
+        outputs too (see :func:`fastivim.io.source_entities`).
     """
 
     subject: str
@@ -129,11 +136,13 @@ class Series:
     dwi: Path
     mask: Path | None = None
     problem: str | None = None
+    entities: str = ""
 
     @property
     def label(self) -> str:
-        """``sub-01`` or ``sub-01_ses-1``."""
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+        """The series' BIDS entities: ``sub-01``, ``sub-01_ses-1`` or ``sub-06_acq-a``."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "") + (
+            f"_{self.entities}" if self.entities else "")
 
 
 def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
@@ -156,12 +165,14 @@ def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
         Sorted by subject, session, file name. Several series that would write the same maps
         (same subject and session) are all returned with a ``problem``.
     """
+    from .io import source_entities
+
     root = Path(bids_root).absolute()
     found = []
     for pattern in ("sub-*/dwi/*_dwi.nii*", "sub-*/ses-*/dwi/*_dwi.nii*"):
         for dwi in root.glob(pattern):
             m = _DWI_RE.match(dwi.name)
-            if m is None or not dwi.is_file():
+            if m is None or dwi.is_dir():
                 continue
             rel = dwi.relative_to(root).parts
             subject = rel[0][len("sub-"):]
@@ -176,82 +187,77 @@ def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
                                  f"(use {{subject}}, {{session}}, {{entities}}, {{dwi_dir}})"
                                  ) from None
             mask = mask if mask.is_absolute() else root / mask
-            found.append(Series(subject, session, dwi, mask if mask.is_file() else None))
+            problem = None
+            if not dwi.is_file():  # a link whose target is gone: reported, never skipped
+                problem = (f"{dwi}: broken symbolic link (its target {os.readlink(dwi)} does "
+                           f"not exist)" if dwi.is_symlink() else f"{dwi}: not a regular file")
+            found.append(Series(subject, session, dwi, mask if mask.is_file() else None,
+                                problem, source_entities(dwi)))
     found.sort(key=lambda s: (s.subject, s.session or "", s.dwi.name))
-    per_target = Counter((s.subject, s.session) for s in found)
+    per_target = Counter(s.label for s in found)
     out = []
     for s in found:
-        if per_target[(s.subject, s.session)] > 1:
-            others = [o.dwi.name for o in found
-                      if (o.subject, o.session) == (s.subject, s.session)]
-            s = Series(s.subject, s.session, s.dwi, s.mask,
-                       problem=f"{s.dwi}: {len(others)} DWI series for {s.label} "
-                               f"({', '.join(others)}) would write the same maps; fit them "
-                               f"one by one with fastivim run")
+        if per_target[s.label] > 1 and s.problem is None:
+            others = [o.dwi.name for o in found if o.label == s.label]
+            s = replace(s, problem=f"{s.dwi}: {len(others)} images for the series {s.label} "
+                                   f"({', '.join(others)}) would write the same maps; keep one")
         out.append(s)
     return out
 
 
 # ------------------------------------------------------------------------------- one series
 
-@dataclass(frozen=True)
-class FitSettings:
-    """The fit options of a batch; a series is reused only if its record has the same ones."""
+def _layout(series: Series, deriv_dir):
+    from .io import bids_layout
 
-    method: str = "segmented"
-    b_threshold: float = 200.0
-    bounds: dict = field(default_factory=dict)
-    mask_fraction: float = 0.1
-
-    def as_dict(self) -> dict:
-        """JSON form (bounds resolved against the defaults; an infinite bound is null)."""
-        from .model import resolve_bounds
-
-        bounds = {k: [float(lo), None if math.isinf(hi) else float(hi)]
-                  for k, (lo, hi) in resolve_bounds(self.bounds or None).items()}
-        return {"method": self.method, "b_threshold": float(self.b_threshold),
-                "bounds": bounds, "mask_fraction": float(self.mask_fraction)}
+    return bids_layout(deriv_dir, series.subject, series.session, series.entities)
 
 
 def record_path(series: Series, deriv_dir) -> Path:
     """The series' run record (completion marker) in ``deriv_dir``."""
-    from .io import BIDS_ENTITY, bids_dir
-
-    return bids_dir(deriv_dir, series.subject, series.session) / (
-        f"{series.label}_{BIDS_ENTITY}_{RECORD_SUFFIX}")
+    return _layout(series, deriv_dir).record
 
 
-def _output_paths(series: Series, deriv_dir) -> list:
-    from .io import bids_paths
-
-    return bids_paths(deriv_dir, series.subject, series.session)
-
-
-def _series_settings(series: Series, settings: FitSettings) -> dict:
-    return {**settings.as_dict(), "dwi": str(series.dwi),
-            "mask": str(series.mask) if series.mask else "auto"}
+def _series_options(series: Series, deriv_dir, options: RunOptions, threads=None) -> RunOptions:
+    """The options of ``fastivim run DWI --bids DERIV --subject S [--session T] [--mask M]``."""
+    return options.replace(bids=Path(deriv_dir), subject=series.subject, session=series.session,
+                           mask=series.mask, no_mask=False, out_dir=None, overwrite=True,
+                           quiet=True, threads=threads)
 
 
-def completed_record(series: Series, deriv_dir, settings: FitSettings) -> dict | None:
-    """The series' run record if its outputs are complete and made with ``settings``, else None."""
+def _expected_settings(series: Series, options: RunOptions) -> dict:
+    """What a reusable record's ``settings`` must be (see :func:`fastivim.pipeline.make_record`)."""
+    return {**options.fit.as_json(), "mask_fraction": options.mask_fraction,
+            "dwi": str(series.dwi), "mask": str(series.mask) if series.mask else "auto"}
+
+
+def _fingerprints(series: Series) -> dict:
+    """What a run of ``series`` records as ``inputs`` (:func:`fastivim.io.input_fingerprints`)."""
+    from .io import bval_sidecar, input_fingerprints
+
+    return input_fingerprints(series.dwi, bval_sidecar(series.dwi), None, series.mask)
+
+
+def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | None:
+    """The series' run record if its outputs are complete, made with ``options`` and from the
+    same input content (image, b-values, mask: compared by SHA-256), else None."""
+    from .model import MAPS
+
     rec_path = record_path(series, deriv_dir)
     try:
         record = json.loads(rec_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("batch", {}).get("settings") != \
-            _series_settings(series, settings):
+    if not isinstance(record, dict) or record.get("settings") != \
+            _expected_settings(series, options):
         return None
-    if not all(p.is_file() for p in _output_paths(series, deriv_dir)):
+    if record.get("inputs") != _fingerprints(series):
+        return None  # an input changed since (an edited .bval, a new mask...): refit
+    model = record.get("model", "ivim")
+    expected = [m for m in MAPS if m.produced_by(model) and not m.optional]
+    if not all(p.is_file() for p in _layout(series, deriv_dir).map_files(expected)):
         return None
     return record
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    write_atomic(path, text.encode("utf-8"))
-
-
 
 
 def _remove_empty_dirs(d: Path, stop: Path) -> None:
@@ -263,19 +269,20 @@ def _remove_empty_dirs(d: Path, stop: Path) -> None:
         d = d.parent
 
 
-def fit_series(series: Series, deriv_dir, settings: FitSettings, threads: int | None = None,
+def fit_series(series: Series, deriv_dir, options: RunOptions, threads: int | None = None,
                command: str | None = None) -> dict:
     """Fit one series into ``deriv_dir`` and return its summary row; never raises for bad data.
 
-    The maps are written by :func:`fastivim.io.fit_file` (exactly as ``fastivim run --bids``
-    writes them), then the run record, last and atomically. Any previous record of the series
+    The maps and the run record are written by :func:`fastivim.pipeline.run`, exactly as
+    ``fastivim run --bids`` writes them (the record last). Any previous record of the series
     is deleted first and partial outputs of an interrupted earlier attempt are replaced.
 
     Parameters
     ----------
     series : Series
     deriv_dir : str or Path
-    settings : FitSettings
+    options : RunOptions
+        Fit options and mask fraction (inputs, outputs and threads are set per series).
     threads : int, optional
         numba threads for this fit (None: leave the current setting).
     command : str, optional
@@ -286,31 +293,24 @@ def fit_series(series: Series, deriv_dir, settings: FitSettings, threads: int | 
     dict
         A row of the summary table (see :data:`COLUMNS`), plus ``label``.
     """
-    from . import io
+    from .pipeline import run
 
     t0 = time.perf_counter()
     deriv_dir = Path(deriv_dir).absolute()
     if series.problem is not None:
         return _row(series, status="failed", error=series.problem)
-    out = io.bids_dir(deriv_dir, series.subject, series.session)
-    rec_path = record_path(series, deriv_dir)
+    layout = _layout(series, deriv_dir)
+    out = layout.folder
     try:
         with _FIT_LOCK:  # one fit per process: task slots never multiply the numba threads
             # outputs exist only with their record: drop the record first, then old maps
-            rec_path.unlink(missing_ok=True)
-            for p in _output_paths(series, deriv_dir):
+            layout.record.unlink(missing_ok=True)
+            for p in layout.map_files():
                 p.unlink(missing_ok=True)
             # exist_ok: sessions of one subject may run at once on several workers
             out.mkdir(parents=True, exist_ok=True)
-            record = io.fit_file(
-                series.dwi, mask=series.mask if series.mask is not None else "auto",
-                mask_fraction=settings.mask_fraction, method=settings.method,
-                b_threshold=settings.b_threshold, bounds=settings.bounds or None,
-                bids=deriv_dir, subject=series.subject, session=series.session,
-                overwrite=True, progress=False, threads=threads, command=command)
-            record["batch"] = {"settings": _series_settings(series, settings)}
-            record["timings"]["total"] = time.perf_counter() - t0
-            _write_json_atomic(rec_path, record)
+            record = run(series.dwi, _series_options(series, deriv_dir, options, threads),
+                         command=command)
     except Exception as exc:
         # never above sub-XX when there are sessions: a sibling session may be writing there
         _remove_empty_dirs(out, out.parent.parent if series.session else deriv_dir)
@@ -324,6 +324,7 @@ def _row(series: Series, status: str, error=None, fitted=None, seconds=None) -> 
     row = {k: None for k in COLUMNS}
     row.update(participant_id=f"sub-{series.subject}",
                session_id=f"ses-{series.session}" if series.session else None,
+               series=series.label,
                status=status, fitted=fitted, seconds=seconds, error=error,
                dwi=str(series.dwi), mask=str(series.mask) if series.mask else "auto")
     row["label"] = series.label
@@ -368,12 +369,10 @@ def write_summary(rows, deriv_dir, bids_root) -> Path:
                 row[k] = p.relative_to(root).as_posix()
         lines.append("\t".join(_cell(row.get(k)) for k in COLUMNS))
     path = deriv_dir / SUMMARY_NAME
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
     side = {k: ({"Description": d, "Units": u} if u else {"Description": d})
             for k, (d, u) in COLUMNS.items()}
-    _write_json_atomic(path.with_suffix(".json"), side)
+    write_json_atomic(path.with_suffix(".json"), side)
     return path
 
 
@@ -394,26 +393,37 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _dask_fit(series, deriv_dir, settings, threads_by_worker, command):
+def _dask_fit(series, deriv_dir, options, threads_by_worker, command):
     """The Dask task: pick this worker's thread count, then :func:`fit_series`."""
     from distributed import get_worker
 
     threads = threads_by_worker.get(get_worker().address, 1)
     import numba
 
-    return fit_series(series, deriv_dir, settings,
+    return fit_series(series, deriv_dir, options,
                       threads=min(threads, numba.config.NUMBA_NUM_THREADS), command=command)
 
 
+def _numba_thread_limit() -> int:
+    """The most numba threads this process can run (``NUMBA_NUM_THREADS``)."""
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def _worker_threads(client, threads=None) -> dict:
-    """``{worker address: numba threads}`` so that workers × threads ≤ cores on each host."""
+    """``{worker address: numba threads}`` each worker will really use: workers × threads ≤
+    cores on each host, and never more than the worker's numba allows (a ``threads`` above it
+    is capped there, so the summary reports what ran, not what was asked)."""
     workers = client.scheduler_info(n_workers=-1)["workers"] if _accepts_n_workers(client) \
         else client.scheduler_info()["workers"]
+    limit = client.run(_numba_thread_limit)
     if threads is not None:
-        return {addr: threads for addr in workers}
+        return {addr: max(1, min(threads, limit.get(addr, 1))) for addr in workers}
     cores = client.run(available_cores)
     per_host = Counter(info.get("host") for info in workers.values())
-    return {addr: max(1, cores.get(addr, 1) // per_host[info.get("host")])
+    return {addr: max(1, min(cores.get(addr, 1) // per_host[info.get("host")],
+                             limit.get(addr, 1)))
             for addr, info in workers.items()}
 
 
@@ -465,23 +475,23 @@ class BatchReport:
         return 60.0 * (self.fitted + self.failed) / max(self.seconds, 1e-9)
 
 
-def run_batch(bids_root, deriv_dir, settings: FitSettings | None = None, *,
-              mask_pattern=DEFAULT_MASK_PATTERN, scheduler=None, workers=None, threads=None,
-              redo=False, progress=False, command=None) -> BatchReport:
+def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
+              mask_pattern=DEFAULT_MASK_PATTERN, scheduler=None, workers=None, redo=False,
+              progress=False, command=None) -> BatchReport:
     """Fit every series of a BIDS dataset into BIDS derivatives; write the summary table.
 
     Parameters
     ----------
     bids_root, deriv_dir : str or Path
-    settings : FitSettings, optional
+    options : RunOptions, optional
+        Fit options, mask fraction and ``threads``: numba threads per fit (default: all cores
+        locally, cores // workers per host on Dask). Inputs and outputs are set per series.
     mask_pattern : str
         See :func:`find_series`.
     scheduler : str, optional
         Address of an existing Dask scheduler (``tcp://host:8786``).
     workers : int, optional
         Start a Dask LocalCluster of this many worker processes.
-    threads : int, optional
-        numba threads per fit (default: all cores locally, cores // workers per host on Dask).
     redo : bool
         Refit complete series too.
     progress : bool
@@ -495,13 +505,11 @@ def run_batch(bids_root, deriv_dir, settings: FitSettings | None = None, *,
     """
     import numba
 
-    settings = settings or FitSettings()
-    settings.as_dict()  # validates the bounds before any work
-    most = numba.config.NUMBA_NUM_THREADS
-    if threads is not None and scheduler is None and workers is None and \
-            not 1 <= threads <= most:
-        raise ValueError(f"threads must be between 1 and {most} on this machine, got {threads}")
-    local_threads = most if threads is None else threads
+    options = options or RunOptions()
+    threads = options.threads
+    if scheduler is None and workers is None:
+        check_threads(threads)  # before any work
+    local_threads = numba.config.NUMBA_NUM_THREADS if threads is None else threads
     root = Path(bids_root).absolute()
     deriv = Path(deriv_dir).absolute()
     series = find_series(root, mask_pattern)
@@ -509,7 +517,7 @@ def run_batch(bids_root, deriv_dir, settings: FitSettings | None = None, *,
     todo = []
     n_reused = 0
     for s in series:
-        rec = None if redo else completed_record(s, deriv, settings)
+        rec = None if redo else completed_record(s, deriv, options)
         if rec is not None:
             rows[s.label] = _row_from_record(s, rec, fitted="earlier-run")
             n_reused += 1
@@ -528,6 +536,8 @@ def run_batch(bids_root, deriv_dir, settings: FitSettings | None = None, *,
             report.where = (f"Dask scheduler {scheduler}" if scheduler is not None
                             else f"Dask LocalCluster of {workers} worker processes")
             report.threads = _describe_threads(tbw)
+            if threads is not None and any(t < threads for t in tbw.values()):
+                report.threads += f" ({threads} asked for, capped at the workers' cores)"
         else:
             threads = local_threads
             report.threads = f"{threads} numba thread{'s' * (threads > 1)}, one series at a time"
@@ -539,7 +549,7 @@ def run_batch(bids_root, deriv_dir, settings: FitSettings | None = None, *,
             bar = tqdm(total=len(todo), unit="subject", file=sys.stderr, dynamic_ncols=True,
                        desc="fastivim batch")
         started = True
-        for row in _execute(todo, deriv, settings, threads, command, client, tbw):
+        for row in _execute(todo, deriv, options, threads, command, client, tbw):
             rows[row["label"]] = row
             if row["status"] == "failed":
                 report.failed += 1
@@ -570,15 +580,15 @@ def _describe_threads(tbw: dict) -> str:
                      for t, n in sorted(counts.items()))
 
 
-def _execute(todo, deriv, settings, threads, command, client, threads_by_worker):
+def _execute(todo, deriv, options, threads, command, client, threads_by_worker):
     """Yield the row of every series in ``todo`` as it finishes."""
     if client is None:
         for s in todo:
-            yield fit_series(s, deriv, settings, threads=threads, command=command)
+            yield fit_series(s, deriv, options, threads=threads, command=command)
         return
     from distributed import as_completed
 
-    futures = {client.submit(_dask_fit, s, deriv, settings, threads_by_worker, command,
+    futures = {client.submit(_dask_fit, s, deriv, options, threads_by_worker, command,
                              pure=False, key=f"fastivim-{s.label}-{os.urandom(4).hex()}"): s
                for s in todo}
     try:
@@ -605,33 +615,28 @@ def _ensure_dataset_description(deriv: Path) -> None:
     if desc.exists():
         return
     deriv.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(desc, io.dataset_description())
+    write_json_atomic(desc, io.dataset_description())
 
 
-# ------------------------------------------------------------------------------- the command
+# ------------------------------------------------------------------------------- planning
 
-def _bounds_callback(ctx, param, values):
-    from .cli import _parse_bounds  # late: cli imports this module to add the command
+def plan(bids_root, deriv_dir, options: RunOptions | None = None,
+         mask_pattern: str = DEFAULT_MASK_PATTERN, redo: bool = False) -> list:
+    """What :func:`run_batch` would do, writing nothing (``fastivim batch --dry-run``).
 
-    return _parse_bounds(ctx, param, values)
-
-
-def _command_line() -> str:
-    """The command as typed (through ``fastivim batch``), else this process's argv."""
-    from . import cli
-
-    if cli._Main.argv[:1] == ["batch"]:
-        return cli._command_line()
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-
-
-def _dry_run(bids_root, deriv_dir, settings, mask_pattern, redo) -> list:
+    Returns
+    -------
+    list of tuple
+        ``(label, action, dwi, mask, problem)`` per series: action ``fit``,
+        ``skip (complete)`` or ``fail``; dwi and mask relative to ``bids_root`` where inside it.
+    """
+    options = options or RunOptions()
     root = Path(bids_root).absolute()
     lines = []
     for s in find_series(root, mask_pattern):
         if s.problem is not None:
             action = "fail"
-        elif not redo and completed_record(s, deriv_dir, settings) is not None:
+        elif not redo and completed_record(s, deriv_dir, options) is not None:
             action = "skip (complete)"
         else:
             action = "fit"
@@ -639,82 +644,6 @@ def _dry_run(bids_root, deriv_dir, settings, mask_pattern, redo) -> list:
             str(s.mask) if s.mask else "auto")
         lines.append((s.label, action, s.dwi.relative_to(root).as_posix(), mask, s.problem))
     return lines
-
-
-@click.command("batch", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("bids_root", type=click.Path(path_type=Path, file_okay=False))
-@click.option("-o", "--out-dir", "deriv_dir", type=click.Path(path_type=Path), required=True,
-              metavar="DERIV_DIR", help="BIDS derivatives directory to write into")
-@click.option("--mask-pattern", default=DEFAULT_MASK_PATTERN, show_default=True,
-              metavar="PATTERN",
-              help="per-series mask, relative to BIDS_ROOT; placeholders {subject}, {session}, "
-                   "{entities}, {dwi_dir}; series without one get the automatic mask")
-@click.option("--mask-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-              show_default=True, help="automatic mask: fraction of the 99th-percentile "
-                                      "lowest-b signal")
-@click.option("--method", type=click.Choice(["segmented", "full"]), default="segmented",
-              show_default=True)
-@click.option("--b-threshold", type=click.FloatRange(min=0), default=200.0, show_default=True,
-              metavar="B", help="s/mm²: samples at or above it give D (segmented)")
-@click.option("--bounds", multiple=True, callback=_bounds_callback, metavar="KEY=LO,HI",
-              help="bound of one parameter (repeatable; keys S0, f, D_star, D)")
-@click.option("--threads", type=click.IntRange(min=1), metavar="N",
-              help="numba threads per fit [default: all cores; with Dask, cores // worker "
-                   "processes of the host]")
-@click.option("--workers", type=click.IntRange(min=1), metavar="N",
-              help="start a local Dask cluster of N worker processes (fastivim[cluster])")
-@click.option("--scheduler", metavar="ADDRESS",
-              help="send the series to this existing Dask scheduler, e.g. tcp://host:8786")
-@click.option("--redo", is_flag=True, help="refit series whose outputs are complete too")
-@click.option("-n", "--dry-run", is_flag=True, help="list the series and what would be done")
-@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-def batch_command(bids_root, deriv_dir, mask_pattern, mask_fraction, method, b_threshold,
-                  bounds, threads, workers, scheduler, redo, dry_run, quiet):
-    """Fit every sub-*/[ses-*/]dwi/*_dwi.nii[.gz] of BIDS_ROOT into BIDS derivatives DERIV_DIR.
-
-    Each series needs its .bval beside it. Writes the maps of `fastivim run --bids` per series
-    and DERIV_DIR/fastivim_summary.tsv (one row per series). Series that fail are recorded
-    there with their error and the others go on (exit status 3 if any failed). A re-run skips
-    series whose outputs are complete and redoes the rest.
-    """
-    if workers is not None and scheduler is not None:
-        raise click.UsageError("--workers and --scheduler exclude each other")
-    if not bids_root.is_dir():
-        raise click.ClickException(f"{bids_root}: no such directory (expected a BIDS dataset)")
-    settings = FitSettings(method=method, b_threshold=b_threshold, bounds=dict(bounds),
-                           mask_fraction=mask_fraction)
-    try:
-        settings.as_dict()
-        if dry_run:
-            lines = _dry_run(bids_root, deriv_dir, settings, mask_pattern, redo)
-        else:
-            found = find_series(bids_root, mask_pattern)
-    except ValueError as exc:
-        raise click.ClickException(_one_line(exc)) from None
-    if dry_run:
-        if not lines:
-            raise click.ClickException(f"{bids_root}: no sub-*/[ses-*/]dwi/*_dwi.nii[.gz] found")
-        width = max(len(x[0]) for x in lines)
-        for label, action, dwi, mask, problem in lines:
-            click.echo(f"{label:<{width}}  {action:<15}  {dwi}  mask: {mask}")
-            if problem:
-                click.echo(f"{'':<{width}}  {problem}")
-        counts = Counter(x[1] for x in lines)
-        click.echo(f"{len(lines)} series: " + ", ".join(f"{n} {a}" for a, n in counts.items())
-                   + " (dry run: nothing written)")
-        return
-    if not found:
-        raise click.ClickException(f"{bids_root}: no sub-*/[ses-*/]dwi/*_dwi.nii[.gz] found")
-    ctx = click.get_current_context()
-    try:
-        report = run_batch(bids_root, deriv_dir, settings, mask_pattern=mask_pattern,
-                           scheduler=scheduler, workers=workers, threads=threads, redo=redo,
-                           progress=not quiet, command=_command_line())
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
-    click.echo(closing_summary(report, Path(bids_root), Path(deriv_dir)))
-    if report.failed:
-        ctx.exit(EXIT_SOME_FAILED)
 
 
 def closing_summary(report: BatchReport, bids_root: Path, deriv_dir: Path) -> str:
@@ -741,6 +670,6 @@ def closing_summary(report: BatchReport, bids_root: Path, deriv_dir: Path) -> st
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_MASK_PATTERN", "EXIT_SOME_FAILED", "SUMMARY_NAME", "BatchReport",
-           "FitSettings", "Series", "batch_command", "completed_record", "find_series",
-           "fit_series", "read_summary", "record_path", "run_batch", "write_summary"]
+__all__ = ["DEFAULT_MASK_PATTERN", "EXIT_SOME_FAILED", "SUMMARY_NAME", "BatchReport", "Series",
+           "closing_summary", "completed_record", "find_series", "fit_series", "plan",
+           "read_summary", "record_path", "run_batch", "write_summary"]

@@ -1,79 +1,43 @@
-"""Options of ``fastivim run``: one table for the defaults, ``dump-defaults`` and ``--config``.
+"""Config files of ``fastivim run``: ``dump-defaults`` writes one, ``--config`` reads one.
 
-A config file is YAML with some of the keys of :data:`OPTIONS`; ``fastivim dump-defaults`` writes
-all of them with their defaults and a comment each. Values from the command line win over the
-file, which wins over the defaults. An unknown key or a value of the wrong type is an error that
-names the file and the key; nothing is ignored silently.
+A config file is YAML with some of the keys of :data:`fastivim.options.OPTIONS`;
+``fastivim dump-defaults`` writes all of them with their defaults and a comment each. Values from
+the command line win over the file, which wins over the defaults. An unknown key or a value of
+the wrong type is an error that names the file and the key; nothing is ignored silently.
 
-Paths in a config file are taken relative to the directory the command runs in.
+Relative paths in a config file (``bvals``, ``bvecs``, ``mask``, ``out_dir``, ``bids``) are taken
+relative to the folder of the config file, so a file works from wherever the command runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
-from .model import DEFAULT_BOUNDS, PARAM_NAMES, resolve_bounds
+from .model import PARAM_NAMES
+from .options import (
+    BY_KEY,
+    DEFAULTS,
+    OPTIONS,
+    OptionError,
+    check_bounds,
+    check_threads,
+    resolve_path,
+)
+from .options import check_value as _check_value
+
+__all__ = ["BY_KEY", "OPTIONS", "ConfigError", "check_bounds", "check_value", "defaults",
+           "dump_defaults", "load_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """A config file that cannot be used; the message names the file and the key."""
 
 
-@dataclass(frozen=True)
-class Option:
-    """One option of ``fastivim run``: its config key, default, value kind and help text."""
-
-    key: str
-    default: object
-    kind: str  # path | bool | float | threads | method | bounds | label | count
-    help: str
-
-
-#: Every option of ``fastivim run`` that a config file may set, in ``dump-defaults`` order.
-OPTIONS = (
-    Option("bvals", None, "path",
-           "b-value file, s/mm² (FSL/BIDS one row, or one value per line); "
-           "if not set: <image stem>.bval beside the image"),
-    Option("bvecs", None, "path", "gradient directions (3 rows or 3 columns); recorded, not used"),
-    Option("mask", None, "path", "3D NIfTI on the image's grid, any non-zero voxel is fitted; "
-                                 "if not set: automatic mask from the lowest-b image"),
-    Option("no_mask", False, "bool", "fit every voxel (no mask at all)"),
-    Option("mask_fraction", 0.1, "fraction",
-           "automatic mask: keep voxels whose lowest-b signal exceeds this fraction of the "
-           "image's 99th-percentile lowest-b signal"),
-    Option("method", "segmented", "method",
-           "segmented: D from the high-b samples first; full: all four parameters together"),
-    Option("b_threshold", 200.0, "float", "s/mm²: samples at or above it give D (segmented)"),
-    Option("bounds", {k: list(v) for k, v in DEFAULT_BOUNDS.items()}, "bounds",
-           "[lower, upper] per parameter (S0 signal units, f fraction, D_star and D mm²/s); "
-           "upper null: no bound"),
-    Option("threads", None, "threads", "numba threads; if not set: all cores"),
-    Option("out_dir", None, "path", "output directory; if not set: <image stem>_ivim/ in the "
-                                    "current directory (unless bids is set)"),
-    Option("overwrite", False, "bool", "replace maps that already exist"),
-    Option("bids", None, "path", "BIDS derivatives directory to write into (needs subject)"),
-    Option("subject", None, "label", "BIDS subject label, without 'sub-'"),
-    Option("session", None, "label", "BIDS session label, without 'ses-'"),
-    Option("report", False, "bool", "write the quality-control report after the fit "
-                                    "(needs fastivim[report])"),
-    Option("quiet", False, "bool", "no progress bar or notes on stderr"),
-    Option("verbose", 0, "count", "more notes on stderr (0, 1 or 2)"),
-)
-
-#: Option by key.
-BY_KEY = {o.key: o for o in OPTIONS}
-
-
 def defaults() -> dict:
-    """Every option's default value (a fresh copy)."""
-    return {o.key: _copy(o.default) for o in OPTIONS}
-
-
-def _copy(value):
-    if isinstance(value, dict):
-        return {k: list(v) for k, v in value.items()}
-    return value
+    """Every option's default value (a fresh copy; bounds as ``{name: [lower, upper]}``)."""
+    return {k: ({n: list(v) for n, v in d.items()} if isinstance(d, dict) else d)
+            for k, d in DEFAULTS.items()}
 
 
 def _yaml_scalar(value) -> str:
@@ -89,7 +53,9 @@ def _yaml_scalar(value) -> str:
 def dump_defaults() -> str:
     """YAML text with every option, its default and a comment (``fastivim dump-defaults``)."""
     lines = ["# fastivim run options. Use: fastivim run --config THIS_FILE dwi.nii.gz",
-             "# Command-line options win over this file; unknown keys are errors.", ""]
+             "# Command-line options win over this file; unknown keys are errors.",
+             "# Relative paths (bvals, bvecs, mask, out_dir, bids) are taken relative to the",
+             "# folder of this file, not to where the command runs.", ""]
     for o in OPTIONS:
         lines.append(f"# {o.help}")
         if o.kind == "bounds":
@@ -102,89 +68,45 @@ def dump_defaults() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def check_value(key: str, value, where: str = "config"):
-    """Validate one option value and return it normalised.
+    """Validate one config value (YAML types) and return it normalised; see
+    :func:`fastivim.options.check_value`.
 
     Raises
     ------
     ConfigError
         Unknown key or wrong type; the message starts with ``where`` and names the key.
     """
-    if key not in BY_KEY:
-        raise ConfigError(f"{where}: unknown key {key!r} (valid keys: {', '.join(BY_KEY)})")
-    kind = BY_KEY[key].kind
-
-    def bad(expected):
-        return ConfigError(f"{where}: {key!r} must be {expected}, got {value!r}")
-
-    if kind == "path":
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value:
-            raise bad("a path or null")
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind == "float":
-        if not _is_number(value) or not math.isfinite(value):
-            raise bad("a finite number")
-        return float(value)
-    if kind == "fraction":
-        if not _is_number(value) or not 0 <= value < 1:
-            raise bad("a number in [0, 1)")
-        return float(value)
-    if kind == "threads":
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise bad("a positive integer or null")
-        return value
-    if kind == "count":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise bad("a non-negative integer")
-        return value
-    if kind == "label":
-        if value is None:
-            return None
-        if isinstance(value, int) and not isinstance(value, bool):
-            raise bad("a quoted label such as '01' (a bare number loses its leading zeros)")
-        if not isinstance(value, str) or not value.isalnum():
-            raise bad("a letters-and-digits label or null")
-        return value
-    if kind == "method":
-        if value not in ("segmented", "full"):
-            raise bad("'segmented' or 'full'")
-        return value
-    if kind == "bounds":
-        return check_bounds(value, where)
-    raise AssertionError(kind)  # pragma: no cover
-
-
-def check_bounds(value, where: str = "config") -> dict:
-    """Validate a ``{name: [lower, upper]}`` mapping (upper may be null for no bound)."""
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: 'bounds' must be a mapping of parameter: [lower, upper], "
-                          f"got {value!r}")
-    out = {}
-    for k, pair in value.items():
-        name = f"bounds.{k}"
-        if k not in PARAM_NAMES:
-            raise ConfigError(f"{where}: unknown key {name!r} (valid: {', '.join(PARAM_NAMES)})")
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _is_number(pair[0])
-                or not (pair[1] is None or _is_number(pair[1]))):
-            raise ConfigError(f"{where}: {name!r} must be [lower, upper] numbers, got {pair!r}")
-        out[k] = (float(pair[0]), math.inf if pair[1] is None else float(pair[1]))
     try:
-        resolve_bounds(out)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return out
+        return _check_value(key, value, where, strict=True)
+    except OptionError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+#: YAML 1.1 (PyYAML) reads a number in exponent form without a dot, ``1e-4``, as a string;
+#: config files are full of such diffusivities, so they are read as floats as YAML 1.2 does.
+_FLOAT_RE = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+             r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+             r"|[0-9][0-9_]*[eE][-+]?[0-9]+)$"
+             r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+def _loader():
+    """A safe YAML loader that reads ``1e-4`` as a float (see :data:`_FLOAT_RE`)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_RE),
+                                 list("-+0123456789."))
+    return Loader
 
 
 def load_config(path) -> dict:
@@ -197,7 +119,8 @@ def load_config(path) -> dict:
     Returns
     -------
     dict
-        Only the keys the file sets, validated (bounds as ``{name: (lower, upper)}``).
+        Only the keys the file sets, validated (bounds as ``{name: (lower, upper)}``; relative
+        paths joined to the config file's folder).
 
     Raises
     ------
@@ -216,7 +139,7 @@ def load_config(path) -> dict:
         raise ConfigError(f"{path}: cannot read config ({getattr(exc, 'strerror', None) or exc})"
                           ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -226,4 +149,14 @@ def load_config(path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    return {str(k): check_value(str(k), v, str(path)) for k, v in data.items()}
+    values = {str(k): check_value(str(k), v, str(path)) for k, v in data.items()}
+    if values.get("threads") is not None:
+        try:
+            check_threads(values["threads"])
+        except OptionError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    base = Path(path).absolute().parent
+    for key, value in values.items():
+        if BY_KEY[key].kind in ("path", "bvals"):
+            values[key] = resolve_path(value, base)
+    return values

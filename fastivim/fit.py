@@ -14,18 +14,20 @@ import numpy as np
 from .kernels import bayes, simplified, uncertainty
 from .kernels import status as st
 from .kernels.driver import METHOD_FULL, METHOD_SEGMENTED, chunk_count, fit_volume, make_tables
-from .model import PARAM_NAMES, bounds_array, float32_bounds, resolve_bounds
+from .model import METHODS as _METHOD_NAMES
+from .model import MODELS, PARAM_NAMES, bounds_array, float32_bounds
+from .options import FitOptions
 
 #: Code of the Bayesian method (it has its own kernels, not a branch of ``fit_volume``).
 METHOD_BAYESIAN = 2
 
-#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`.
+#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`, with their kernel code.
+#: The names and their descriptions are declared in :data:`fastivim.model.METHODS`.
 METHODS = {"segmented": METHOD_SEGMENTED, "full": METHOD_FULL, "bayesian": METHOD_BAYESIAN}
+assert set(METHODS) == set(_METHOD_NAMES), "every method of model.METHODS needs a kernel here"
 
-#: Signal models: the bi-exponential IVIM model (S0, f, D_star, D), and the simplified model
-#: (S0, f, D) for protocols with too few low b-values to fit D_star
-#: (:mod:`fastivim.kernels.simplified`).
-MODELS = ("biexponential", "simplified")
+#: Default of ``b_threshold`` (s/mm²), from :class:`fastivim.options.FitOptions`.
+B_THRESHOLD = FitOptions().b_threshold
 
 #: Bayesian fit: voxels in the EM subsample that learns the prior (drawn with the ``seed``).
 EM_VOXELS = 4000
@@ -64,6 +66,9 @@ SERIAL_BELOW = 2048
 
 #: Columns of the kernel's per-voxel output rows.
 OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")
+
+#: Maps summarised by :meth:`IVIMResult.summary` (run record, report, batch table).
+SUMMARY_MAPS = ("D", "D_star", "f", "S0", "r_squared")
 
 
 @dataclass
@@ -105,9 +110,9 @@ class IVIMResult:
     noise_sigma : float or None
         ``bayesian`` only: the noise standard deviation estimated for the volume (input units).
     model : str
-        ``"biexponential"``, or ``"simplified"``: then ``D_star`` and ``D_star_sd`` are None
-        (the model has no D_star) and R²/RMSE cover the samples the model describes (b = 0
-        and b >= b_threshold).
+        ``"ivim"`` (the bi-exponential model), or ``"simplified"``: then ``D_star`` and
+        ``D_star_sd`` are None (the model has no D_star) and R²/RMSE cover the samples the
+        model describes (b = 0 and b >= b_threshold).
     """
 
     D: np.ndarray
@@ -121,14 +126,14 @@ class IVIMResult:
     method: str
     bounds: dict
     b_values: np.ndarray
-    b_threshold: float = 200.0
+    b_threshold: float = B_THRESHOLD
     D_sd: np.ndarray | None = None
     D_star_sd: np.ndarray | None = None
     f_sd: np.ndarray | None = None
     S0_sd: np.ndarray | None = None
     prior: str | None = None
     noise_sigma: float | None = None
-    model: str = "biexponential"
+    model: str = "ivim"
 
     @property
     def shape(self) -> tuple:
@@ -145,6 +150,42 @@ class IVIMResult:
         """Number of voxels per status code (only codes that occur)."""
         codes, counts = np.unique(self.status, return_counts=True)
         return {int(c): int(n) for c, n in zip(codes, counts, strict=True)}
+
+    def summary(self, names=SUMMARY_MAPS) -> dict:
+        """Median and quartiles of some maps inside the quality mask, and voxel counts.
+
+        Parameters
+        ----------
+        names : sequence of str
+            Result attributes; those that are None (absent for this model) are left out.
+
+        Returns
+        -------
+        dict
+            ``stats``: ``{name: {"median", "q25", "q75", "n"}}`` over the finite values in the
+            quality mask, in the map's units (None when no voxel passed); ``voxels``:
+            ``total``, ``fitted`` (inside the mask), ``quality`` and ``status_counts``
+            (``{"code": count}``, string keys as in JSON).
+        """
+        q = np.asarray(self.quality_mask)
+        stats = {}
+        for name in names:
+            m = getattr(self, name, None)
+            if m is None:
+                continue
+            v = np.asarray(m, dtype=np.float64)[q]
+            v = v[np.isfinite(v)]
+            if v.size:
+                q25, med, q75 = (float(x) for x in np.percentile(v, [25, 50, 75]))
+            else:
+                q25 = med = q75 = None
+            stats[name] = {"median": med, "q25": q25, "q75": q75, "n": int(v.size)}
+        counts = self.status_counts()
+        total = int(np.asarray(self.status).size)
+        return {"stats": stats,
+                "voxels": {"total": total, "fitted": total - counts.get(st.OUTSIDE_MASK, 0),
+                           "quality": int(q.sum()),
+                           "status_counts": {str(k): v for k, v in counts.items()}}}
 
 
 #: Plausible largest b-value of a diffusion acquisition, s/mm²: below it the values are most
@@ -216,7 +257,7 @@ def _check_ivim_sampling(b: np.ndarray) -> None:
         )
 
 
-def validate_b_values(b_values, n_b: int | None = None, model: str = "biexponential"
+def validate_b_values(b_values, n_b: int | None = None, model: str = "ivim"
                       ) -> np.ndarray:
     """Check b-values and return them as float64 (n_b,).
 
@@ -258,42 +299,8 @@ def validate_b_values(b_values, n_b: int | None = None, model: str = "biexponent
     return b
 
 
-def check_fit_options(method="segmented", bounds=None, b_threshold=200.0,
-                      model="biexponential") -> None:
-    """Raise ``ValueError`` for a fit option that is wrong whatever the data: an unknown
-    method or model, a method the model does not support, invalid bounds, or a b_threshold
-    that is not a finite number >= 0."""
-    _method_code(method)
-    _check_model(model, method)
-    resolve_bounds(bounds)
-    _threshold_value(b_threshold)
-
-
-def _check_model(model, method) -> None:
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; valid models are {', '.join(MODELS)}")
-    if model == "simplified" and method == "bayesian":
-        raise ValueError("the bayesian method fits the biexponential model only; use "
-                         "method='segmented' or 'full' with model='simplified'")
-
-
-def _threshold_value(b_threshold) -> float:
-    """``b_threshold`` as a float, or ``ValueError`` unless it is finite and >= 0."""
-    b_threshold = float(b_threshold)
-    if not math.isfinite(b_threshold) or b_threshold < 0:
-        raise ValueError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
-    return b_threshold
-
-
-def _method_code(method: str) -> int:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
-    return METHODS[method]
-
-
 def _check_threshold(b: np.ndarray, b_threshold: float, method: str,
-                     model: str = "biexponential") -> float:
-    b_threshold = _threshold_value(b_threshold)
+                     model: str = "ivim") -> float:
     if model == "simplified":
         n_high = np.unique(b[b >= b_threshold]).size
         if not np.any(b == 0) or n_high < 2:
@@ -399,8 +406,9 @@ def load_kernel(dtype=np.float32) -> float:
     return time.perf_counter() - t0
 
 
-def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progress=False,
-               seed=0, uncertainty=False, model="biexponential"):
+def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD,
+               progress=False,
+               seed=0, uncertainty=False, model="ivim"):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -421,7 +429,7 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
         ``bayesian`` only: seed of the EM subsample (same seed, same maps, bit for bit).
     uncertainty : bool
         Also compute ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see :func:`fit_ivim`).
-    model : {"biexponential", "simplified"}
+    model : {"ivim", "simplified"}
         See :func:`fit_ivim`.
 
     Returns
@@ -436,8 +444,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=200.0, progr
                 uncertainty, model)
 
 
-def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_threshold=200.0,
-             progress=False, seed=0, uncertainty=False, model="biexponential"):
+def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
+             b_threshold=B_THRESHOLD, progress=False, seed=0, uncertainty=False, model="ivim"):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -472,7 +480,7 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
         (n_b - 4)``; ``segmented``: from its two steps (see
         :mod:`fastivim.kernels.uncertainty`); ``bayesian``: the posterior SD, computed
         whatever this flag says. NaN where the map is NaN or the SD is undetermined.
-    model : {"biexponential", "simplified"}
+    model : {"ivim", "simplified"}
         ``"simplified"``: ``S(0) = S0``, ``S(b) = S0 (1 - f) exp(-b D)`` for ``b >=
         b_threshold`` (osipy's simplified model, for 3-5 b-value protocols where D_star cannot
         be fitted; samples with 0 < b < b_threshold are not used). Needs b = 0 and 2 distinct
@@ -499,12 +507,16 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None, b_thr
 
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0,
-         uncertainty=False, model="biexponential"):
-    code = _method_code(method)
-    _check_model(model, method)
+         uncertainty=False, model="ivim"):
+    opts = FitOptions(method=method, bounds=bounds, b_threshold=b_threshold, model=model,
+                      uncertainty=uncertainty, seed=seed)
+    code = METHODS[opts.method]
+    model = opts.model
     b = validate_b_values(b_values, signal.shape[-1], model)
-    b_threshold = _check_threshold(b, b_threshold, method, model)
-    bounds = resolve_bounds(bounds)
+    b_threshold = _check_threshold(b, opts.b_threshold, method, model)
+    bounds = dict(opts.bounds)
+    seed = opts.seed
+    uncertainty = opts.uncertainty
     n_b = signal.shape[-1]
     if mask is None:
         Y = _as_kernel_matrix(signal.reshape(-1, n_b))

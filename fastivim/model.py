@@ -1,4 +1,4 @@
-"""The IVIM signal equation, parameter names and default bounds.
+"""The IVIM signal equation, parameter names, default bounds, the methods and the maps they make.
 
 The bi-exponential IVIM model (Le Bihan et al., Radiology 1988,
 doi:10.1148/radiology.168.2.3393671)::
@@ -6,18 +6,24 @@ doi:10.1148/radiology.168.2.3393671)::
     S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))
 
 with b in s/mm², D and D_star in mm²/s, f dimensionless and S0 in the signal's own units.
-This module is the single home of the equation: simulation, residuals and tests call it.
+This module is the single home of the equation (simulation, residuals and tests call it) and of
+the table of output maps (:data:`MAPS`): the writers, the BIDS names, the report and the run
+record all read it, so a new method or model adds entries here and its kernel in ``fit.py``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 #: Parameter order used by every kernel output column: ``params[:, i]`` is ``PARAM_NAMES[i]``.
 PARAM_NAMES = ("S0", "f", "D_star", "D")
+
+#: The model as text, for sidecars and dataset descriptions.
+EQUATION = "S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D)), b in s/mm^2"
 
 #: Units of each parameter, for sidecars and reports.
 PARAM_UNITS = {"S0": "arbitrary", "f": "fraction", "D_star": "mm^2/s", "D": "mm^2/s"}
@@ -154,3 +160,139 @@ def float32_bounds(bounds: Mapping[str, tuple]) -> tuple[np.ndarray, np.ndarray]
     above = hi32.astype(np.float64) > barr[:, 1]
     hi32[above] = np.nextafter(hi32[above], np.float32(-np.inf))
     return lo32, hi32
+
+
+def bounds_to_json(bounds: Mapping[str, tuple]) -> dict:
+    """Bounds as JSON: ``{name: [lower, upper]}`` with an infinite upper bound as ``null``."""
+    return {k: [float(lo), None if math.isinf(hi) else float(hi)] for k, (lo, hi) in bounds.items()}
+
+
+def bounds_from_json(bounds: Mapping[str, list]) -> dict:
+    """Inverse of :func:`bounds_to_json`: ``null`` (None) upper bounds become ``inf``."""
+    return {k: (float(lo), math.inf if hi is None else float(hi)) for k, (lo, hi) in bounds.items()}
+
+
+# ------------------------------------------------------------------- methods, models and maps
+
+#: Fitting methods by name, with a one-line description (help texts, config comments). Each has
+#: a kernel in :data:`fastivim.fit.METHODS`.
+METHODS = {
+    "segmented": "D from the high-b samples first, then D_star and f",
+    "full": "all four parameters together (bounded Levenberg-Marquardt, multi-start)",
+    "bayesian": "grid empirical Bayes: prior learned from the volume, posterior mean and SD",
+}
+
+#: Signal models. Every map of :data:`MAPS` names the models that produce it. ``ivim`` is the
+#: bi-exponential model; ``simplified`` has no D_star (see :data:`EQUATIONS`).
+MODELS = ("ivim", "simplified")
+
+#: Each model's equation as text, for sidecars and dataset descriptions.
+EQUATIONS = {
+    "ivim": EQUATION,
+    "simplified": "S(0) = S0; S(b) = S0 * (1 - f) * exp(-b * D) for b >= b_threshold, "
+                  "b in s/mm^2",
+}
+
+
+@dataclass(frozen=True)
+class Display:
+    """How a map is shown in the report: label, units, scale factor, fixed range, colour map.
+
+    ``scale`` multiplies the stored value (D in mm²/s × 1e3 → ×10⁻³ mm²/s). ``vmax = None``
+    means the 99th percentile of the fitted voxels (S0, whose units are arbitrary).
+    """
+
+    label: str
+    units: str
+    scale: float
+    vmin: float
+    vmax: float | None
+    cmap: str
+    log: bool = False
+
+    @property
+    def axis_label(self) -> str:
+        return f"{self.label} ({self.units})"
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """One output map, declared once.
+
+    Attributes
+    ----------
+    name : str
+        File stem in a ``fastivim run`` output folder (``D`` → ``D.nii.gz`` + ``D.json``).
+    attr : str
+        The :class:`~fastivim.IVIMResult` attribute holding it.
+    dtype : str
+        Stored dtype (float maps ``float32``, codes ``uint8``).
+    units, description : str
+        For the JSON sidecar.
+    bids_suffix : str
+        BIDS suffix, letters and digits only (``sub-01_model-ivim_<suffix>.nii.gz``).
+    display : Display or None
+        How the report draws it (None: not drawn as a map).
+    models : tuple of str
+        The models (:data:`MODELS`) whose fits have this map; absent for the others.
+    optional : bool
+        Only present when the fit was asked for it (e.g. an uncertainty map).
+    """
+
+    name: str
+    attr: str
+    dtype: str
+    units: str
+    description: str
+    bids_suffix: str
+    display: Display | None = None
+    models: tuple = MODELS
+    optional: bool = False
+
+    def produced_by(self, model: str = "ivim") -> bool:
+        """Whether a fit of ``model`` has this map."""
+        return model in self.models
+
+
+#: Every map a fit can produce, in file order. A writer writes those the result holds
+#: (:func:`maps_of`).
+MAPS = (
+    MapInfo("D", "D", "float32", "mm^2/s", "tissue (slow) diffusion coefficient D", "D",
+            Display("D", "×10⁻³ mm²/s", 1e3, 0.0, 3.0, "viridis")),
+    MapInfo("D_star", "D_star", "float32", "mm^2/s", "pseudo-diffusion coefficient D*", "Dstar",
+            Display("D*", "×10⁻³ mm²/s", 1e3, 2.0, 100.0, "plasma", log=True),
+            models=("ivim",)),
+    MapInfo("f", "f", "float32", "none", "perfusion fraction f", "f",
+            Display("f", "fraction", 1.0, 0.0, 0.5, "cividis")),
+    MapInfo("S0", "S0", "float32", "arbitrary", "fitted signal at b = 0, in the input's units",
+            "S0", Display("S0", "input units", 1.0, 0.0, None, "gray")),
+    MapInfo("R2", "r_squared", "float32", "none", "coefficient of determination of the fit", "R2",
+            Display("R²", "unitless", 1.0, 0.5, 1.0, "YlGnBu_r")),
+    MapInfo("RMSE", "rmse", "float32", "arbitrary",
+            "root-mean-square residual of the fit, in the input's units", "RMSE"),
+    MapInfo("quality_mask", "quality_mask", "uint8", "none",
+            "1 where the fit converged inside the bounds with D_star > D (status 0)",
+            "qualitymask"),
+    MapInfo("status", "status", "uint8", "none", "per-voxel fit status code (see Levels)",
+            "status"),
+    # one-SD uncertainty of each parameter: bayesian always, least squares with uncertainty
+    MapInfo("D_sd", "D_sd", "float32", "mm^2/s", "uncertainty (one standard deviation) of D",
+            "Dsd", Display("SD of D", "×10⁻³ mm²/s", 1e3, 0.0, 0.5, "magma"), optional=True),
+    MapInfo("D_star_sd", "D_star_sd", "float32", "mm^2/s",
+            "uncertainty (one standard deviation) of D*", "Dstarsd",
+            Display("SD of D*", "×10⁻³ mm²/s", 1e3, 0.0, 50.0, "magma"), models=("ivim",),
+            optional=True),
+    MapInfo("f_sd", "f_sd", "float32", "none", "uncertainty (one standard deviation) of f",
+            "fsd", Display("SD of f", "fraction", 1.0, 0.0, 0.1, "magma"), optional=True),
+    MapInfo("S0_sd", "S0_sd", "float32", "arbitrary",
+            "uncertainty (one standard deviation) of S0, in the input's units", "S0sd",
+            Display("SD of S0", "input units", 1.0, 0.0, None, "magma"), optional=True),
+)
+
+#: Map by result attribute.
+MAP_BY_ATTR = {m.attr: m for m in MAPS}
+
+
+def maps_of(result) -> tuple:
+    """The maps of :data:`MAPS` that ``result`` holds (an attribute that is None is absent)."""
+    return tuple(m for m in MAPS if getattr(result, m.attr, None) is not None)

@@ -18,7 +18,8 @@ the global backend, is never touched. matplotlib is the optional extra ``fastivi
 is imported only when a figure is drawn, and its absence raises :class:`ImportError` saying how to
 install it. ``import fastivim`` never imports this module.
 
-Colour ranges are fixed (see :data:`DISPLAY`), so maps of different subjects compare at a
+Colour ranges are fixed (see :data:`DISPLAY`, from the map table :data:`fastivim.model.MAPS`), so
+maps of different subjects compare at a
 glance; values beyond a range take the end colour (the colour bar shows an arrow):
 
 ========  ===================  ==========  ==========================================
@@ -40,19 +41,18 @@ from __future__ import annotations
 import base64
 import html
 import io as _io
-import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from ._atomic import write_atomic
+from .io.layout import REPORT_FILES
 from .kernels import status as st
-from .model import ivim_signal
+from .model import MAPS, ivim_signal
 
 #: Resolution of every figure (pixels per inch); sizes below are in inches.
 DPI = 100
@@ -63,13 +63,6 @@ N_SLICES = 4
 #: Sample voxels drawn by :func:`plot_decay` when none are given.
 N_VOXELS = 6
 
-#: File names written by :func:`make_report` into its output directory.
-REPORT_FILES = {
-    "html": "report.html",
-    "maps": "report_maps.png",
-    "histograms": "report_histograms.png",
-    "decay": "report_decay.png",
-}
 
 _INSTALL_HINT = "the report needs matplotlib: pip install fastivim[report]"
 
@@ -78,39 +71,23 @@ _QUALITY_COLOURS = ("#000000", "#e66101", "#1b9e77")  # not fitted, failed, pass
 _QUALITY_LABELS = ("not fitted", "failed", "passed")
 
 
-@dataclass(frozen=True)
-class Display:
-    """How one parameter is shown: name, units, scale factor, fixed range and colour map.
+#: Display of each map that has one (keys are :class:`~fastivim.IVIMResult` attributes), from
+#: the map table :data:`fastivim.model.MAPS`.
+DISPLAY = {m.attr: m.display for m in MAPS if m.display is not None}
 
-    ``scale`` multiplies the stored value (D in mm²/s × 1e3 → ×10⁻³ mm²/s). ``vmax = None``
-    means the 99th percentile of the fitted voxels (S0 only, whose units are arbitrary).
-    """
-
-    attr: str
-    label: str
-    units: str
-    scale: float
-    vmin: float
-    vmax: float | None
-    cmap: str
-    log: bool = False
-
-    @property
-    def axis_label(self) -> str:
-        return f"{self.label} ({self.units})"
-
-
-#: Display of each map (keys are :class:`~fastivim.IVIMResult` attributes).
-DISPLAY = {
-    "D": Display("D", "D", "×10⁻³ mm²/s", 1e3, 0.0, 3.0, "viridis"),
-    "D_star": Display("D_star", "D*", "×10⁻³ mm²/s", 1e3, 2.0, 100.0, "plasma", log=True),
-    "f": Display("f", "f", "fraction", 1.0, 0.0, 0.5, "cividis"),
-    "S0": Display("S0", "S0", "input units", 1.0, 0.0, None, "gray"),
-    "r_squared": Display("r_squared", "R²", "unitless", 1.0, 0.5, 1.0, "YlGnBu_r"),
-}
-
-#: Rows of :func:`plot_maps`, top to bottom (``quality_mask`` is the categorical row).
+#: Rows of :func:`plot_maps`, top to bottom (``quality_mask`` is the categorical row); a map the
+#: result does not hold (D_star of the simplified model) is left out.
 MAP_ROWS = ("D", "D_star", "f", "S0", "r_squared", "quality_mask")
+
+#: Uncertainty rows, drawn after :data:`MAP_ROWS` when the result holds them.
+SD_ROWS = ("D_sd", "D_star_sd", "f_sd", "S0_sd")
+
+
+def map_rows(result) -> tuple:
+    """The rows :func:`plot_maps` draws for ``result``: :data:`MAP_ROWS` and :data:`SD_ROWS`
+    that it holds."""
+    return tuple(n for n in MAP_ROWS + SD_ROWS
+                 if n == "quality_mask" or getattr(result, n, None) is not None)
 
 
 # ------------------------------------------------------------------------------ matplotlib
@@ -214,11 +191,13 @@ def _ordinal(p: float) -> str:
 
 # ------------------------------------------------------------------------------- figures
 
-def _s0_vmax(result) -> float:
-    s0 = np.asarray(result.S0)[np.asarray(result.quality_mask)]
+def _s0_vmax(result, name="S0") -> float:
+    """99th percentile of a map in arbitrary units (S0, or S0_sd) in the quality mask."""
+    m = np.asarray(getattr(result, name))
+    s0 = m[np.asarray(result.quality_mask)]
     s0 = s0[np.isfinite(s0)]
     if s0.size == 0:
-        s0 = np.asarray(result.S0)[np.isfinite(result.S0)]
+        s0 = m[np.isfinite(m)]
     v = float(np.percentile(s0, 99)) if s0.size else 1.0
     return v if v > 0 else 1.0
 
@@ -227,7 +206,7 @@ def _range(name, result, ranges):
     d = DISPLAY[name]
     if ranges and name in ranges:
         return tuple(float(v) for v in ranges[name])
-    return d.vmin, (d.vmax if d.vmax is not None else _s0_vmax(result) * d.scale)
+    return d.vmin, (d.vmax if d.vmax is not None else _s0_vmax(result, name) * d.scale)
 
 
 def _log_ticks(ax_or_cbar_axis, lo, hi):
@@ -282,21 +261,34 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
         for z in slices:
             if not 0 <= z < shape[2]:
                 raise ValueError(f"slice {z} outside 0..{shape[2] - 1}")
+    rows = map_rows(result)
     nx, ny = shape[0], shape[1]
     dx, dy = (1.0, 1.0) if voxel_size is None else (float(voxel_size[0]), float(voxel_size[1]))
     aspect = dy / dx
     panel_w = 2.1
     panel_h = float(np.clip(panel_w * (ny * dy) / (nx * dx), 1.2, 3.5))
     ncol = len(slices)
-    fig = _figure(panel_w * ncol + 1.9, panel_h * len(MAP_ROWS) + 0.6)
-    axes = fig.subplots(len(MAP_ROWS), ncol, squeeze=False)
+    # one slice (or a 2-D map): the maps side by side in a grid, each with its colour bar,
+    # rather than a one-column strip six maps tall
+    grid = ncol == 1
+    if grid:
+        gcols = 3
+        grows = -(-len(rows) // gcols)
+        fig = _figure((panel_w + 1.0) * gcols + 0.3, (panel_h + 0.45) * grows + 0.6)
+        flat = fig.subplots(grows, gcols, squeeze=False).ravel()
+        for ax in flat[len(rows):]:
+            ax.set_visible(False)
+        axes = flat[: len(rows)].reshape(-1, 1)
+    else:
+        fig = _figure(panel_w * ncol + 1.9, panel_h * len(rows) + 0.6)
+        axes = fig.subplots(len(rows), ncol, squeeze=False)
     nz_total = shape[2] if len(shape) == 3 else 1
 
     def cut(arr, z):
         a = np.asarray(arr)
         return (a[:, :, z] if a.ndim == 3 else a).T
 
-    for row, name in enumerate(MAP_ROWS):
+    for row, name in enumerate(rows):
         if name == "quality_mask":
             cmap = colors.ListedColormap(_QUALITY_COLOURS)
             norm = colors.BoundaryNorm([-0.5, 0.5, 1.5, 2.5], 3)
@@ -319,9 +311,12 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
                            interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if row == 0:
+            if grid:
+                ax.set_title(DISPLAY[name].label if name in DISPLAY else "quality",
+                             fontsize=11)
+            elif row == 0:
                 ax.set_title(f"slice z = {z}" if len(shape) == 3 else "", fontsize=10)
-            if col == 0:
+            if col == 0 and not grid:
                 ax.set_ylabel(DISPLAY[name].label if name in DISPLAY else "quality",
                               fontsize=11)
         if name == "quality_mask":
@@ -337,8 +332,14 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
                 _log_ticks(cb.ax.yaxis, lo, hi)
             cb.ax.tick_params(labelsize=8)
             cb.set_label(label, fontsize=9)
-    where = (f"slices {', '.join(map(str, slices))} of {nz_total} (last axis)"
-             if len(shape) == 3 else "the 2-D map")
+    if len(shape) != 3:
+        where = "the 2-D map"
+    elif nz_total == 1:
+        where = "the single slice"
+    elif ncol == 1:
+        where = f"slice z = {slices[0]} of {nz_total} (last axis)"
+    else:
+        where = f"slices {', '.join(map(str, slices))} of {nz_total} (last axis)"
     fig.suptitle(f"Parameter maps: {where}", fontsize=12)
     return fig
 
@@ -381,6 +382,11 @@ def plot_histograms(result, ranges=None, bins: int = 60):
     q = np.asarray(result.quality_mask)
     n_q = int(q.sum())
     for ax, name in zip(axes[:3], ("D", "D_star", "f"), strict=True):
+        if getattr(result, name) is None:  # D_star of the simplified model
+            ax.text(0.5, 0.5, f"no {name} map ({result.model} model)", ha="center",
+                    va="center", transform=ax.transAxes, color="#666666")
+            ax.set_axis_off()
+            continue
         d = DISPLAY[name]
         lo, hi = _range(name, result, ranges)
         v = np.asarray(getattr(result, name))[q].astype(np.float64) * d.scale
@@ -486,7 +492,11 @@ def plot_decay(result, dwi, b_values=None, voxels=None, n: int = N_VOXELS, seed:
     b_fine = np.linspace(0.0, float(b.max()), 200)
     idx = tuple(np.array([p[0][k] for p in picks]) for k in range(len(result.shape)))
     measured = np.asarray(data[idx], dtype=np.float64)  # (n_picks, n_b)
-    params = {k: np.asarray(getattr(result, k), dtype=np.float64)[idx]
+    simplified = getattr(result, "model", "ivim") == "simplified"
+    # the simplified model has no perfusion term beyond b = 0: D_star -> inf draws exactly
+    # S0 at b = 0 and S0 (1 - f) exp(-b D) above it
+    params = {k: (np.full(len(picks), np.inf) if k == "D_star" and simplified else
+                  np.asarray(getattr(result, k), dtype=np.float64)[idx])
               for k in ("S0", "f", "D_star", "D", "r_squared")}
     for i, sf in enumerate(subfigs):
         if i >= len(picks):
@@ -494,16 +504,21 @@ def plot_decay(result, dwi, b_values=None, voxels=None, n: int = N_VOXELS, seed:
             continue
         voxel, label = picks[i]
         p = {k: v[i] for k, v in params.items()}
-        ok = all(np.isfinite(p[k]) for k in ("S0", "f", "D_star", "D"))
+        ok = all(np.isfinite(p[k]) for k in ("S0", "f", "D")) and (
+            simplified or np.isfinite(p["D_star"]))
         if ok:
-            line2 = (f"D = {p['D'] * 1e3:.3g}, D* = {p['D_star'] * 1e3:.3g} (×10⁻³ mm²/s), "
+            dstar = "" if simplified else f", D* = {p['D_star'] * 1e3:.3g}"
+            line2 = (f"D = {p['D'] * 1e3:.3g}{dstar} (×10⁻³ mm²/s), "
                      f"f = {p['f']:.3f}, S0 = {p['S0']:.4g}, R² = {p['r_squared']:.3f}")
         else:
             line2 = "no fitted parameters (NaN)"
         sf.suptitle(f"voxel {voxel}, {label}\n{line2}", fontsize=9)
         ax_lin, ax_log = sf.subplots(1, 2)
         y = measured[i]
-        fit = ivim_signal(b_fine, p["S0"], p["f"], p["D_star"], p["D"]) if ok else None
+        if ok and simplified:
+            fit = p["S0"] * np.where(b_fine > 0, (1 - p["f"]) * np.exp(-b_fine * p["D"]), 1.0)
+        else:
+            fit = ivim_signal(b_fine, p["S0"], p["f"], p["D_star"], p["D"]) if ok else None
         for ax, log in ((ax_lin, False), (ax_log, True)):
             ax.plot(b, y, "o", ms=4, color="#1f77b4", label="measured")
             if fit is not None:
@@ -534,15 +549,6 @@ def _signal_array(dwi, shape) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- summary
 
-def _stats(v) -> dict:
-    v = np.asarray(v, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"median": None, "q25": None, "q75": None, "n": 0}
-    q25, med, q75 = (float(x) for x in np.percentile(v, [25, 50, 75]))
-    return {"median": med, "q25": q25, "q75": q75, "n": int(v.size)}
-
-
 def summary(result, record=None) -> dict:
     """Numbers of the report's table.
 
@@ -561,16 +567,14 @@ def summary(result, record=None) -> dict:
         ``b_threshold``, ``bounds``, ``b_values`` and, from the record, ``input``,
         ``command``, ``mask_source``, ``timings``, ``threads``, ``version``.
     """
-    q = np.asarray(result.quality_mask)
-    stats = {name: _stats(np.asarray(getattr(result, name))[q])
-             for name in ("D", "D_star", "f", "S0", "r_squared")}
-    counts = result.status_counts()
-    total = int(np.asarray(result.status).size)
+    from .fit import SUMMARY_MAPS
+
     out = {
-        "stats": stats,
-        "voxels": {"total": total, "fitted": total - counts.get(st.OUTSIDE_MASK, 0),
-                   "quality": int(q.sum()), "status_counts": counts},
+        **result.summary(tuple(SUMMARY_MAPS) + SD_ROWS),  # maps the result lacks are skipped
         "method": result.method,
+        "model": getattr(result, "model", "ivim"),
+        "prior": getattr(result, "prior", None),
+        "noise_sigma": getattr(result, "noise_sigma", None),
         "b_threshold": float(result.b_threshold),
         "bounds": {k: (float(lo), float(hi)) for k, (lo, hi) in result.bounds.items()},
         "b_values": [float(v) for v in result.b_values],
@@ -591,9 +595,8 @@ def summary_html(s: dict) -> str:
     """The summary of :func:`summary` as HTML tables."""
     e = html.escape
     rows = []
-    for name in ("D", "D_star", "f", "S0", "r_squared"):
+    for name, x in s["stats"].items():
         d = DISPLAY[name]
-        x = s["stats"][name]
         if x["median"] is None:
             cells = "<td>–</td><td>–</td>"
         else:
@@ -619,7 +622,10 @@ def summary_html(s: dict) -> str:
         ("input", s.get("input")),
         ("shape", " × ".join(map(str, s["shape"]))),
         ("command", s.get("command")),
-        ("method", f"{s['method']} (b threshold {s['b_threshold']:g} s/mm²)"),
+        ("method", f"{s['method']} (b threshold {s['b_threshold']:g} s/mm²)"
+                   + (f", {s['model']} model" if s.get("model", "ivim") != "ivim" else "")
+                   + (f", {s['prior']} prior" if s.get("prior") else "")
+                   + (f", noise sigma {s['noise_sigma']:.4g}" if s.get("noise_sigma") else "")),
         ("bounds", bounds),
         ("b-values (s/mm²)", ", ".join(f"{b:g}" for b in s["b_values"])),
         ("mask", s.get("mask_source")),
@@ -685,7 +691,7 @@ def _notes(s0_vmax: float) -> dict:
 
 
 def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
-                title=None) -> Path:
+                title=None, prefix: str = "") -> Path:
     """Draw every figure and write ``report.html`` with the PNGs beside it.
 
     Parameters
@@ -704,6 +710,8 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     voxel_size : sequence of float, optional
         mm, for the maps' aspect ratio.
     title : str, optional
+    prefix : str
+        Put before every file name (a BIDS series' ``sub-01_model-ivim_``).
 
     Returns
     -------
@@ -730,12 +738,12 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     s = summary(result, record)
     s["report_seconds"] = time.perf_counter() - t0
     for name, payload in pngs.items():
-        write_atomic(out_dir / REPORT_FILES[name], payload)
+        write_atomic(out_dir / (prefix + REPORT_FILES[name]), payload)
     for name in skipped:  # a figure of an earlier report must not pass for this one's
-        (out_dir / REPORT_FILES[name]).unlink(missing_ok=True)
+        (out_dir / (prefix + REPORT_FILES[name])).unlink(missing_ok=True)
     doc = _html(s, pngs, figures, skipped, _s0_vmax(result),
                 title or f"fastivim QC report: {Path(s.get('input', 'IVIM fit')).name}")
-    target = out_dir / REPORT_FILES["html"]
+    target = out_dir / (prefix + REPORT_FILES["html"])
     write_atomic(target, doc.encode("utf-8"))
     return target
 
@@ -766,80 +774,24 @@ def _html(s, pngs, figures, skipped, s0_vmax, title) -> str:
 
 # ------------------------------------------------------------------ from a run's out dir
 
-#: Map files of a ``fastivim run`` output directory and the result attribute each fills.
-_MAP_FILES = {"D": "D", "D_star": "D_star", "f": "f", "S0": "S0", "R2": "r_squared",
-              "RMSE": "rmse", "quality_mask": "quality_mask", "status": "status"}
-
-
 def load_output(out_dir):
-    """Read a ``fastivim run`` output directory back.
+    """Read a finished run back: ``(result, record, voxel_size)``; see
+    :func:`fastivim.io.load_output` (which also returns the output's layout)."""
+    from .io import load_output as _load
 
-    Returns
-    -------
-    result : IVIMResult
-    record : dict
-        ``fastivim.json``.
-    voxel_size : tuple of float
-        mm, from the maps' header.
-
-    Raises
-    ------
-    ValueError
-        No ``fastivim.json``, a missing or unreadable map, or maps of different shapes; the
-        message names the file.
-    """
-    import nibabel as nib
-
-    from .fit import IVIMResult
-
-    out_dir = Path(out_dir)
-    rec_path = out_dir / "fastivim.json"
-    try:
-        record = json.loads(rec_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{rec_path}: no such file (not a fastivim run output)") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{rec_path}: cannot read the run record ({exc})") from None
-    maps = {}
-    zooms = None
-    for fname, attr in _MAP_FILES.items():
-        p = out_dir / f"{fname}.nii.gz"
-        try:
-            img = nib.load(p)
-            arr = np.asarray(img.dataobj)
-        except FileNotFoundError:
-            raise ValueError(f"{p}: missing map") from None
-        except Exception as exc:
-            raise ValueError(f"{p}: cannot read the map ({exc})") from None
-        if zooms is None:
-            zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-        maps[attr] = arr
-    shapes = {a.shape for a in maps.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"{out_dir}: maps of different shapes {sorted(shapes)}")
-    bounds = {k: (float(lo), math.inf if hi is None else float(hi))
-              for k, (lo, hi) in record.get("bounds", {}).items()}
-    for k in ("D", "D_star", "f", "S0", "r_squared", "rmse"):
-        maps[k] = maps[k].astype(np.float32, copy=False)
-    result = IVIMResult(
-        quality_mask=maps.pop("quality_mask") > 0,
-        status=maps.pop("status").astype(np.uint8, copy=False),
-        method=str(record.get("method", "?")),
-        bounds=bounds,
-        b_values=np.asarray(record.get("b_values", []), dtype=np.float64),
-        b_threshold=float(record.get("b_threshold", 200.0)),
-        **maps,
-    )
+    result, record, zooms, _ = _load(out_dir)
     return result, record, zooms
 
 
 def report_from_output(out_dir, dwi=None) -> Path:
-    """Write ``report.html`` (and its PNGs) into the output directory of ``fastivim run``.
+    """Write ``report.html`` (and its PNGs) beside the maps of a finished run.
 
     Parameters
     ----------
     out_dir : str or Path
-        Holds the maps and ``fastivim.json``.
+        The output folder of ``fastivim run -o`` (maps and ``fastivim.json``), or a BIDS
+        series: its run record ``..._model-ivim_fastivim.json`` or the ``dwi`` folder holding
+        it (the report is then ``..._model-ivim_report.html``).
     dwi : str or Path, optional
         The fitted 4D image; default the ``input`` recorded in ``fastivim.json`` (read with
         its recorded b-values). When it cannot be read the report is written without the
@@ -848,7 +800,7 @@ def report_from_output(out_dir, dwi=None) -> Path:
     Returns
     -------
     Path
-        ``OUT_DIR/report.html``.
+        ``OUT_DIR/report.html`` (or the BIDS series' ``..._model-ivim_report.html``).
 
     Raises
     ------
@@ -858,7 +810,9 @@ def report_from_output(out_dir, dwi=None) -> Path:
         ``out_dir`` is not a readable run output.
     """
     _mpl()
-    result, record, zooms = load_output(out_dir)
+    from .io import load_output as _load
+
+    result, record, zooms, layout = _load(out_dir)
     signal = None
     src = dwi if dwi is not None else record.get("input")
     if src is None:
@@ -868,15 +822,16 @@ def report_from_output(out_dir, dwi=None) -> Path:
         from .io import load_dwi
 
         try:
-            d = load_dwi(src, bvals=result.b_values if result.b_values.size else None)
+            d = load_dwi(src, bvals=result.b_values if result.b_values.size else None,
+                         model=getattr(result, "model", "ivim"))
             if d.spatial_shape != result.shape:
                 raise ValueError(f"{src}: image grid {d.spatial_shape} does not match the "
                                  f"maps' {result.shape}")
             signal = d.data
         except (ValueError, OSError) as exc:
             warnings.warn(f"no signal-decay figure: {exc}", stacklevel=2)
-    return make_report(result, signal, result.b_values, out_dir, record=record,
-                       voxel_size=zooms)
+    return make_report(result, signal, result.b_values, layout.folder, record=record,
+                       voxel_size=zooms, prefix=layout.prefix)
 
 
 __all__ = [

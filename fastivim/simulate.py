@@ -104,6 +104,33 @@ def phantom(shape, b_values=DEFAULT_B_VALUES, snr=30.0, seed=0, ranges=None) -> 
                    snr=float("inf") if noise_free else float(snr), sigma=sigma)
 
 
+def error_table(estimate: dict, truth: dict, where) -> dict:
+    """Accuracy of fitted maps against the truth, over the voxels ``where``.
+
+    Parameters
+    ----------
+    estimate, truth : dict of arrays
+        Maps by parameter name (same shapes).
+    where : bool array
+        Voxels to compare (e.g. the quality mask inside the phantom).
+
+    Returns
+    -------
+    dict
+        ``{name: {"truth_median", "fit_median", "median_abs_rel_error", "median_rel_bias"}}``
+        for every name of ``estimate`` (relative errors as fractions).
+    """
+    out = {}
+    for name, est in estimate.items():
+        e = np.asarray(est, dtype=np.float64)[where]
+        t = np.asarray(truth[name], dtype=np.float64)[where]
+        rel = (e - t) / t
+        out[name] = {"truth_median": float(np.median(t)), "fit_median": float(np.median(e)),
+                     "median_abs_rel_error": float(np.median(np.abs(rel))),
+                     "median_rel_bias": float(np.median(rel))}
+    return out
+
+
 # ------------------------------------------------------------------------- tissue phantom
 #: Tissue values of the OSIPI TF2.4 IVIM test data (``generic.json``, XCAT tissues;
 #: github.com/OSIPI/TF2.4_IVIM-MRI_CodeCollection, tests/IVIMmodels/unit_tests, Apache-2.0):

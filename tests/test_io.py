@@ -1,16 +1,14 @@
-"""fastivim.io and fastivim.config: reading DWI series, masks, writing maps, BIDS, pipeline."""
+"""fastivim.io and fastivim.pipeline: reading DWI series, masks, writing maps, BIDS, one run."""
 
 import json
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 import fastivim
-from fastivim import config as cfg
-from fastivim import io
+from fastivim import io, pipeline
+from fastivim.io import write as io_write
 from fastivim.simulate import phantom
 
 B = np.array([0, 10, 20, 30, 50, 80, 100, 200, 400, 800], dtype=float)
@@ -167,10 +165,13 @@ def test_load_mask(dwi_file, tmp_path, clean_phantom):
 
 def test_save_maps_overlays_input_exactly(dwi_file, tmp_path):
     d = io.load_dwi(dwi_file)
-    res = fastivim.fit_ivim(d.data, d.b_values, method="full")
+    res = fastivim.fit_ivim(d.data, d.b_values, method="full", uncertainty=True)
     files = io.save_maps(res, tmp_path / "maps", d.img)
     names = sorted(p.name for p in files)
-    assert names == sorted(p.name for p in io.map_paths(tmp_path / "maps"))
+    # the default maps, and the uncertainty maps asked for (D_sd.nii.gz + D_sd.json, ...)
+    sd_files = [f"{m.name}{ext}" for m in io.MAPS if m.optional for ext in (".nii.gz", ".json")]
+    assert len(sd_files) == 8
+    assert names == sorted([p.name for p in io.map_paths(tmp_path / "maps")] + sd_files)
     for spec in io.MAPS:
         img = nib.load(tmp_path / "maps" / f"{spec.name}.nii.gz")
         assert img.shape == d.spatial_shape
@@ -220,7 +221,7 @@ def test_save_maps_without_reference_and_refusing_to_overwrite(tmp_path):
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     res = fastivim.fit_ivim(phantom((6, 6, 2), seed=2).signal, B)
     calls = []
-    real = io._json_bytes
+    real = io_write.json_bytes
 
     def fail_late(obj):
         calls.append(1)
@@ -228,7 +229,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # an interrupt halfway through the writes
         return real(obj)
 
-    monkeypatch.setattr(io, "_json_bytes", fail_late)
+    monkeypatch.setattr(io_write, "json_bytes", fail_late)
     with pytest.raises(KeyboardInterrupt):
         io.save_maps(res, tmp_path / "deep" / "out")
     assert list(tmp_path.iterdir()) == []  # no maps, no .partial files, no directories
@@ -306,7 +307,7 @@ def test_fit_file_checks_outputs_before_fitting(dwi_file, tmp_path, monkeypatch)
     def no_fit(*a, **k):
         raise AssertionError("fitted although the output exists")
 
-    monkeypatch.setattr(io, "fit_ivim", no_fit)
+    monkeypatch.setattr(pipeline, "fit_ivim", no_fit)
     with pytest.raises(io.OutputError, match="output exists"):
         io.fit_file(dwi_file, out_dir=tmp_path / "o")
 
@@ -316,44 +317,3 @@ def test_fit_file_empty_auto_mask(tmp_path):
     with pytest.raises(io.InputError, match="zero.nii: the automatic mask is empty"):
         io.fit_file(p, bvals=B, out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
-
-
-# ------------------------------------------------------------------------------- config
-
-def test_dump_defaults_round_trips(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text(cfg.dump_defaults())
-    loaded = cfg.load_config(f)
-    want = cfg.defaults()
-    want["bounds"] = fastivim.resolve_bounds(want["bounds"])
-    assert set(loaded) == set(want)
-    assert loaded == want
-    assert all(f"# {o.help}" in f.read_text() for o in cfg.OPTIONS)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("methd: full\n", "unknown key 'methd'"),
-    ("threads: four\n", "'threads' must be a positive integer or null, got 'four'"),
-    ("overwrite: 1\n", "'overwrite' must be true or false"),
-    ("method: fast\n", "'method' must be 'segmented' or 'full'"),
-    ("b_threshold: [1]\n", "'b_threshold' must be a finite number"),
-    ("bounds: {Dstar: [0, 1]}\n", "unknown key 'bounds.Dstar'"),
-    ("bounds: {f: [0.5, 0.1]}\n", "lower bound 0.5 is above upper bound 0.1"),
-    ("bounds: {f: 3}\n", "'bounds.f' must be \\[lower, upper\\]"),
-    ("subject: 01\n", "'subject' must be a quoted label"),
-    ("method: [unclosed\n", "not valid YAML at line"),
-    ("- a\n- b\n", "expected a mapping"),
-])
-def test_bad_config(tmp_path, text, message):
-    f = tmp_path / "c.yaml"
-    f.write_text(text)
-    with pytest.raises(cfg.ConfigError, match=message) as err:
-        cfg.load_config(f)
-    assert str(f) in str(err.value) and "\n" not in str(err.value)
-
-
-def test_import_fastivim_stays_light():
-    code = ("import sys, fastivim; bad = [m for m in ('nibabel', 'click', 'matplotlib', 'tqdm')"
-            " if m in sys.modules]; print(bad); sys.exit(bool(bad))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr

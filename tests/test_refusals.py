@@ -189,3 +189,101 @@ def test_cannot_write_names_the_path(tmp_path, signal):
     blocker.write_text("a file where the output folder should go")
     r = invoke("run", dwi, "-o", blocker / "sub", "-q")
     assert_refused(r, "blocked")
+# -- config files and output paths ---------------------------------------------------------------
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path, signal):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: bounds written that way must still work."""
+    dwi = write_dwi(tmp_path, signal)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("bounds:\n  D: [1e-4, 3e-3]\n  D_star: [5e-3, 1e-1]\n")
+    r = invoke("run", "--config", cfg, dwi, "-q", "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    import json
+    rec = json.loads((tmp_path / "out" / "fastivim.json").read_text())
+    assert rec["bounds"]["D"] == [1e-4, 3e-3]
+
+
+@pytest.mark.parametrize("text", ["b_threshold: lots\n", "threads: -3\n", "b_threshold: [1]\n",
+                                  "b_threshold: -5\n", "threads: 0\n", "threads: 100000\n",
+                                  "method: fast\n"])
+def test_config_errors_name_the_file(tmp_path, signal, text):
+    dwi = write_dwi(tmp_path, signal)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    r = invoke("run", "--config", cfg, dwi, "-q")
+    assert_refused(r, "bad.yaml")
+
+
+def test_empty_output_folder_name_is_refused(tmp_path, signal):
+    dwi = write_dwi(tmp_path, signal)
+    before = snapshot(tmp_path)
+    r = invoke("run", dwi, "-o", "", "-q")
+    assert r.exit_code in (1, 2)
+    assert "Error" in r.stderr
+    assert nothing_written(tmp_path, before)
+
+
+
+
+def _warn_then(real, fail):
+    """``real`` wrapped to emit a library-style warning first, then fail or go on."""
+    import warnings
+
+    def wrapped(*args, **kwargs):
+        warnings.warn("invalid value encountered in divide", RuntimeWarning, stacklevel=2)
+        if fail:
+            raise ValueError("dwi.nii.gz: something the reader refused")
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
+def test_library_warnings_never_reach_stderr_raw(tmp_path, signal, monkeypatch):
+    """A refusal is one ``Error:`` line even when a library warned first; a run that succeeds
+    shows the warning as a ``fastivim: warning:`` note (and not at all under -q)."""
+    import fastivim.pipeline as pipeline
+
+    dwi = write_dwi(tmp_path, signal)
+    real = pipeline.load_dwi
+    monkeypatch.setattr(pipeline, "load_dwi", _warn_then(real, fail=True))
+    assert_refused(invoke("run", dwi), "dwi.nii.gz", "refused")
+    monkeypatch.setattr(pipeline, "load_dwi", _warn_then(real, fail=False))
+    r = invoke("run", dwi, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert "fastivim: warning: invalid value encountered in divide" in r.stderr
+    assert "RuntimeWarning" not in r.stderr
+    r = invoke("run", dwi, "-o", tmp_path / "out2", "-q")
+    assert r.exit_code == 0 and r.stderr == ""
+
+
+class _InterruptedWhileCollected:
+    """Garbage whose finaliser receives Ctrl-C: Python swallows the KeyboardInterrupt there."""
+
+    def __del__(self):
+        import signal
+
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_during_garbage_collection_still_interrupts(tmp_path, signal, monkeypatch):
+    """A Ctrl-C whose KeyboardInterrupt lands in a finaliser used to be printed as "Exception
+    ignored" and the run went on to exit 0; it now stops the run as interrupted (130)."""
+    import time
+
+    import fastivim.pipeline as pipeline
+
+    dwi = write_dwi(tmp_path, signal)
+    real = pipeline.load_dwi
+
+    def load_with_gc(*args, **kwargs):
+        obj = _InterruptedWhileCollected()
+        del obj  # collected here: the signal arrives inside __del__
+        time.sleep(2.0)  # a stretch of work, during which the interrupt must land
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_dwi", load_with_gc)
+    r = invoke("run", dwi, "-o", tmp_path / "out", "-q")
+    assert r.exit_code == 130, r.output
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr
+    assert "interrupted" in r.stderr
+    assert not (tmp_path / "out").exists()

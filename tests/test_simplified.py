@@ -63,14 +63,14 @@ def test_no_d_star_map_and_status_semantics():
     pinned = fastivim.fit_voxels(y, B5, model="simplified")
     assert pinned.status[0] == status.AT_BOUND
     assert pinned.D[0] == pytest.approx(fastivim.DEFAULT_BOUNDS["D"][0], rel=1e-6)
-    assert fastivim.fit_ivim(sig, B5).model == "biexponential"
+    assert fastivim.fit_ivim(sig, B5).model == "ivim"
 
 
 def test_refusals_and_small_protocols():
     y = ivim_signal(B5, 1000.0, 0.1, 0.05, 1e-3)[None, :]
-    with pytest.raises(ValueError, match="bayesian method fits the biexponential"):
+    with pytest.raises(ValueError, match="bayesian method fits the ivim model"):
         fastivim.fit_voxels(y, B5, method="bayesian", model="simplified")
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="'model' must be 'ivim' or 'simplified'"):
         fastivim.fit_voxels(y, B5, model="mono")
     with pytest.raises(ValueError, match="needs b = 0"):
         fastivim.fit_voxels(y[:, 1:], B5[1:], model="simplified")

@@ -1,0 +1,6 @@
+"""``python -m fastivim.cli``: the ``fastivim`` command."""
+
+from .main import main
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
