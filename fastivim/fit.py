@@ -659,6 +659,16 @@ def _learn_prior(Y, rows, t, sigma2, s0_bounds):
     return full / full.sum()
 
 
+def _usable_rows(Y, groups, w) -> np.ndarray:
+    """(n_vox,) bool: every sample finite and some b-value's mean signal > 0 (the kernels'
+    test for status BAD_INPUT)."""
+    Y = np.asarray(Y, dtype=np.float64)
+    sums = np.zeros((Y.shape[0], w.size))
+    np.add.at(sums.T, groups, Y.T)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(Y).all(axis=1) & ((sums / w).max(axis=1) > 0)
+
+
 def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
     """Grid empirical-Bayes fit of a (n_vox, n_b) matrix (see :mod:`fastivim.kernels.bayes`).
 
@@ -676,9 +686,11 @@ def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
     rows = _subsample(n, seed)
     sigma2 = _noise_variance(Y, rows, b, bounds, b_threshold)
     if not math.isfinite(sigma2):
-        # no voxel of the subsample could be fitted at all: fail only the voxels that are
-        # bad input, by the same test as everywhere, and leave the rest unfitted
-        status[:] = st.BAD_INPUT
+        # no voxel of the subsample could be fitted, so there is no noise estimate: bad input
+        # is reported as such (the kernels' test: a non-finite sample, or no group mean > 0),
+        # every other voxel as a numerical failure
+        status[:] = np.where(_usable_rows(Y, t["groups"], t["w"]), st.NUMERICAL_FAILURE,
+                             st.BAD_INPUT)
         return out, status, sd, {"prior": None, "noise_sigma": None}
     s0_bounds = (float(barr[0, 0]), float(barr[0, 1]))
     weights = _learn_prior(Y, rows, t, sigma2, s0_bounds)
