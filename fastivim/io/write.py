@@ -131,8 +131,11 @@ class Staging:
         self.makedirs(final.parent)
         partial = partial_path(final)
         self.items.append((partial, final, len(payload), _sha256(payload)))
-        with open(partial, "wb") as fh:
-            fh.write(payload)
+        try:
+            with open(partial, "wb") as fh:
+                fh.write(payload)
+        except OSError as exc:  # a full disk sets no file name on the error: name it here
+            raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
 
     def commit(self) -> list:
         for partial, final, _, _ in self.items:
