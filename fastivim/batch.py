@@ -18,15 +18,15 @@ Never losing a subject
 
 Resuming
     A series is *complete* when its run record ``..._model-ivim_fastivim.json`` exists, was made
-    with the same fit options, and every map and sidecar it lists exists. The record is written
-    (atomically, by rename) only after :func:`fastivim.io.export_bids` has renamed every map
-    into place; before a series is refitted its record, then its old maps, are deleted. So
-    maps exist only with their record (but for the instant of the final renames), and an
-    interrupted series never counts as done. A re-run skips complete series (``fitted =
-    earlier-run`` in the table) and redoes the rest: missing, interrupted, failed, made with
-    other fit options or another input path, or from inputs whose content changed since (the
-    record keeps the size and SHA-256 of the image, b-values and mask). ``--redo`` refits
-    everything.
+    with the same fit options, and every file it lists is the one it describes (size and
+    SHA-256, :func:`fastivim.io.read.verify_manifest`). Each series is written all or nothing
+    by :class:`fastivim.io.write.LayoutWriter` (locked, staged, the old record deleted first and
+    the new one renamed in last), so an interrupted series never counts as done. A re-run
+    skips complete series (``fitted = earlier-run`` in the table) and redoes the rest: missing,
+    interrupted, failed, made with other fit options or another input path, or from inputs
+    whose content changed since (the record keeps the size and SHA-256 of the image, b-values
+    and mask). ``--redo`` refits everything. One batch at a time writes into a derivatives
+    folder (a lock beside the summary table).
 
 Where it runs, and how many threads
     Default: in this process, one series at a time, each fitted by the parallel numba kernel on
@@ -257,7 +257,14 @@ def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | N
     # the uncertainty maps are part of a complete run when it was asked for them
     with_sd = bool(record.get("uncertainty")) or record.get("method") == "bayesian"
     expected = [m for m in MAPS if m.produced_by(model) and (with_sd or not m.optional)]
-    if not all(p.is_file() for p in _layout(series, deriv_dir).map_files(expected)):
+    layout = _layout(series, deriv_dir)
+    if not all(p.is_file() for p in layout.map_files(expected)):
+        return None
+    from .io.read import InputError, verify_manifest
+
+    try:  # every file is the one the record describes (no mix of two runs)
+        verify_manifest(layout, record)
+    except InputError:
         return None
     return record
 
@@ -276,8 +283,8 @@ def fit_series(series: Series, deriv_dir, options: RunOptions, threads: int | No
     """Fit one series into ``deriv_dir`` and return its summary row; never raises for bad data.
 
     The maps and the run record are written by :func:`fastivim.pipeline.run`, exactly as
-    ``fastivim run --bids`` writes them (the record last). Any previous record of the series
-    is deleted first and partial outputs of an interrupted earlier attempt are replaced.
+    ``fastivim run --bids`` writes them: an older output of the series is replaced all or
+    nothing (the record last), and partial files of an interrupted attempt are removed.
 
     Parameters
     ----------
@@ -305,12 +312,8 @@ def fit_series(series: Series, deriv_dir, options: RunOptions, threads: int | No
     out = layout.folder
     try:
         with _FIT_LOCK:  # one fit per process: task slots never multiply the numba threads
-            # outputs exist only with their record: drop the record first, then old maps
-            layout.record.unlink(missing_ok=True)
-            for p in layout.map_files():
-                p.unlink(missing_ok=True)
-            # exist_ok: sessions of one subject may run at once on several workers
-            out.mkdir(parents=True, exist_ok=True)
+            # the run replaces an older output of the series all or nothing, record last (see
+            # fastivim.io.write.LayoutWriter); until then the older one stays whole
             record = run(series.dwi, _series_options(series, deriv_dir, options, threads),
                          command=command)
     except Exception as exc:
@@ -530,7 +533,14 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
     bar = None
     report = BatchReport(rows=[], summary_path=None, seconds=0.0, reused=n_reused)
     started = not todo  # the table is (re)written once fitting has begun, or nothing is to do
+    lock = None
     try:
+        if todo:  # one batch at a time into a derivatives folder
+            from .io.write import OutputLock
+
+            deriv.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(deriv / f".{SUMMARY_NAME}.lock")
+            lock.acquire()
         if todo and (scheduler is not None or workers is not None):
             client, cluster = _connect(scheduler, workers)
             tbw = _worker_threads(client, threads)
@@ -573,6 +583,8 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
         report.pending = sum(r["status"] == "pending" for r in report.rows)
         if series and started:
             report.summary_path = write_summary(report.rows, deriv, root)
+        if lock is not None:
+            lock.release()
     return report
 
 

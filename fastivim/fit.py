@@ -7,6 +7,7 @@ Data flow: signal (..., n_b) → validate → mask → C-contiguous (n_vox, n_b)
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,9 +58,16 @@ SIGMA_FLOOR = 1e-6
 #: Iteration limit of each Levenberg–Marquardt run (accepted plus rejected steps).
 MAX_ITERATIONS = 200
 
-#: Voxels per kernel call when a progress bar is shown (the bar moves once per chunk; at
-#: 2**17 voxels the extra calls cost about 1% of throughput, at 2**15 about 7%).
-PROGRESS_CHUNK = 1 << 17
+#: Large inputs are fitted in blocks, one kernel call each: Python handles Ctrl-C only between
+#: calls into compiled code, and the progress bar moves once per block. Each block is sized
+#: from the previous one's speed to take about :data:`BLOCK_SECONDS`, so Ctrl-C is honoured
+#: within about that long on any method and thread count, while fast fits get large blocks
+#: (each call costs a little: at a fixed 2**17 voxels about 1% of throughput, at 2**15 about 7%).
+BLOCK_SECONDS = 0.25
+
+#: Voxels of the first block, and the smallest and largest block.
+PROGRESS_CHUNK = 1 << 15
+MAX_BLOCK = 1 << 21
 
 #: Below this many voxels the kernel runs on the calling thread alone (see _fit_on_one_thread).
 SERIAL_BELOW = 2048
@@ -348,19 +356,28 @@ def _run_kernel(Y, method_code, b, bounds, b_threshold, progress):
     t = make_tables(b, barr)
     args = (t["groups"], t["bu"], t["w"], barr, b_threshold * 1e-3, t["ES"], t["ED"],
             t["GSS"], t["PAIR"], t["dstar_grid"], t["d_grid"], MAX_ITERATIONS)
-    if not progress:
-        if n < SERIAL_BELOW:
-            _fit_on_one_thread(Y, method_code, args, out, status)
-        else:
-            fit_volume(Y, method_code, *args, chunk_count(n), out, status)
+    if n < SERIAL_BELOW and not progress:
+        _fit_on_one_thread(Y, method_code, args, out, status)
         return out, status
-    from tqdm.auto import tqdm  # lazy: pipelines that never ask for a bar never import it
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # lazy: pipelines that never ask for a bar never import it
 
-    with tqdm(total=n, unit="vox", unit_scale=True, desc="fitting", leave=False) as bar:
-        for a in range(0, n, PROGRESS_CHUNK):
-            z = min(a + PROGRESS_CHUNK, n)
+        bar = tqdm(total=n, unit="vox", unit_scale=True, desc="fitting", leave=False)
+    try:
+        a, block = 0, PROGRESS_CHUNK
+        while a < n:  # blocks: an interrupt waits for one block at most
+            z = min(a + block, n)
+            t0 = time.perf_counter()
             fit_volume(Y[a:z], method_code, *args, chunk_count(z - a), out[a:z], status[a:z])
-            bar.update(z - a)
+            rate = (z - a) / max(time.perf_counter() - t0, 1e-6)
+            block = int(min(max(rate * BLOCK_SECONDS, PROGRESS_CHUNK), MAX_BLOCK))
+            if bar is not None:
+                bar.update(z - a)
+            a = z
+    finally:
+        if bar is not None:
+            bar.close()
     return out, status
 
 

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .model import DEFAULT_BOUNDS, METHODS, MODELS, PARAM_NAMES, resolve_bounds
+from .model import DEFAULT_BOUNDS, METHODS, MODELS, PARAM_NAMES, bounds_from_json, resolve_bounds
 
 
 class OptionError(ValueError):
@@ -346,7 +346,7 @@ def check_bounds(value, where: str | None = None) -> dict:
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _is_number(pair[0])
                 or not (pair[1] is None or _is_number(pair[1]))):
             raise OptionError(f"{pre}{name!r} must be [lower, upper] numbers, got {pair!r}")
-        out[k] = (float(pair[0]), math.inf if pair[1] is None else float(pair[1]))
+        out.update(bounds_from_json({k: pair}))
     try:
         resolve_bounds(out)
     except ValueError as exc:

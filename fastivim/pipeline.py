@@ -14,11 +14,12 @@ only and restored afterwards.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,14 @@ from .io.read import (
     load_dwi,
     load_mask,
 )
-from .io.write import check_writable, dataset_description, encode_maps, write_layout
+from .io.write import (
+    LayoutWriter,
+    OutputError,
+    check_writable,
+    dataset_description,
+    encode_maps,
+    write_layout,
+)
 from .model import MAPS
 from .options import RunOptions, check_threads
 
@@ -174,24 +182,63 @@ def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, t
     }
 
 
-def write(result, inputs: Inputs, record: dict, layouts, options: RunOptions) -> list:
-    """Write the maps, sidecars and record into every layout; return the files written."""
+def write(result, inputs: Inputs, record: dict, writers, options: RunOptions) -> list:
+    """Write the maps, sidecars and record into every layout, each all or nothing (see
+    :class:`fastivim.io.write.LayoutWriter`); return the files written."""
     encoded = encode_maps(result, inputs.dwi.img)
     written = []
-    for layout in layouts:
+    for w in writers:
         extra = []
-        if layout.bids:
+        if w.layout.bids:
             desc = Path(options.bids) / "dataset_description.json"
             if not desc.exists():
                 from ._atomic import json_bytes
 
                 extra.append((desc, json_bytes(dataset_description())))
-        written += write_layout(result, layout, encoded, record, extra)
+        written += write_layout(result, w.layout, encoded, record, extra, writer=w)
     return written
 
 
 def _all_files(layout: Layout) -> list:
     return layout.map_files(MAPS) + [layout.record]
+
+
+def input_paths(dwi, options: RunOptions) -> dict:
+    """``{path: what}`` of every file a run reads (image, b-values, b-vectors, mask)."""
+    from .io.read import bval_sidecar
+
+    paths = {Path(dwi): "the input image"}
+    bvals = options.bvals
+    if bvals is None:
+        paths[bval_sidecar(dwi)] = "the b-value file"
+    elif isinstance(bvals, (str, os.PathLike)):
+        paths[Path(bvals)] = "the b-value file"
+    if options.bvecs is not None:
+        paths[Path(options.bvecs)] = "the b-vector file"
+    if options.mask is not None and not options.no_mask:
+        paths[Path(options.mask)] = "the mask"
+    return paths
+
+
+def check_inputs_are_not_outputs(dwi, options: RunOptions, layouts) -> None:
+    """Refuse a run that would write over one of its own inputs (e.g. ``-o .`` beside a DWI
+    named ``D.nii.gz``), with or without ``--overwrite``.
+
+    Raises
+    ------
+    OutputError
+        One line naming the file.
+    """
+    inputs = {os.path.realpath(p): (p, what) for p, what in input_paths(dwi, options).items()}
+    for layout in layouts:
+        for f in layout.owned_files():
+            hit = inputs.get(os.path.realpath(f))
+            if hit is None and f.exists():  # hard links, bind mounts
+                hit = next((v for k, v in inputs.items() if os.path.exists(k)
+                            and os.path.samefile(k, f)), None)
+            if hit is not None:
+                raise OutputError(f"{hit[0]}: is {hit[1]} of this run and would be replaced "
+                                  f"by an output; write the outputs elsewhere (-o DIR)")
 
 
 def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
@@ -227,10 +274,16 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
     """
     t_start = time.perf_counter()
     layouts = output_layouts(options, dwi)
+    check_inputs_are_not_outputs(dwi, options, layouts)
     for layout in layouts:  # before a large image is read
         check_writable(_all_files(layout), options.overwrite)
-    with numba_threads(options.threads) as threads:
+    with numba_threads(options.threads) as threads, ExitStack() as stack:
         inputs = resolve_inputs(dwi, options, note)
+        # lock every output now: a second run into the same place refuses before it fits
+        writers = [stack.enter_context(LayoutWriter(layout, options.overwrite))
+                   for layout in layouts]
+        for w in writers:  # again under the lock: another run may have finished meanwhile
+            w.check(_all_files(w.layout))
         t_inputs = time.perf_counter()
         # the compiled kernel's one-off load (or first compile) is timed on its own, so "fit"
         # measures fitting
@@ -249,7 +302,7 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         record = make_record(inputs, result, options, layouts, command, timings, threads)
         t_end = time.perf_counter()
         timings.update(write=t_end - t_fit, total=t_end - t_start)
-        files = write(result, inputs, record, layouts, options)
+        files = write(result, inputs, record, writers, options)
     t_end = time.perf_counter()
     record["timings"] = dict(timings, write=t_end - t_fit, total=t_end - t_start)
     record["files"] = [str(p) for p in files]

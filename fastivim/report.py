@@ -830,8 +830,15 @@ def report_from_output(out_dir, dwi=None) -> Path:
             signal = d.data
         except (ValueError, OSError) as exc:
             warnings.warn(f"no signal-decay figure: {exc}", stacklevel=2)
-    return make_report(result, signal, result.b_values, layout.folder, record=record,
-                       voxel_size=zooms, prefix=layout.prefix)
+    from .io.write import OutputLock
+
+    lock = OutputLock(layout.folder / f".{layout.record.name}.lock")
+    lock.acquire()  # not while a run rewrites this output (its commit removes older reports)
+    try:
+        return make_report(result, signal, result.b_values, layout.folder, record=record,
+                           voxel_size=zooms, prefix=layout.prefix)
+    finally:
+        lock.release()
 
 
 __all__ = [

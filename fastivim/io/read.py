@@ -6,6 +6,7 @@ it cannot use; nothing here writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -110,7 +111,6 @@ def load_nifti(path, what: str = "file"):
     return img
 
 
-
 def _read_data(img, path: Path) -> np.ndarray:
     """The image's array with slope/intercept applied.
 
@@ -130,8 +130,6 @@ def _read_data(img, path: Path) -> np.ndarray:
         return img.get_fdata(dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read the image data ({_one_line(exc)})") from None
-
-
 
 
 def read_bvals(path) -> np.ndarray:
@@ -316,8 +314,6 @@ def load_mask(path, reference_img) -> np.ndarray:
     return mask
 
 
-
-
 # ------------------------------------------------------------------------- a run's outputs
 
 def find_record(path) -> Path:
@@ -343,6 +339,26 @@ def find_record(path) -> Path:
         names = ", ".join(p.name for p in found)
         raise InputError(f"{path}: {len(found)} run records here ({names}); name one of them")
     raise InputError(f"{path / RECORD_NAME}: no such file (not a fastivim run output)")
+
+
+def verify_manifest(layout, record: dict) -> None:
+    """Check that every file the record's ``manifest`` lists is the one it describes.
+
+    Raises
+    ------
+    InputError
+        A file missing, or of another size or SHA-256 (a mix of two runs); names the file.
+    """
+    for name, want in (record.get("manifest") or {}).items():
+        p = layout.folder / name
+        try:
+            payload = p.read_bytes()
+        except OSError:
+            raise InputError(f"{p}: listed in {layout.record.name} but missing (an incomplete "
+                             f"run; run it again)") from None
+        if len(payload) != want["bytes"] or hashlib.sha256(payload).hexdigest() != want["sha256"]:
+            raise InputError(f"{p}: not the file {layout.record.name} describes (written by "
+                             f"another run; run it again)")
 
 
 def load_output(path):
@@ -382,6 +398,7 @@ def load_output(path):
         layout = layout_of_record(rec_path)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    verify_manifest(layout, record)
     model = record.get("model", "ivim")
     maps = {"D_star": None}  # absent for the simplified model
     zooms = None
