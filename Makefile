@@ -14,7 +14,7 @@ define pip_install
 	@$(PIP_QUIET) $(1) > $(PIP_LOG) 2>&1 || { cat $(PIP_LOG); exit 1; }
 endef
 
-.PHONY: install demo test test-nojit bench bench-peers bench-cli bench-batch peers-env lint clean
+.PHONY: install demo test test-nojit bench bench-peers bench-cli bench-batch bench-accuracy peers-env lint clean
 
 ## The package alone (what `make demo` needs).
 $(BASE_STAMP): setup.cfg pyproject.toml
@@ -52,6 +52,10 @@ bench-cli: install
 ## Subjects per minute for `fastivim batch` (local and a 2-worker Dask cluster).
 bench-batch: install
 	$(BIN)/python bench/bench_batch.py
+
+## RMSE against the truth of segmented, full and bayesian on the tissue phantom, per tissue.
+bench-accuracy: install
+	$(BIN)/python bench/bench_accuracy.py
 
 OSIPY_VENV ?= .venv-osipy
 PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)

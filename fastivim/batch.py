@@ -254,7 +254,9 @@ def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | N
     if record.get("inputs") != _fingerprints(series):
         return None  # an input changed since (an edited .bval, a new mask...): refit
     model = record.get("model", "ivim")
-    expected = [m for m in MAPS if m.produced_by(model) and not m.optional]
+    # the uncertainty maps are part of a complete run when it was asked for them
+    with_sd = bool(record.get("uncertainty")) or record.get("method") == "bayesian"
+    expected = [m for m in MAPS if m.produced_by(model) and (with_sd or not m.optional)]
     layout = _layout(series, deriv_dir)
     if not all(p.is_file() for p in layout.map_files(expected)):
         return None

@@ -113,7 +113,7 @@ def resolve_inputs(dwi, options: RunOptions, note=None) -> Inputs:
         One line naming the file (see :func:`fastivim.io.load_dwi`, :func:`~fastivim.io.load_mask`);
         also an automatic mask that is empty.
     """
-    d = load_dwi(dwi, bvals=options.bvals, bvecs=options.bvecs)
+    d = load_dwi(dwi, bvals=options.bvals, bvecs=options.bvecs, model=options.fit.model)
     if d.bvals_from_sidecar and note is not None:
         note(f"using b-values from {d.bvals_path}")
     mode = options.mask_mode
@@ -161,6 +161,9 @@ def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, t
         "bvecs": d.bvecs.tolist() if d.bvecs is not None else None,
         "bvecs_source": str(d.bvecs_path) if d.bvecs_path else None,
         **options.fit.as_json(),
+        # the bayesian method's prior ("empirical" or "weak") and noise estimate
+        "prior": result.prior,
+        "noise_sigma": result.noise_sigma,
         "mask_source": inputs.mask_source,
         # content of every input file: a later batch refits when any of them changed
         "inputs": input_fingerprints(d.path, d.bvals_path, d.bvecs_path,
@@ -289,6 +292,7 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         fit = options.fit
         result = fit_ivim(inputs.dwi.data, inputs.dwi.b_values, mask=inputs.mask,
                           method=fit.method, bounds=fit.bounds, b_threshold=fit.b_threshold,
+                          model=fit.model, uncertainty=fit.uncertainty, seed=fit.seed,
                           progress=not options.quiet and inputs.n_fit >= PROGRESS_MIN_VOXELS)
         t_fit = time.perf_counter()
         timings = {"read": inputs.dwi.read_seconds,

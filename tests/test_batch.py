@@ -359,3 +359,22 @@ def test_threads_beyond_the_machine_is_refused_before_any_work(bids_root, tmp_pa
 def test_registered_as_fastivim_batch():
     r = CliRunner().invoke(cli.main, ["batch", "--help"])
     assert r.exit_code == 0 and "BIDS_ROOT" in r.output
+
+
+def test_batch_with_uncertainty_writes_and_checks_the_sd_maps(bids_root, tmp_path):
+    deriv = tmp_path / "deriv"
+    r = invoke(bids_root, "-o", deriv, "-q", "--method", "full", "--uncertainty")
+    assert r.exit_code == batch.EXIT_SOME_FAILED, r.output
+    d = io.bids_dir(deriv, "01")
+    sd = d / "sub-01_model-ivim_Dsd.nii.gz"
+    assert sd.is_file() and (d / "sub-01_model-ivim_S0sd.json").is_file()
+    rec = json.loads(batch.record_path(batch.Series("01", None, Path("x")), deriv).read_text())
+    assert rec["uncertainty"] is True and rec["method"] == "full"
+    # a series missing one of the maps it was asked for is not complete: it is fitted again
+    sd.unlink()
+    r = invoke(bids_root, "-o", deriv, "-q", "--method", "full", "--uncertainty")
+    assert "fitted now    1" in r.output and "reused        3" in r.output, r.output
+    assert sd.is_file()
+    # other options than the record's: every series is fitted again
+    r = invoke(bids_root, "-o", deriv, "-q", "--method", "full")
+    assert "fitted now    4" in r.output, r.output

@@ -287,3 +287,32 @@ def test_ctrl_c_during_garbage_collection_still_interrupts(tmp_path, signal, mon
     assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr
     assert "interrupted" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_names_the_file(tmp_path, signal, monkeypatch):
+    """"cannot write" errors name the path (a full disk raises an OSError without a file name)
+    and leave nothing behind."""
+    import builtins
+    import errno
+
+    import fastivim.io.write as write_mod
+
+    class _Full:
+        def __init__(self, *a, **kw):
+            self._fh = builtins.open(*a, **kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+        def write(self, payload):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    dwi = write_dwi(tmp_path, signal)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(write_mod, "open", _Full, raising=False)
+    r = invoke("run", dwi, "-o", tmp_path / "out", "-q")
+    assert_refused(r, str(tmp_path / "out"), "No space left on device")
+    assert nothing_written(tmp_path, before)

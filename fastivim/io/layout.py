@@ -158,16 +158,21 @@ def bids_layout(deriv_dir, subject: str, session: str | None = None,
 
 
 def bids_paths(deriv_dir, subject: str, session: str | None = None) -> list:
-    """Every map and sidecar :func:`~fastivim.io.export_bids` writes (not the record, nor
-    ``dataset_description.json``)."""
-    return bids_layout(deriv_dir, subject, session).map_files()
+    """Every map and sidecar :func:`~fastivim.io.export_bids` writes with the default fit
+    options (not the record, nor ``dataset_description.json``)."""
+    return bids_layout(deriv_dir, subject, session).map_files(_default_maps())
 
 
 def map_paths(out_dir) -> list:
-    """Every file :func:`~fastivim.io.save_maps` writes into ``out_dir``: maps, sidecars and
-    the record."""
+    """Every file :func:`~fastivim.io.save_maps` writes into ``out_dir`` with the default fit
+    options: maps, sidecars and the record."""
     layout = plain_layout(out_dir)
-    return layout.map_files() + [layout.record]
+    return layout.map_files(_default_maps()) + [layout.record]
+
+
+def _default_maps() -> tuple:
+    """The maps of a fit with the default options: the ``ivim`` model's, no optional ones."""
+    return tuple(m for m in MAPS if m.produced_by("ivim") and not m.optional)
 
 
 def layout_of_record(record_path) -> Layout:

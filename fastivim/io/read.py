@@ -182,7 +182,7 @@ def read_bvecs(path, n_b: int) -> np.ndarray:
                      f"(one direction per volume)")
 
 
-def load_dwi(path, bvals=None, bvecs=None) -> DWI:
+def load_dwi(path, bvals=None, bvecs=None, model="ivim") -> DWI:
     """Load a 4D DWI series and its b-values.
 
     Parameters
@@ -195,6 +195,9 @@ def load_dwi(path, bvals=None, bvecs=None) -> DWI:
         ``<stem>.bval`` beside the image (``DWI.bvals_from_sidecar`` is then True).
     bvecs : str or Path, optional
         Gradient directions, recorded only (repeated b-values are fitted as they come).
+    model : str
+        The signal model the b-values must suit (``simplified`` needs 3 distinct, not 4; see
+        :func:`fastivim.validate_b_values`).
 
     Returns
     -------
@@ -230,7 +233,7 @@ def load_dwi(path, bvals=None, bvecs=None) -> DWI:
     else:
         b_raw, source = bvals, "b-values"
     try:
-        b = validate_b_values(b_raw, shape[3])
+        b = validate_b_values(b_raw, shape[3], model)
     except ValueError as exc:
         raise InputError(f"{source}: {exc} ({path.name} has {shape[3]} volumes)"
                          if "samples per voxel" in str(exc) else f"{source}: {exc}") from None
@@ -397,7 +400,7 @@ def load_output(path):
         raise InputError(str(exc)) from None
     verify_manifest(layout, record)
     model = record.get("model", "ivim")
-    maps = {}
+    maps = {"D_star": None}  # absent for the simplified model
     zooms = None
     for info in MAPS:
         p = layout.map_file(info)
@@ -413,7 +416,7 @@ def load_output(path):
         if zooms is None:
             zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         maps[info.attr] = arr.astype(info.dtype, copy=False)
-    shapes = {a.shape for a in maps.values()}
+    shapes = {a.shape for a in maps.values() if a is not None}
     if len(shapes) != 1:
         raise InputError(f"{layout.folder}: maps of different shapes {sorted(shapes)}")
     from ..options import FitOptions
@@ -425,6 +428,9 @@ def load_output(path):
         bounds=bounds_from_json(record.get("bounds", {})),
         b_values=np.asarray(record.get("b_values", []), dtype=np.float64),
         b_threshold=float(record.get("b_threshold", FitOptions().b_threshold)),
+        model=model,
+        prior=record.get("prior"),
+        noise_sigma=record.get("noise_sigma"),
         **maps,
     )
     return result, record, zooms, layout

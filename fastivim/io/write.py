@@ -46,7 +46,7 @@ import numpy as np
 from .. import __version__
 from .._atomic import json_bytes, partial_path
 from ..kernels.status import STATUS_MEANINGS
-from ..model import EQUATION, bounds_to_json, maps_of
+from ..model import EQUATION, EQUATIONS, bounds_to_json, maps_of
 from .layout import BIDS_VERSION, Layout, bids_layout, check_label, plain_layout
 from .read import bval_sidecar, image_stem, load_nifti
 
@@ -131,8 +131,11 @@ class Staging:
         self.makedirs(final.parent)
         partial = partial_path(final)
         self.items.append((partial, final, len(payload), _sha256(payload)))
-        with open(partial, "wb") as fh:
-            fh.write(payload)
+        try:
+            with open(partial, "wb") as fh:
+                fh.write(payload)
+        except OSError as exc:  # a full disk sets no file name on the error: name it here
+            raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
 
     def commit(self) -> list:
         for partial, final, _, _ in self.items:
@@ -213,7 +216,7 @@ def sidecar(info, result) -> dict:
     side = {
         "Description": info.description,
         "Units": info.units,
-        "Model": EQUATION,
+        "Model": EQUATIONS.get(getattr(result, "model", "ivim"), EQUATIONS["ivim"]),
         "FittingMethod": result.method,
         "BValues": [float(v) for v in result.b_values],
         "BThreshold": result.b_threshold,
