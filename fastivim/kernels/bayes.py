@@ -15,11 +15,13 @@ best value) leaves out: it favours the grid points whose model decays fast, whos
 pin less well. With it the posterior of D_star is as wide as it should be at low SNR (95%
 coverage of D_star on the 144x144x12 tissue phantom of ``bench/bench_accuracy.py``: 0.901 ->
 0.954 at osipi18 SNR 10, 0.891 -> 0.971 at clinical11 SNR 10, 0.866 -> 0.883 at clinical11
-SNR 20; pooled RMSE within 0.02 of the profile likelihood's). The prior is a weight per grid point, learned by EM on a
-subsample of voxels (a non-parametric maximum-likelihood prior: Laird 1978, JASA 73:805; for
-IVIM cf. Orton et al. 2014, doi:10.1002/mrm.24649 and Gustafsson et al. 2018,
-doi:10.1002/mrm.26783). The posterior over the grid then gives each voxel's mean (the map) and
-SD (the uncertainty). Magnitude data are debiased first: ``sqrt(max(y² - sigma², 0))`` per sample.
+SNR 20; pooled RMSE within 0.02 of the profile likelihood's).
+
+The prior is a weight per grid point, learned by EM on a subsample of voxels (a non-parametric
+maximum-likelihood prior: Laird 1978, JASA 73:805; for IVIM cf. Orton et al. 2014,
+doi:10.1002/mrm.24649 and Gustafsson et al. 2018, doi:10.1002/mrm.26783). The posterior over the
+grid then gives each voxel's mean (the map) and SD (the uncertainty). Magnitude data are
+debiased first: ``sqrt(max(y² - sigma², 0))`` per sample.
 
 Everything here is deterministic whatever the thread count: each voxel's row is written by one
 thread, and every sum runs sequentially in a fixed order (the EM's column sums run over voxels
@@ -393,7 +395,8 @@ def posterior_volume(Y, groups, w, bu, sigma2, M, nn, inv_nn, logw, par, cvar, e
 
     ``M``, ``nn``, ``inv_nn = 1 / nn``, ``par``, ``cvar``, ``edge`` are the grid tables of
     :func:`make_bayes_tables` restricted to the grid points kept, ``logw`` (n_g,) their log
-    prior weights plus ``lnorm`` (the S0 integral's term); ``sigma2`` the noise variance (input units squared).
+    prior weights plus ``lnorm`` (the S0 integral's term); ``sigma2`` the noise variance
+    (input units squared).
     """
     n = Y.shape[0]
     ng = nn.shape[0]
