@@ -657,7 +657,7 @@ def _learn_prior(Y, rows, t, sigma2, s0_bounds):
     buf = np.empty(n * ng, dtype=np.float32)  # the likelihood table, shrunk in place below
     usable = np.empty(n, dtype=np.bool_)
     bayes.em_likelihoods(Y, rows, t["groups"], t["w"], sigma2, t["M"], t["nn"], 1.0 / t["nn"],
-                         *s0_bounds, chunk_count(n), buf.reshape(n, ng), usable)
+                         t["lnorm"], *s0_bounds, chunk_count(n), buf.reshape(n, ng), usable)
     if int(usable.sum()) < MIN_EM_VOXELS:
         return None
     weights = np.full(ng, 1.0 / ng)
@@ -716,7 +716,7 @@ def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
         weights = np.full(t["nn"].size, 1.0 / t["nn"].size)
     keep = weights >= PRIOR_PRUNE * weights.max()
     tables = (np.ascontiguousarray(t["M"][:, keep]), t["nn"][keep], 1.0 / t["nn"][keep],
-              np.log(weights[keep]),
+              np.log(weights[keep]) + t["lnorm"][keep],
               np.ascontiguousarray(t["par"][:, keep]), np.ascontiguousarray(t["cvar"][:, keep]),
               np.ascontiguousarray(t["edge"][:, keep]))
     args = (t["groups"], t["w"], t["bu"], sigma2, *tables, *s0_bounds)
