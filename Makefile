@@ -2,20 +2,35 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+BASE_STAMP := $(VENV)/.base-stamp
 STAMP := $(VENV)/.installed-stamp
+PIP_LOG := $(VENV)/pip.log
+DEV_EXTRAS := .[test,lint,report,cluster]
 
-.PHONY: install demo test test-nojit bench bench-peers bench-cli bench-batch peers-env lint clean
+# pip stays quiet; its whole output is shown only when it fails.
+PIP_QUIET = $(BIN)/python -m pip install --disable-pip-version-check --no-input
+define pip_install
+	@echo "installing $(1) into $(VENV) (log: $(PIP_LOG))"
+	@$(PIP_QUIET) $(1) > $(PIP_LOG) 2>&1 || { cat $(PIP_LOG); exit 1; }
+endef
 
+.PHONY: install demo test test-nojit bench bench-peers bench-cli bench-batch bench-accuracy peers-env lint clean
+
+## The package alone (what `make demo` needs).
+$(BASE_STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(call pip_install,-e .)
+	@touch $(BASE_STAMP)
+
+## The package with the test, lint, report and cluster extras (what `make test` needs).
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test,lint,report,cluster]'
-	touch $(STAMP)
+$(STAMP): $(BASE_STAMP)
+	$(call pip_install,-e '$(DEV_EXTRAS)')
+	@touch $(STAMP)
 
 ## Run the main job on the built-in synthetic phantom.
-demo: install
+demo: $(BASE_STAMP)
 	$(BIN)/fastivim demo
 
 ## The test suite (CI runs exactly this).
@@ -37,6 +52,10 @@ bench-cli: install
 ## Subjects per minute for `fastivim batch` (local and a 2-worker Dask cluster).
 bench-batch: install
 	$(BIN)/python bench/bench_batch.py
+
+## RMSE against the truth of segmented, full and bayesian on the tissue phantom, per tissue.
+bench-accuracy: install
+	$(BIN)/python bench/bench_accuracy.py
 
 OSIPY_VENV ?= .venv-osipy
 PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)

@@ -130,7 +130,8 @@ def main():
     path = make_input(parse_size(args.sizes[0]))
     plain, barred, pct = progress_overhead(path, args.method, max(args.repeat, 3))
     print(f"\nprogress bar ({args.sizes[0]}, best of {max(args.repeat, 3)}): fit without bar "
-          f"{plain:.3f} s, with bar (chunks of {fit_mod.PROGRESS_CHUNK:,} voxels) {barred:.3f} s: "
+          f"{plain:.3f} s, with bar (blocks of about {fit_mod.BLOCK_SECONDS:g} s; the fit runs "
+          f"in such blocks with or without it) {barred:.3f} s: "
           f"overhead {pct:+.1f}%")
     levels = gzip_levels(path)
     print("gzip of the 8 maps of 4 slices: " + ", ".join(

@@ -13,7 +13,7 @@ pipelines can call the kernel alone::
 __version__ = "0.1.0"
 
 from . import simulate
-from .fit import METHODS, IVIMResult, fit_ivim, fit_voxels, validate_b_values
+from .fit import METHODS, MODELS, IVIMResult, fit_ivim, fit_voxels, validate_b_values
 from .kernels.status import STATUS_MEANINGS
 from .model import DEFAULT_BOUNDS, PARAM_NAMES, ivim_signal, resolve_bounds
 
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_BOUNDS",
     "IVIMResult",
     "METHODS",
+    "MODELS",
     "PARAM_NAMES",
     "STATUS_MEANINGS",
     "fit_ivim",

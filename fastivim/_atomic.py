@@ -11,13 +11,21 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path, payload: bytes) -> None:
-    """Write ``payload`` to a hidden ``.NAME.partial`` beside ``path``, then rename it over.
+def partial_path(path) -> Path:
+    """Where a file is staged before it is renamed into place: hidden ``.NAME.partial`` beside
+    it (same folder, so the rename is atomic). Every writer of fastivim uses this name."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
 
-    An interrupted write leaves no file that looks finished, and no partial file either.
+
+def write_atomic(path, payload: bytes) -> None:
+    """Write ``payload`` to :func:`partial_path` of ``path``, then rename it over ``path``.
+
+    An interrupted write leaves no file that looks finished, and no partial file either. For
+    several files that must appear together, see :class:`fastivim.io.write.Staging`.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = partial_path(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(payload)

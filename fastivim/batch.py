@@ -18,13 +18,15 @@ Never losing a subject
 
 Resuming
     A series is *complete* when its run record ``..._model-ivim_fastivim.json`` exists, was made
-    with the same fit options, and every map and sidecar it lists exists. The record is written
-    (atomically, by rename) only after :func:`fastivim.io.export_bids` has renamed every map
-    into place; before a series is refitted its record, then its old maps, are deleted. So
-    maps exist only with their record (but for the instant of the final renames), and an
-    interrupted series never counts as done. A re-run skips complete series (``fitted =
-    earlier-run`` in the table) and redoes the rest: missing, interrupted, failed, or made
-    with other fit options or another input path. ``--redo`` refits everything.
+    with the same fit options, and every file it lists is the one it describes (size and
+    SHA-256, :func:`fastivim.io.read.verify_manifest`). Each series is written all or nothing
+    by :class:`fastivim.io.write.LayoutWriter` (locked, staged, the old record deleted first and
+    the new one renamed in last), so an interrupted series never counts as done. A re-run
+    skips complete series (``fitted = earlier-run`` in the table) and redoes the rest: missing,
+    interrupted, failed, made with other fit options or another input path, or from inputs
+    whose content changed since (the record keeps the size and SHA-256 of the image, b-values
+    and mask). ``--redo`` refits everything. One batch at a time writes into a derivatives
+    folder (a lock beside the summary table).
 
 Where it runs, and how many threads
     Default: in this process, one series at a time, each fitted by the parallel numba kernel on
@@ -54,7 +56,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._atomic import one_line as _one_line
@@ -79,6 +81,8 @@ EXIT_SOME_FAILED = 3
 COLUMNS = {
     "participant_id": ("BIDS subject, sub-<label>", None),
     "session_id": ("BIDS session, ses-<label>, or n/a", None),
+    "series": ("the series' BIDS entities (image name before _dwi), as in its output names",
+               None),
     "status": ("ok: maps written; failed: see error; pending: not reached (interrupted run)",
                None),
     "fitted": ("this-run: fitted now; earlier-run: complete outputs reused; n/a", None),
@@ -120,8 +124,11 @@ class Series:
     mask : Path or None
         The mask found by the mask pattern; None means the automatic mask.
     problem : str or None
-        A problem found before fitting (e.g. two series for one subject/session); the series
+        A problem found before fitting (a broken link, two images of one series); the series
         is then reported as failed with this message.
+    entities : str
+        BIDS entities of the image name besides sub and ses (``acq-a_dir-AP``); they name the
+        outputs too (see :func:`fastivim.io.source_entities`).
     """
 
     subject: str
@@ -129,11 +136,13 @@ class Series:
     dwi: Path
     mask: Path | None = None
     problem: str | None = None
+    entities: str = ""
 
     @property
     def label(self) -> str:
-        """``sub-01`` or ``sub-01_ses-1``."""
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+        """The series' BIDS entities: ``sub-01``, ``sub-01_ses-1`` or ``sub-06_acq-a``."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "") + (
+            f"_{self.entities}" if self.entities else "")
 
 
 def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
@@ -156,12 +165,14 @@ def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
         Sorted by subject, session, file name. Several series that would write the same maps
         (same subject and session) are all returned with a ``problem``.
     """
+    from .io import source_entities
+
     root = Path(bids_root).absolute()
     found = []
     for pattern in ("sub-*/dwi/*_dwi.nii*", "sub-*/ses-*/dwi/*_dwi.nii*"):
         for dwi in root.glob(pattern):
             m = _DWI_RE.match(dwi.name)
-            if m is None or not dwi.is_file():
+            if m is None or dwi.is_dir():
                 continue
             rel = dwi.relative_to(root).parts
             subject = rel[0][len("sub-"):]
@@ -176,18 +187,20 @@ def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
                                  f"(use {{subject}}, {{session}}, {{entities}}, {{dwi_dir}})"
                                  ) from None
             mask = mask if mask.is_absolute() else root / mask
-            found.append(Series(subject, session, dwi, mask if mask.is_file() else None))
+            problem = None
+            if not dwi.is_file():  # a link whose target is gone: reported, never skipped
+                problem = (f"{dwi}: broken symbolic link (its target {os.readlink(dwi)} does "
+                           f"not exist)" if dwi.is_symlink() else f"{dwi}: not a regular file")
+            found.append(Series(subject, session, dwi, mask if mask.is_file() else None,
+                                problem, source_entities(dwi)))
     found.sort(key=lambda s: (s.subject, s.session or "", s.dwi.name))
-    per_target = Counter((s.subject, s.session) for s in found)
+    per_target = Counter(s.label for s in found)
     out = []
     for s in found:
-        if per_target[(s.subject, s.session)] > 1:
-            others = [o.dwi.name for o in found
-                      if (o.subject, o.session) == (s.subject, s.session)]
-            s = Series(s.subject, s.session, s.dwi, s.mask,
-                       problem=f"{s.dwi}: {len(others)} DWI series for {s.label} "
-                               f"({', '.join(others)}) would write the same maps; fit them "
-                               f"one by one with fastivim run")
+        if per_target[s.label] > 1 and s.problem is None:
+            others = [o.dwi.name for o in found if o.label == s.label]
+            s = replace(s, problem=f"{s.dwi}: {len(others)} images for the series {s.label} "
+                                   f"({', '.join(others)}) would write the same maps; keep one")
         out.append(s)
     return out
 
@@ -197,7 +210,7 @@ def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
 def _layout(series: Series, deriv_dir):
     from .io import bids_layout
 
-    return bids_layout(deriv_dir, series.subject, series.session)
+    return bids_layout(deriv_dir, series.subject, series.session, series.entities)
 
 
 def record_path(series: Series, deriv_dir) -> Path:
@@ -218,8 +231,16 @@ def _expected_settings(series: Series, options: RunOptions) -> dict:
             "dwi": str(series.dwi), "mask": str(series.mask) if series.mask else "auto"}
 
 
+def _fingerprints(series: Series) -> dict:
+    """What a run of ``series`` records as ``inputs`` (:func:`fastivim.io.input_fingerprints`)."""
+    from .io import bval_sidecar, input_fingerprints
+
+    return input_fingerprints(series.dwi, bval_sidecar(series.dwi), None, series.mask)
+
+
 def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | None:
-    """The series' run record if its outputs are complete and made with ``options``, else None."""
+    """The series' run record if its outputs are complete, made with ``options`` and from the
+    same input content (image, b-values, mask: compared by SHA-256), else None."""
     from .model import MAPS
 
     rec_path = record_path(series, deriv_dir)
@@ -230,9 +251,20 @@ def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | N
     if not isinstance(record, dict) or record.get("settings") != \
             _expected_settings(series, options):
         return None
+    if record.get("inputs") != _fingerprints(series):
+        return None  # an input changed since (an edited .bval, a new mask...): refit
     model = record.get("model", "ivim")
-    expected = [m for m in MAPS if m.produced_by(model) and not m.optional]
-    if not all(p.is_file() for p in _layout(series, deriv_dir).map_files(expected)):
+    # the uncertainty maps are part of a complete run when it was asked for them
+    with_sd = bool(record.get("uncertainty")) or record.get("method") == "bayesian"
+    expected = [m for m in MAPS if m.produced_by(model) and (with_sd or not m.optional)]
+    layout = _layout(series, deriv_dir)
+    if not all(p.is_file() for p in layout.map_files(expected)):
+        return None
+    from .io.read import InputError, verify_manifest
+
+    try:  # every file is the one the record describes (no mix of two runs)
+        verify_manifest(layout, record)
+    except InputError:
         return None
     return record
 
@@ -251,8 +283,8 @@ def fit_series(series: Series, deriv_dir, options: RunOptions, threads: int | No
     """Fit one series into ``deriv_dir`` and return its summary row; never raises for bad data.
 
     The maps and the run record are written by :func:`fastivim.pipeline.run`, exactly as
-    ``fastivim run --bids`` writes them (the record last). Any previous record of the series
-    is deleted first and partial outputs of an interrupted earlier attempt are replaced.
+    ``fastivim run --bids`` writes them: an older output of the series is replaced all or
+    nothing (the record last), and partial files of an interrupted attempt are removed.
 
     Parameters
     ----------
@@ -280,12 +312,8 @@ def fit_series(series: Series, deriv_dir, options: RunOptions, threads: int | No
     out = layout.folder
     try:
         with _FIT_LOCK:  # one fit per process: task slots never multiply the numba threads
-            # outputs exist only with their record: drop the record first, then old maps
-            layout.record.unlink(missing_ok=True)
-            for p in layout.map_files():
-                p.unlink(missing_ok=True)
-            # exist_ok: sessions of one subject may run at once on several workers
-            out.mkdir(parents=True, exist_ok=True)
+            # the run replaces an older output of the series all or nothing, record last (see
+            # fastivim.io.write.LayoutWriter); until then the older one stays whole
             record = run(series.dwi, _series_options(series, deriv_dir, options, threads),
                          command=command)
     except Exception as exc:
@@ -301,6 +329,7 @@ def _row(series: Series, status: str, error=None, fitted=None, seconds=None) -> 
     row = {k: None for k in COLUMNS}
     row.update(participant_id=f"sub-{series.subject}",
                session_id=f"ses-{series.session}" if series.session else None,
+               series=series.label,
                status=status, fitted=fitted, seconds=seconds, error=error,
                dwi=str(series.dwi), mask=str(series.mask) if series.mask else "auto")
     row["label"] = series.label
@@ -380,15 +409,26 @@ def _dask_fit(series, deriv_dir, options, threads_by_worker, command):
                       threads=min(threads, numba.config.NUMBA_NUM_THREADS), command=command)
 
 
+def _numba_thread_limit() -> int:
+    """The most numba threads this process can run (``NUMBA_NUM_THREADS``)."""
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def _worker_threads(client, threads=None) -> dict:
-    """``{worker address: numba threads}`` so that workers × threads ≤ cores on each host."""
+    """``{worker address: numba threads}`` each worker will really use: workers × threads ≤
+    cores on each host, and never more than the worker's numba allows (a ``threads`` above it
+    is capped there, so the summary reports what ran, not what was asked)."""
     workers = client.scheduler_info(n_workers=-1)["workers"] if _accepts_n_workers(client) \
         else client.scheduler_info()["workers"]
+    limit = client.run(_numba_thread_limit)
     if threads is not None:
-        return {addr: threads for addr in workers}
+        return {addr: max(1, min(threads, limit.get(addr, 1))) for addr in workers}
     cores = client.run(available_cores)
     per_host = Counter(info.get("host") for info in workers.values())
-    return {addr: max(1, cores.get(addr, 1) // per_host[info.get("host")])
+    return {addr: max(1, min(cores.get(addr, 1) // per_host[info.get("host")],
+                             limit.get(addr, 1)))
             for addr, info in workers.items()}
 
 
@@ -493,7 +533,14 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
     bar = None
     report = BatchReport(rows=[], summary_path=None, seconds=0.0, reused=n_reused)
     started = not todo  # the table is (re)written once fitting has begun, or nothing is to do
+    lock = None
     try:
+        if todo:  # one batch at a time into a derivatives folder
+            from .io.write import OutputLock
+
+            deriv.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(deriv / f".{SUMMARY_NAME}.lock")
+            lock.acquire()
         if todo and (scheduler is not None or workers is not None):
             client, cluster = _connect(scheduler, workers)
             tbw = _worker_threads(client, threads)
@@ -501,6 +548,8 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
             report.where = (f"Dask scheduler {scheduler}" if scheduler is not None
                             else f"Dask LocalCluster of {workers} worker processes")
             report.threads = _describe_threads(tbw)
+            if threads is not None and any(t < threads for t in tbw.values()):
+                report.threads += f" ({threads} asked for, capped at the workers' cores)"
         else:
             threads = local_threads
             report.threads = f"{threads} numba thread{'s' * (threads > 1)}, one series at a time"
@@ -534,6 +583,8 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
         report.pending = sum(r["status"] == "pending" for r in report.rows)
         if series and started:
             report.summary_path = write_summary(report.rows, deriv, root)
+        if lock is not None:
+            lock.release()
     return report
 
 

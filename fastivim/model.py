@@ -179,10 +179,19 @@ def bounds_from_json(bounds: Mapping[str, list]) -> dict:
 METHODS = {
     "segmented": "D from the high-b samples first, then D_star and f",
     "full": "all four parameters together (bounded Levenberg-Marquardt, multi-start)",
+    "bayesian": "grid empirical Bayes: prior learned from the volume, posterior mean and SD",
 }
 
-#: Signal models. Every map of :data:`MAPS` names the models that produce it.
-MODELS = ("ivim",)
+#: Signal models. Every map of :data:`MAPS` names the models that produce it. ``ivim`` is the
+#: bi-exponential model; ``simplified`` has no D_star (see :data:`EQUATIONS`).
+MODELS = ("ivim", "simplified")
+
+#: Each model's equation as text, for sidecars and dataset descriptions.
+EQUATIONS = {
+    "ivim": EQUATION,
+    "simplified": "S(0) = S0; S(b) = S0 * (1 - f) * exp(-b * D) for b >= b_threshold, "
+                  "b in s/mm^2",
+}
 
 
 @dataclass(frozen=True)
@@ -251,7 +260,8 @@ MAPS = (
     MapInfo("D", "D", "float32", "mm^2/s", "tissue (slow) diffusion coefficient D", "D",
             Display("D", "×10⁻³ mm²/s", 1e3, 0.0, 3.0, "viridis")),
     MapInfo("D_star", "D_star", "float32", "mm^2/s", "pseudo-diffusion coefficient D*", "Dstar",
-            Display("D*", "×10⁻³ mm²/s", 1e3, 2.0, 100.0, "plasma", log=True)),
+            Display("D*", "×10⁻³ mm²/s", 1e3, 2.0, 100.0, "plasma", log=True),
+            models=("ivim",)),
     MapInfo("f", "f", "float32", "none", "perfusion fraction f", "f",
             Display("f", "fraction", 1.0, 0.0, 0.5, "cividis")),
     MapInfo("S0", "S0", "float32", "arbitrary", "fitted signal at b = 0, in the input's units",
@@ -265,6 +275,18 @@ MAPS = (
             "qualitymask"),
     MapInfo("status", "status", "uint8", "none", "per-voxel fit status code (see Levels)",
             "status"),
+    # one-SD uncertainty of each parameter: bayesian always, least squares with uncertainty
+    MapInfo("D_sd", "D_sd", "float32", "mm^2/s", "uncertainty (one standard deviation) of D",
+            "Dsd", Display("SD of D", "×10⁻³ mm²/s", 1e3, 0.0, 0.5, "magma"), optional=True),
+    MapInfo("D_star_sd", "D_star_sd", "float32", "mm^2/s",
+            "uncertainty (one standard deviation) of D*", "Dstarsd",
+            Display("SD of D*", "×10⁻³ mm²/s", 1e3, 0.0, 50.0, "magma"), models=("ivim",),
+            optional=True),
+    MapInfo("f_sd", "f_sd", "float32", "none", "uncertainty (one standard deviation) of f",
+            "fsd", Display("SD of f", "fraction", 1.0, 0.0, 0.1, "magma"), optional=True),
+    MapInfo("S0_sd", "S0_sd", "float32", "arbitrary",
+            "uncertainty (one standard deviation) of S0, in the input's units", "S0sd",
+            Display("SD of S0", "input units", 1.0, 0.0, None, "magma"), optional=True),
 )
 
 #: Map by result attribute.

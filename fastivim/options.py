@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .model import DEFAULT_BOUNDS, METHODS, PARAM_NAMES, resolve_bounds
+from .model import DEFAULT_BOUNDS, METHODS, MODELS, PARAM_NAMES, bounds_from_json, resolve_bounds
 
 
 class OptionError(ValueError):
@@ -71,6 +71,13 @@ class FitOptions:
     bounds : mapping
         ``{name: (lower, upper)}`` for every parameter (missing keys take
         :data:`fastivim.DEFAULT_BOUNDS`; see :func:`fastivim.resolve_bounds`).
+    model : str
+        A name of :data:`fastivim.model.MODELS`; ``simplified`` does not go with ``bayesian``.
+    uncertainty : bool
+        Also compute the one-SD maps ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (``bayesian``
+        always does).
+    seed : int
+        Seed of the ``bayesian`` method's EM subsample (>= 0).
     """
 
     method: str = _opt("segmented", "method",
@@ -80,6 +87,14 @@ class FitOptions:
     bounds: object = _opt(Bounds(DEFAULT_BOUNDS), "bounds",
                           "[lower, upper] per parameter (S0 signal units, f fraction, D_star and "
                           "D mm²/s); upper null: no bound")
+    model: str = _opt("ivim", "model", "ivim: the bi-exponential model; simplified: S0, f and D "
+                                       "only (S(0) = S0, S(b) = S0 (1 - f) exp(-b D) for b >= "
+                                       "b_threshold), for protocols with too few b-values for "
+                                       "D_star")
+    uncertainty: bool = _opt(False, "bool", "also write the one-SD uncertainty maps D_sd, "
+                                            "D_star_sd, f_sd, S0_sd (bayesian always does)")
+    seed: int = _opt(0, "count", "seed of the bayesian method's EM subsample (same seed, same "
+                                 "maps)")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -93,6 +108,11 @@ class FitOptions:
         if not math.isfinite(b_threshold) or b_threshold < 0:
             raise OptionError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
         object.__setattr__(self, "b_threshold", b_threshold)
+        for key in ("model", "uncertainty", "seed"):
+            object.__setattr__(self, key, check_value(key, getattr(self, key)))
+        if self.model == "simplified" and self.method == "bayesian":
+            raise ConflictError("the bayesian method fits the ivim model only; use method "
+                                "segmented or full with model simplified")
         try:
             object.__setattr__(self, "bounds", _frozen_bounds(self.bounds))
         except ValueError as exc:
@@ -103,7 +123,8 @@ class FitOptions:
         from .model import bounds_to_json
 
         return {"method": self.method, "b_threshold": self.b_threshold,
-                "bounds": bounds_to_json(self.bounds)}
+                "bounds": bounds_to_json(self.bounds), "model": self.model,
+                "uncertainty": self.uncertainty, "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -184,7 +205,8 @@ class Option:
 
     key: str
     default: object
-    kind: str  # path | bvals | bool | float | fraction | threads | method | bounds | label | count
+    kind: str  # path | bvals | bool | float | fraction | threads | method | model | bounds | label
+    # | count
     help: str
 
 
@@ -298,6 +320,10 @@ def check_value(key: str, value, where: str | None = None, strict: bool = False)
         if value not in METHODS:
             raise bad(" or ".join(repr(m) for m in METHODS))
         return value
+    if kind == "model":
+        if value not in MODELS:
+            raise bad(" or ".join(repr(m) for m in MODELS))
+        return value
     if kind == "bounds":
         return check_bounds(value, where)
     raise AssertionError(kind)  # pragma: no cover
@@ -320,7 +346,7 @@ def check_bounds(value, where: str | None = None) -> dict:
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _is_number(pair[0])
                 or not (pair[1] is None or _is_number(pair[1]))):
             raise OptionError(f"{pre}{name!r} must be [lower, upper] numbers, got {pair!r}")
-        out[k] = (float(pair[0]), math.inf if pair[1] is None else float(pair[1]))
+        out.update(bounds_from_json({k: pair}))
     try:
         resolve_bounds(out)
     except ValueError as exc:

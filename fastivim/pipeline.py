@@ -14,10 +14,12 @@ only and restored afterwards.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +27,37 @@ import numpy as np
 
 from . import __version__
 from .fit import fit_ivim, load_kernel
-from .io.layout import Layout, bids_layout, plain_layout
-from .io.read import AUTO_MASK_PERCENTILE, DWI, InputError, auto_mask, load_dwi, load_mask
-from .io.write import check_writable, dataset_description, encode_maps, write_layout
+from .io.layout import Layout, bids_layout, plain_layout, source_entities
+from .io.read import (
+    AUTO_MASK_PERCENTILE,
+    DWI,
+    InputError,
+    auto_mask,
+    input_fingerprints,
+    load_dwi,
+    load_mask,
+)
+from .io.write import (
+    LayoutWriter,
+    OutputError,
+    check_writable,
+    dataset_description,
+    encode_maps,
+    write_layout,
+)
 from .model import MAPS
 from .options import RunOptions, check_threads
 
 #: A progress bar is shown only when at least this many voxels are fitted.
 PROGRESS_MIN_VOXELS = 1 << 16
+
+#: Loading the kernel from numba's disk cache takes well under a second; when it takes longer
+#: than this (s), numba is compiling it and the user is told why the run is silent.
+COMPILE_NOTE_AFTER = 1.0
+
+#: The note given then.
+COMPILE_NOTE = ("compiling the fitting kernel once, about 20 s (later runs start in under a "
+                "second)")
 
 
 @dataclass
@@ -50,13 +75,15 @@ class Inputs:
             np.prod(self.dwi.spatial_shape))
 
 
-def output_layouts(options: RunOptions) -> list:
-    """The layouts a run writes: the plain folder (``out_dir``) and/or the BIDS series."""
+def output_layouts(options: RunOptions, dwi=None) -> list:
+    """The layouts a run writes: the plain folder (``out_dir``) and/or the BIDS series (named
+    with the entities of a BIDS-named ``dwi``, see :func:`fastivim.io.source_entities`)."""
     layouts = []
     if options.out_dir is not None:
         layouts.append(plain_layout(options.out_dir))
     if options.bids is not None:
-        layouts.append(bids_layout(options.bids, options.subject, options.session))
+        layouts.append(bids_layout(options.bids, options.subject, options.session,
+                                   source_entities(dwi) if dwi is not None else ""))
     if not layouts:
         raise ValueError("nothing to write: give out_dir or bids")
     return layouts
@@ -86,7 +113,7 @@ def resolve_inputs(dwi, options: RunOptions, note=None) -> Inputs:
         One line naming the file (see :func:`fastivim.io.load_dwi`, :func:`~fastivim.io.load_mask`);
         also an automatic mask that is empty.
     """
-    d = load_dwi(dwi, bvals=options.bvals, bvecs=options.bvecs)
+    d = load_dwi(dwi, bvals=options.bvals, bvecs=options.bvecs, model=options.fit.model)
     if d.bvals_from_sidecar and note is not None:
         note(f"using b-values from {d.bvals_path}")
     mode = options.mask_mode
@@ -100,6 +127,20 @@ def resolve_inputs(dwi, options: RunOptions, note=None) -> Inputs:
         return Inputs(d, mask, f"auto: lowest-b signal > {options.mask_fraction:g} x its "
                                f"{AUTO_MASK_PERCENTILE:g}th percentile ({thr:.6g})")
     return Inputs(d, load_mask(mode, d.img), str(Path(mode).absolute()))
+
+
+def load_kernel_noting(dtype, note=None) -> float:
+    """:func:`fastivim.fit.load_kernel`, with :data:`COMPILE_NOTE` sent to ``note`` when it
+    takes longer than :data:`COMPILE_NOTE_AFTER` (a first run compiles). Returns seconds."""
+    if note is None:
+        return load_kernel(dtype)
+    timer = threading.Timer(COMPILE_NOTE_AFTER, note, args=(COMPILE_NOTE,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return load_kernel(dtype)
+    finally:
+        timer.cancel()
 
 
 def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, timings,
@@ -120,7 +161,15 @@ def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, t
         "bvecs": d.bvecs.tolist() if d.bvecs is not None else None,
         "bvecs_source": str(d.bvecs_path) if d.bvecs_path else None,
         **options.fit.as_json(),
+        # the bayesian method's prior ("empirical" or "weak") and noise estimate
+        "prior": result.prior,
+        "noise_sigma": result.noise_sigma,
         "mask_source": inputs.mask_source,
+        # content of every input file: a later batch refits when any of them changed
+        "inputs": input_fingerprints(d.path, d.bvals_path, d.bvecs_path,
+                                     None if inputs.mask_source in ("none",) or
+                                     inputs.mask_source.startswith("auto") else
+                                     inputs.mask_source),
         "threads": threads,
         # what a later run compares to decide whether these outputs can be reused
         "settings": {**options.fit.as_json(), "mask_fraction": options.mask_fraction,
@@ -133,24 +182,63 @@ def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, t
     }
 
 
-def write(result, inputs: Inputs, record: dict, layouts, options: RunOptions) -> list:
-    """Write the maps, sidecars and record into every layout; return the files written."""
+def write(result, inputs: Inputs, record: dict, writers, options: RunOptions) -> list:
+    """Write the maps, sidecars and record into every layout, each all or nothing (see
+    :class:`fastivim.io.write.LayoutWriter`); return the files written."""
     encoded = encode_maps(result, inputs.dwi.img)
     written = []
-    for layout in layouts:
+    for w in writers:
         extra = []
-        if layout.bids:
+        if w.layout.bids:
             desc = Path(options.bids) / "dataset_description.json"
             if not desc.exists():
                 from ._atomic import json_bytes
 
                 extra.append((desc, json_bytes(dataset_description())))
-        written += write_layout(result, layout, encoded, record, extra)
+        written += write_layout(result, w.layout, encoded, record, extra, writer=w)
     return written
 
 
 def _all_files(layout: Layout) -> list:
     return layout.map_files(MAPS) + [layout.record]
+
+
+def input_paths(dwi, options: RunOptions) -> dict:
+    """``{path: what}`` of every file a run reads (image, b-values, b-vectors, mask)."""
+    from .io.read import bval_sidecar
+
+    paths = {Path(dwi): "the input image"}
+    bvals = options.bvals
+    if bvals is None:
+        paths[bval_sidecar(dwi)] = "the b-value file"
+    elif isinstance(bvals, (str, os.PathLike)):
+        paths[Path(bvals)] = "the b-value file"
+    if options.bvecs is not None:
+        paths[Path(options.bvecs)] = "the b-vector file"
+    if options.mask is not None and not options.no_mask:
+        paths[Path(options.mask)] = "the mask"
+    return paths
+
+
+def check_inputs_are_not_outputs(dwi, options: RunOptions, layouts) -> None:
+    """Refuse a run that would write over one of its own inputs (e.g. ``-o .`` beside a DWI
+    named ``D.nii.gz``), with or without ``--overwrite``.
+
+    Raises
+    ------
+    OutputError
+        One line naming the file.
+    """
+    inputs = {os.path.realpath(p): (p, what) for p, what in input_paths(dwi, options).items()}
+    for layout in layouts:
+        for f in layout.owned_files():
+            hit = inputs.get(os.path.realpath(f))
+            if hit is None and f.exists():  # hard links, bind mounts
+                hit = next((v for k, v in inputs.items() if os.path.exists(k)
+                            and os.path.samefile(k, f)), None)
+            if hit is not None:
+                raise OutputError(f"{hit[0]}: is {hit[1]} of this run and would be replaced "
+                                  f"by an output; write the outputs elsewhere (-o DIR)")
 
 
 def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
@@ -185,19 +273,26 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         Invalid options.
     """
     t_start = time.perf_counter()
-    layouts = output_layouts(options)
+    layouts = output_layouts(options, dwi)
+    check_inputs_are_not_outputs(dwi, options, layouts)
     for layout in layouts:  # before a large image is read
         check_writable(_all_files(layout), options.overwrite)
-    with numba_threads(options.threads) as threads:
+    with numba_threads(options.threads) as threads, ExitStack() as stack:
         inputs = resolve_inputs(dwi, options, note)
+        # lock every output now: a second run into the same place refuses before it fits
+        writers = [stack.enter_context(LayoutWriter(layout, options.overwrite))
+                   for layout in layouts]
+        for w in writers:  # again under the lock: another run may have finished meanwhile
+            w.check(_all_files(w.layout))
         t_inputs = time.perf_counter()
         # the compiled kernel's one-off load (or first compile) is timed on its own, so "fit"
         # measures fitting
-        t_load = load_kernel(inputs.dwi.data.dtype)
+        t_load = load_kernel_noting(inputs.dwi.data.dtype, note)
         t_fit0 = time.perf_counter()
         fit = options.fit
         result = fit_ivim(inputs.dwi.data, inputs.dwi.b_values, mask=inputs.mask,
                           method=fit.method, bounds=fit.bounds, b_threshold=fit.b_threshold,
+                          model=fit.model, uncertainty=fit.uncertainty, seed=fit.seed,
                           progress=not options.quiet and inputs.n_fit >= PROGRESS_MIN_VOXELS)
         t_fit = time.perf_counter()
         timings = {"read": inputs.dwi.read_seconds,
@@ -207,7 +302,7 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         record = make_record(inputs, result, options, layouts, command, timings, threads)
         t_end = time.perf_counter()
         timings.update(write=t_end - t_fit, total=t_end - t_start)
-        files = write(result, inputs, record, layouts, options)
+        files = write(result, inputs, record, writers, options)
     t_end = time.perf_counter()
     record["timings"] = dict(timings, write=t_end - t_fit, total=t_end - t_start)
     record["files"] = [str(p) for p in files]

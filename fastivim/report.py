@@ -75,8 +75,19 @@ _QUALITY_LABELS = ("not fitted", "failed", "passed")
 #: the map table :data:`fastivim.model.MAPS`.
 DISPLAY = {m.attr: m.display for m in MAPS if m.display is not None}
 
-#: Rows of :func:`plot_maps`, top to bottom (``quality_mask`` is the categorical row).
+#: Rows of :func:`plot_maps`, top to bottom (``quality_mask`` is the categorical row); a map the
+#: result does not hold (D_star of the simplified model) is left out.
 MAP_ROWS = ("D", "D_star", "f", "S0", "r_squared", "quality_mask")
+
+#: Uncertainty rows, drawn after :data:`MAP_ROWS` when the result holds them.
+SD_ROWS = ("D_sd", "D_star_sd", "f_sd", "S0_sd")
+
+
+def map_rows(result) -> tuple:
+    """The rows :func:`plot_maps` draws for ``result``: :data:`MAP_ROWS` and :data:`SD_ROWS`
+    that it holds."""
+    return tuple(n for n in MAP_ROWS + SD_ROWS
+                 if n == "quality_mask" or getattr(result, n, None) is not None)
 
 
 # ------------------------------------------------------------------------------ matplotlib
@@ -180,11 +191,13 @@ def _ordinal(p: float) -> str:
 
 # ------------------------------------------------------------------------------- figures
 
-def _s0_vmax(result) -> float:
-    s0 = np.asarray(result.S0)[np.asarray(result.quality_mask)]
+def _s0_vmax(result, name="S0") -> float:
+    """99th percentile of a map in arbitrary units (S0, or S0_sd) in the quality mask."""
+    m = np.asarray(getattr(result, name))
+    s0 = m[np.asarray(result.quality_mask)]
     s0 = s0[np.isfinite(s0)]
     if s0.size == 0:
-        s0 = np.asarray(result.S0)[np.isfinite(result.S0)]
+        s0 = m[np.isfinite(m)]
     v = float(np.percentile(s0, 99)) if s0.size else 1.0
     return v if v > 0 else 1.0
 
@@ -193,7 +206,7 @@ def _range(name, result, ranges):
     d = DISPLAY[name]
     if ranges and name in ranges:
         return tuple(float(v) for v in ranges[name])
-    return d.vmin, (d.vmax if d.vmax is not None else _s0_vmax(result) * d.scale)
+    return d.vmin, (d.vmax if d.vmax is not None else _s0_vmax(result, name) * d.scale)
 
 
 def _log_ticks(ax_or_cbar_axis, lo, hi):
@@ -248,21 +261,34 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
         for z in slices:
             if not 0 <= z < shape[2]:
                 raise ValueError(f"slice {z} outside 0..{shape[2] - 1}")
+    rows = map_rows(result)
     nx, ny = shape[0], shape[1]
     dx, dy = (1.0, 1.0) if voxel_size is None else (float(voxel_size[0]), float(voxel_size[1]))
     aspect = dy / dx
     panel_w = 2.1
     panel_h = float(np.clip(panel_w * (ny * dy) / (nx * dx), 1.2, 3.5))
     ncol = len(slices)
-    fig = _figure(panel_w * ncol + 1.9, panel_h * len(MAP_ROWS) + 0.6)
-    axes = fig.subplots(len(MAP_ROWS), ncol, squeeze=False)
+    # one slice (or a 2-D map): the maps side by side in a grid, each with its colour bar,
+    # rather than a one-column strip six maps tall
+    grid = ncol == 1
+    if grid:
+        gcols = 3
+        grows = -(-len(rows) // gcols)
+        fig = _figure((panel_w + 1.0) * gcols + 0.3, (panel_h + 0.45) * grows + 0.6)
+        flat = fig.subplots(grows, gcols, squeeze=False).ravel()
+        for ax in flat[len(rows):]:
+            ax.set_visible(False)
+        axes = flat[: len(rows)].reshape(-1, 1)
+    else:
+        fig = _figure(panel_w * ncol + 1.9, panel_h * len(rows) + 0.6)
+        axes = fig.subplots(len(rows), ncol, squeeze=False)
     nz_total = shape[2] if len(shape) == 3 else 1
 
     def cut(arr, z):
         a = np.asarray(arr)
         return (a[:, :, z] if a.ndim == 3 else a).T
 
-    for row, name in enumerate(MAP_ROWS):
+    for row, name in enumerate(rows):
         if name == "quality_mask":
             cmap = colors.ListedColormap(_QUALITY_COLOURS)
             norm = colors.BoundaryNorm([-0.5, 0.5, 1.5, 2.5], 3)
@@ -285,9 +311,12 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
                            interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if row == 0:
+            if grid:
+                ax.set_title(DISPLAY[name].label if name in DISPLAY else "quality",
+                             fontsize=11)
+            elif row == 0:
                 ax.set_title(f"slice z = {z}" if len(shape) == 3 else "", fontsize=10)
-            if col == 0:
+            if col == 0 and not grid:
                 ax.set_ylabel(DISPLAY[name].label if name in DISPLAY else "quality",
                               fontsize=11)
         if name == "quality_mask":
@@ -303,8 +332,14 @@ def plot_maps(result, slices=None, voxel_size=None, ranges=None):
                 _log_ticks(cb.ax.yaxis, lo, hi)
             cb.ax.tick_params(labelsize=8)
             cb.set_label(label, fontsize=9)
-    where = (f"slices {', '.join(map(str, slices))} of {nz_total} (last axis)"
-             if len(shape) == 3 else "the 2-D map")
+    if len(shape) != 3:
+        where = "the 2-D map"
+    elif nz_total == 1:
+        where = "the single slice"
+    elif ncol == 1:
+        where = f"slice z = {slices[0]} of {nz_total} (last axis)"
+    else:
+        where = f"slices {', '.join(map(str, slices))} of {nz_total} (last axis)"
     fig.suptitle(f"Parameter maps: {where}", fontsize=12)
     return fig
 
@@ -347,6 +382,11 @@ def plot_histograms(result, ranges=None, bins: int = 60):
     q = np.asarray(result.quality_mask)
     n_q = int(q.sum())
     for ax, name in zip(axes[:3], ("D", "D_star", "f"), strict=True):
+        if getattr(result, name) is None:  # D_star of the simplified model
+            ax.text(0.5, 0.5, f"no {name} map ({result.model} model)", ha="center",
+                    va="center", transform=ax.transAxes, color="#666666")
+            ax.set_axis_off()
+            continue
         d = DISPLAY[name]
         lo, hi = _range(name, result, ranges)
         v = np.asarray(getattr(result, name))[q].astype(np.float64) * d.scale
@@ -452,7 +492,11 @@ def plot_decay(result, dwi, b_values=None, voxels=None, n: int = N_VOXELS, seed:
     b_fine = np.linspace(0.0, float(b.max()), 200)
     idx = tuple(np.array([p[0][k] for p in picks]) for k in range(len(result.shape)))
     measured = np.asarray(data[idx], dtype=np.float64)  # (n_picks, n_b)
-    params = {k: np.asarray(getattr(result, k), dtype=np.float64)[idx]
+    simplified = getattr(result, "model", "ivim") == "simplified"
+    # the simplified model has no perfusion term beyond b = 0: D_star -> inf draws exactly
+    # S0 at b = 0 and S0 (1 - f) exp(-b D) above it
+    params = {k: (np.full(len(picks), np.inf) if k == "D_star" and simplified else
+                  np.asarray(getattr(result, k), dtype=np.float64)[idx])
               for k in ("S0", "f", "D_star", "D", "r_squared")}
     for i, sf in enumerate(subfigs):
         if i >= len(picks):
@@ -460,16 +504,21 @@ def plot_decay(result, dwi, b_values=None, voxels=None, n: int = N_VOXELS, seed:
             continue
         voxel, label = picks[i]
         p = {k: v[i] for k, v in params.items()}
-        ok = all(np.isfinite(p[k]) for k in ("S0", "f", "D_star", "D"))
+        ok = all(np.isfinite(p[k]) for k in ("S0", "f", "D")) and (
+            simplified or np.isfinite(p["D_star"]))
         if ok:
-            line2 = (f"D = {p['D'] * 1e3:.3g}, D* = {p['D_star'] * 1e3:.3g} (×10⁻³ mm²/s), "
+            dstar = "" if simplified else f", D* = {p['D_star'] * 1e3:.3g}"
+            line2 = (f"D = {p['D'] * 1e3:.3g}{dstar} (×10⁻³ mm²/s), "
                      f"f = {p['f']:.3f}, S0 = {p['S0']:.4g}, R² = {p['r_squared']:.3f}")
         else:
             line2 = "no fitted parameters (NaN)"
         sf.suptitle(f"voxel {voxel}, {label}\n{line2}", fontsize=9)
         ax_lin, ax_log = sf.subplots(1, 2)
         y = measured[i]
-        fit = ivim_signal(b_fine, p["S0"], p["f"], p["D_star"], p["D"]) if ok else None
+        if ok and simplified:
+            fit = p["S0"] * np.where(b_fine > 0, (1 - p["f"]) * np.exp(-b_fine * p["D"]), 1.0)
+        else:
+            fit = ivim_signal(b_fine, p["S0"], p["f"], p["D_star"], p["D"]) if ok else None
         for ax, log in ((ax_lin, False), (ax_log, True)):
             ax.plot(b, y, "o", ms=4, color="#1f77b4", label="measured")
             if fit is not None:
@@ -518,9 +567,14 @@ def summary(result, record=None) -> dict:
         ``b_threshold``, ``bounds``, ``b_values`` and, from the record, ``input``,
         ``command``, ``mask_source``, ``timings``, ``threads``, ``version``.
     """
+    from .fit import SUMMARY_MAPS
+
     out = {
-        **result.summary(),
+        **result.summary(tuple(SUMMARY_MAPS) + SD_ROWS),  # maps the result lacks are skipped
         "method": result.method,
+        "model": getattr(result, "model", "ivim"),
+        "prior": getattr(result, "prior", None),
+        "noise_sigma": getattr(result, "noise_sigma", None),
         "b_threshold": float(result.b_threshold),
         "bounds": {k: (float(lo), float(hi)) for k, (lo, hi) in result.bounds.items()},
         "b_values": [float(v) for v in result.b_values],
@@ -568,7 +622,10 @@ def summary_html(s: dict) -> str:
         ("input", s.get("input")),
         ("shape", " × ".join(map(str, s["shape"]))),
         ("command", s.get("command")),
-        ("method", f"{s['method']} (b threshold {s['b_threshold']:g} s/mm²)"),
+        ("method", f"{s['method']} (b threshold {s['b_threshold']:g} s/mm²)"
+                   + (f", {s['model']} model" if s.get("model", "ivim") != "ivim" else "")
+                   + (f", {s['prior']} prior" if s.get("prior") else "")
+                   + (f", noise sigma {s['noise_sigma']:.4g}" if s.get("noise_sigma") else "")),
         ("bounds", bounds),
         ("b-values (s/mm²)", ", ".join(f"{b:g}" for b in s["b_values"])),
         ("mask", s.get("mask_source")),
@@ -765,15 +822,23 @@ def report_from_output(out_dir, dwi=None) -> Path:
         from .io import load_dwi
 
         try:
-            d = load_dwi(src, bvals=result.b_values if result.b_values.size else None)
+            d = load_dwi(src, bvals=result.b_values if result.b_values.size else None,
+                         model=getattr(result, "model", "ivim"))
             if d.spatial_shape != result.shape:
                 raise ValueError(f"{src}: image grid {d.spatial_shape} does not match the "
                                  f"maps' {result.shape}")
             signal = d.data
         except (ValueError, OSError) as exc:
             warnings.warn(f"no signal-decay figure: {exc}", stacklevel=2)
-    return make_report(result, signal, result.b_values, layout.folder, record=record,
-                       voxel_size=zooms, prefix=layout.prefix)
+    from .io.write import OutputLock
+
+    lock = OutputLock(layout.folder / f".{layout.record.name}.lock")
+    lock.acquire()  # not while a run rewrites this output (its commit removes older reports)
+    try:
+        return make_report(result, signal, result.b_values, layout.folder, record=record,
+                           voxel_size=zooms, prefix=layout.prefix)
+    finally:
+        lock.release()
 
 
 __all__ = [

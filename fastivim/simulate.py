@@ -129,3 +129,131 @@ def error_table(estimate: dict, truth: dict, where) -> dict:
                      "median_abs_rel_error": float(np.median(np.abs(rel))),
                      "median_rel_bias": float(np.median(rel))}
     return out
+
+
+# ------------------------------------------------------------------------- tissue phantom
+#: Tissue values of the OSIPI TF2.4 IVIM test data (``generic.json``, XCAT tissues;
+#: github.com/OSIPI/TF2.4_IVIM-MRI_CodeCollection, tests/IVIMmodels/unit_tests, Apache-2.0):
+#: ``name: (f, D_star mm²/s, D mm²/s)``. The ascending lower intestine (f = 0.69, at the default
+#: f bound) and the heart tissues are left out: this is an abdomen.
+OSIPI_TISSUES = {
+    "muscle": (0.10, 0.0263, 0.00137),
+    "liver": (0.11, 0.100, 0.0015),
+    "spleen": (0.20, 0.030, 0.0013),
+    "kidney cortex": (0.097, 0.020, 0.00212),
+    "kidney medulla": (0.158, 0.019, 0.00209),
+    "pancreas": (0.15, 0.010, 0.0013),
+    "stomach wall": (0.30, 0.012, 0.0015),
+    "esophagus": (0.32, 0.030, 0.00167),
+    "spinal cord": (0.178, 0.0289, 0.00041),
+    "bone marrow": (0.145, 0.050, 0.00043),
+}
+
+#: Organ layout in the body's cross-section (first two axes scaled to [-1, 1]): ``name:
+#: (centre_x, centre_y, radius_x, radius_y)``, painted in this order over the muscle that fills
+#: the body, so later organs cover earlier ones.
+TISSUE_LAYOUT = {
+    "liver": (-0.35, -0.15, 0.38, 0.35),
+    "spleen": (0.45, -0.25, 0.18, 0.16),
+    "stomach wall": (0.22, -0.38, 0.20, 0.12),
+    "esophagus": (0.02, -0.42, 0.06, 0.06),
+    "pancreas": (0.12, 0.05, 0.18, 0.06),
+    "kidney cortex": (0.42, 0.30, 0.15, 0.20),
+    "kidney medulla": (0.42, 0.30, 0.08, 0.12),
+    "bone marrow": (0.0, 0.55, 0.14, 0.12),
+    "spinal cord": (0.0, 0.55, 0.05, 0.05),
+}
+
+#: b-value schemes of the accuracy benchmark (s/mm²): OSIPI TF2.4's abdominal 18-b scheme
+#: (``generic.json``) and an 11-b clinical abdominal protocol.
+B_SCHEMES = {
+    "osipi18": np.array([0, 1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 350, 400, 550, 700, 850,
+                         1000], dtype=np.float64),
+    "clinical11": np.array([0, 10, 20, 40, 60, 100, 150, 200, 400, 600, 800], dtype=np.float64),
+}
+
+#: Relative standard deviation of each parameter (S0 included) around its tissue value.
+TISSUE_VARIATION = 0.10
+
+
+@dataclass
+class TissuePhantom(Phantom):
+    """A :class:`Phantom` made of organs: ``labels`` (int16, ``shape``) is 0 in the background
+    and ``k`` where the voxel belongs to ``tissues[k - 1]``."""
+
+    labels: np.ndarray = None
+    tissues: tuple = ()
+
+
+def _tissue_labels(shape):
+    """Label map (int16) of the organ layout on ``shape``; every slice along axis 3+ the same."""
+    labels = np.zeros(shape, dtype=np.int16)
+    if len(shape) < 2:
+        labels[...] = 1  # 1-D: all muscle
+        return labels
+    body = _ellipsoid(shape)
+    x = np.linspace(-1, 1, shape[0]) if shape[0] > 1 else np.zeros(1)
+    y = np.linspace(-1, 1, shape[1]) if shape[1] > 1 else np.zeros(1)
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    extra = (1,) * (len(shape) - 2)
+    names = list(OSIPI_TISSUES)
+    labels[body] = names.index("muscle") + 1
+    for name, (cx, cy, rx, ry) in TISSUE_LAYOUT.items():
+        organ = ((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 <= 1.0
+        organ = np.broadcast_to(organ.reshape(organ.shape + extra), shape) & body
+        labels[organ] = names.index(name) + 1
+    return labels
+
+
+def tissue_phantom(shape, b_values=B_SCHEMES["osipi18"], snr=30.0, seed=0,
+                   variation=TISSUE_VARIATION) -> TissuePhantom:
+    """An abdomen-like phantom: organs with the OSIPI TF2.4 tissue values, Rician noise.
+
+    Each organ of :data:`TISSUE_LAYOUT` (muscle fills the rest of the body) takes its
+    ``(f, D_star, D)`` from :data:`OSIPI_TISSUES`; every voxel multiplies each of f, D_star, D
+    and S0 (1000) by its own factor ``1 + variation * N(0, 1)`` (clipped to ±3 SD), then f,
+    D_star and D are clipped into :data:`fastivim.DEFAULT_BOUNDS`. Outside the body the signal
+    is noise only.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        Spatial shape; the organ layout lies in the first two axes (1-D shapes are all muscle).
+    b_values : array_like (n_b,)
+        s/mm²; see :data:`B_SCHEMES`.
+    snr : float or None
+        ``S0_TISSUE / sigma`` (sigma per channel of the complex noise); ``None``/``inf`` for
+        noise-free signals.
+    seed : int
+        Seed of the NumPy generator: same seed, same phantom, bit for bit.
+    variation : float
+        Relative standard deviation of each parameter inside an organ.
+
+    Returns
+    -------
+    TissuePhantom
+        ``labels`` and ``tissues`` name each voxel's organ; ``mask`` is the body.
+    """
+    from .model import DEFAULT_BOUNDS
+
+    shape = (shape,) if np.isscalar(shape) else tuple(int(s) for s in shape)
+    b = np.asarray(b_values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    labels = _tissue_labels(shape)
+    mask = labels > 0
+    table = np.array([(1.0, 0.0, 0.0, 0.0)] + [(S0_TISSUE,) + v for v in OSIPI_TISSUES.values()])
+    maps = {}
+    for k, name in enumerate(("S0", "f", "D_star", "D")):
+        factor = 1.0 + variation * np.clip(rng.standard_normal(shape), -3.0, 3.0)
+        value = np.where(mask, table[labels, k] * factor, 0.0)
+        if name != "S0":
+            lo, hi = DEFAULT_BOUNDS[name]
+            value = np.where(mask, np.clip(value, lo, hi), 0.0)
+        maps[name] = value
+    clean = ivim_signal(b, maps["S0"], maps["f"], maps["D_star"], maps["D"])
+    noise_free = snr is None or not np.isfinite(snr)
+    sigma = 0.0 if noise_free else S0_TISSUE / float(snr)
+    signal = add_rician_noise(clean, sigma, rng).astype(np.float32)
+    return TissuePhantom(signal=signal, b_values=b, mask=mask,
+                         snr=float("inf") if noise_free else float(snr), sigma=sigma,
+                         labels=labels, tissues=tuple(OSIPI_TISSUES), **maps)

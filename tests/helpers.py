@@ -9,8 +9,8 @@ import numba
 #: True under ``NUMBA_DISABLE_JIT=1`` (``make test-nojit``): kernels run as plain Python.
 NO_JIT = bool(numba.config.DISABLE_JIT)
 
-#: OSIPI TF2.4 test vectors, shared next to the repository (never copied into it).
-OSIPI_DIR = Path(__file__).resolve().parents[2] / "shared" / "osipi_data"
+#: OSIPI TF2.4 test vectors, vendored with their licence and provenance (see PROVENANCE.md).
+OSIPI_DIR = Path(__file__).resolve().parent / "data" / "osipi"
 
 
 def scaled(n_jit: int, n_nojit: int) -> int:

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from fastivim import batch, cli, io
+from fastivim.options import RunOptions
 from fastivim.simulate import phantom
 
 SHAPE = (8, 8, 3)
@@ -212,13 +213,76 @@ def test_dry_run_writes_nothing_and_errors_are_one_line(bids_root, tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
 
 
-def test_two_series_for_one_target_both_fail(tmp_path):
+def test_acquisitions_of_one_session_keep_their_entities(tmp_path):
+    """``sub-06_acq-a_dwi`` and ``sub-06_acq-b_dwi`` are two series with two rows and two sets
+    of outputs (they shared one row and one output before); two files of one series fail."""
     root = tmp_path / "bids"
-    for acq in ("a", "b"):
-        io.write_phantom(root / "sub-01" / "dwi" / f"sub-01_acq-{acq}_dwi.nii.gz",
-                         phantom(SHAPE, seed=0))
+    for acq, seed in (("a", 0), ("b", 1)):
+        io.write_phantom(root / "sub-06" / "dwi" / f"sub-06_acq-{acq}_dwi.nii.gz",
+                         phantom(SHAPE, snr=40, seed=seed))
     found = batch.find_series(root)
-    assert len(found) == 2 and all("2 DWI series for sub-01" in s.problem for s in found)
+    assert [s.label for s in found] == ["sub-06_acq-a", "sub-06_acq-b"]
+    assert all(s.problem is None for s in found)
+    deriv = tmp_path / "deriv"
+    report = batch.run_batch(root, deriv)
+    assert report.fitted == 2 and report.failed == 0
+    rows = batch.read_summary(deriv / batch.SUMMARY_NAME)
+    assert [r["series"] for r in rows] == ["sub-06_acq-a", "sub-06_acq-b"]
+    d = io.bids_dir(deriv, "06")
+    for acq in ("a", "b"):
+        assert (d / f"sub-06_acq-{acq}_model-ivim_D.nii.gz").is_file()
+        rec = json.loads((d / f"sub-06_acq-{acq}_model-ivim_fastivim.json").read_text())
+        assert rec["input"].endswith(f"sub-06_acq-{acq}_dwi.nii.gz")
+    a = nib.load(d / "sub-06_acq-a_model-ivim_D.nii.gz").get_fdata()
+    b = nib.load(d / "sub-06_acq-b_model-ivim_D.nii.gz").get_fdata()
+    assert not np.array_equal(a, b, equal_nan=True)  # each from its own image
+    # `fastivim run --bids` names its outputs the same way
+    r = CliRunner().invoke(cli.main, ["run", str(found[0].dwi), "--bids", str(tmp_path / "r"),
+                                      "--subject", "06", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (io.bids_dir(tmp_path / "r", "06") / "sub-06_acq-a_model-ivim_D.nii.gz").is_file()
+    # the same series twice (.nii and .nii.gz) would write the same maps: both fail
+    img = nib.load(found[0].dwi)
+    nib.save(img, root / "sub-06" / "dwi" / "sub-06_acq-a_dwi.nii")
+    twice = [s for s in batch.find_series(root) if s.label == "sub-06_acq-a"]
+    assert len(twice) == 2 and all("would write the same maps" in s.problem for s in twice)
+
+
+def test_edited_bvals_are_refitted_not_reused(tmp_path):
+    """Resume compares input content: an edited ``.bval`` after a complete batch means a
+    refit with the new b-values (it reported "reused" and kept the old maps before)."""
+    root = tmp_path / "bids"
+    dwi = root / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    io.write_phantom(dwi, phantom(SHAPE, snr=40, seed=2))
+    deriv = tmp_path / "deriv"
+    first = batch.run_batch(root, deriv)
+    assert first.fitted == 1
+    again = batch.run_batch(root, deriv)
+    assert again.reused == 1 and again.fitted == 0  # unchanged inputs: reused
+    bval = io.bval_sidecar(dwi)
+    b = np.array(bval.read_text().split(), dtype=float)
+    b[1] += 5.0  # a corrected b-value, same length: only the content tells
+    bval.write_text(" ".join(f"{v:g}" for v in b) + "\n")
+    third = batch.run_batch(root, deriv)
+    assert third.reused == 0 and third.fitted == 1
+    rec = json.loads(batch.record_path(batch.find_series(root)[0], deriv).read_text())
+    assert rec["b_values"] == b.tolist()
+    assert rec["inputs"]["bvals"] == io.file_fingerprint(bval)
+
+
+def test_broken_symlink_dwi_is_reported_not_skipped(tmp_path):
+    """A DWI that is a dangling link appears in the table as failed, with the reason."""
+    root = tmp_path / "bids"
+    io.write_phantom(root / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", phantom(SHAPE, seed=1))
+    link = root / "sub-02" / "dwi" / "sub-02_dwi.nii.gz"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(tmp_path / "gone" / "sub-02_dwi.nii.gz")
+    deriv = tmp_path / "deriv"
+    report = batch.run_batch(root, deriv)
+    assert report.fitted == 1 and report.failed == 1
+    rows = {r["series"]: r for r in batch.read_summary(deriv / batch.SUMMARY_NAME)}
+    assert rows["sub-02"]["status"] == "failed"
+    assert "broken symbolic link" in rows["sub-02"]["error"]
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +318,29 @@ def test_dask_cluster_equals_run(bids_root, reference, tmp_path, dask_cluster):
     assert os.listdir(deriv / "sub-03" / "dwi")
 
 
+def test_thread_summary_says_what_ran(tmp_path, dask_cluster):
+    """``--threads`` above a worker's cores is capped there, and the summary says so (it
+    reported the asked-for count before)."""
+    import numba
+
+    root = tmp_path / "bids"
+    io.write_phantom(root / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", phantom(SHAPE, seed=1))
+    most = numba.config.NUMBA_NUM_THREADS
+    asked = most + 1
+    report = batch.run_batch(root, tmp_path / "deriv", _options_with_threads(asked),
+                             scheduler=dask_cluster.scheduler_address)
+    rec = json.loads(batch.record_path(batch.find_series(root)[0], tmp_path / "deriv")
+                     .read_text())
+    assert rec["threads"] == most  # what the fit really used
+    assert f"2 workers × {most} numba thread" in report.threads
+    assert f"{asked} asked for, capped" in report.threads
+
+
+def _options_with_threads(threads):
+    """RunOptions asking for ``threads`` without the local machine check (Dask runs elsewhere)."""
+    return RunOptions.build({"threads": threads})
+
+
 def test_workers_option_starts_its_own_cluster(bids_root, reference, tmp_path):
     pytest.importorskip("distributed")
     deriv = tmp_path / "deriv"
@@ -272,3 +359,22 @@ def test_threads_beyond_the_machine_is_refused_before_any_work(bids_root, tmp_pa
 def test_registered_as_fastivim_batch():
     r = CliRunner().invoke(cli.main, ["batch", "--help"])
     assert r.exit_code == 0 and "BIDS_ROOT" in r.output
+
+
+def test_batch_with_uncertainty_writes_and_checks_the_sd_maps(bids_root, tmp_path):
+    deriv = tmp_path / "deriv"
+    r = invoke(bids_root, "-o", deriv, "-q", "--method", "full", "--uncertainty")
+    assert r.exit_code == batch.EXIT_SOME_FAILED, r.output
+    d = io.bids_dir(deriv, "01")
+    sd = d / "sub-01_model-ivim_Dsd.nii.gz"
+    assert sd.is_file() and (d / "sub-01_model-ivim_S0sd.json").is_file()
+    rec = json.loads(batch.record_path(batch.Series("01", None, Path("x")), deriv).read_text())
+    assert rec["uncertainty"] is True and rec["method"] == "full"
+    # a series missing one of the maps it was asked for is not complete: it is fitted again
+    sd.unlink()
+    r = invoke(bids_root, "-o", deriv, "-q", "--method", "full", "--uncertainty")
+    assert "fitted now    1" in r.output and "reused        3" in r.output, r.output
+    assert sd.is_file()
+    # other options than the record's: every series is fitted again
+    r = invoke(bids_root, "-o", deriv, "-q", "--method", "full")
+    assert "fitted now    4" in r.output, r.output

@@ -221,7 +221,7 @@ def test_bad_command_line_options(work):
 def test_interrupted_write_leaves_no_finished_map(work, monkeypatch):
     from fastivim.io import write as io_write
 
-    real = io_write.Staging.write
+    real = io_write.LayoutWriter.stage
     seen = []
 
     def interrupt_after_three(self, final, payload):
@@ -230,9 +230,9 @@ def test_interrupted_write_leaves_no_finished_map(work, monkeypatch):
             raise KeyboardInterrupt
         return real(self, final, payload)
 
-    monkeypatch.setattr(io_write.Staging, "write", interrupt_after_three)
+    monkeypatch.setattr(io_write.LayoutWriter, "stage", interrupt_after_three)
     r = invoke("run", "dwi.nii.gz", "-q")
-    assert r.exit_code != 0
+    assert r.exit_code == 130
     assert not (work / "dwi_ivim").exists()
     assert not list(work.rglob("*.partial"))
 
@@ -293,3 +293,80 @@ def test_real_subprocess(work):
                            cwd=work, env=env)
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert again.stderr.strip().endswith("output exists (use --overwrite to replace it)")
+
+
+# ------------------------------------------------------------------------------- first touch
+
+def test_first_compile_is_announced_on_stderr_but_not_under_quiet(work, monkeypatch):
+    import time
+
+    from fastivim import pipeline
+
+    monkeypatch.setattr(pipeline, "COMPILE_NOTE_AFTER", 0.05)
+    real = pipeline.load_kernel
+    monkeypatch.setattr(pipeline, "load_kernel", lambda dtype: time.sleep(0.4) or real(dtype))
+    r = invoke("run", "dwi.nii.gz")
+    assert r.exit_code == 0, r.output
+    assert "fastivim: compiling the fitting kernel once, about 20 s" in r.stderr
+    assert "compiling" not in r.stdout
+    r = invoke("run", "dwi.nii.gz", "--overwrite", "-q")
+    assert r.exit_code == 0 and r.stderr == ""
+    monkeypatch.setattr(pipeline, "load_kernel", real)  # a cached kernel: no note
+    r = invoke("run", "dwi.nii.gz", "--overwrite")
+    assert r.exit_code == 0 and "compiling" not in r.stderr
+
+
+def test_bids_run_writes_the_batch_record_and_takes_prefixed_labels(work, monkeypatch):
+    r = invoke("run", "dwi.nii.gz", "--bids", "deriv", "--subject", "sub-01", "--session",
+               "ses-02", "-q")
+    assert r.exit_code == 0, r.output
+    d = work / "deriv" / "sub-01" / "ses-02" / "dwi"
+    rec = json.loads((d / "sub-01_ses-02_model-ivim_fastivim.json").read_text())
+    assert rec["input"] == str(work / "dwi.nii.gz") and rec["command"].startswith("fastivim run")
+    assert rec["settings"]["method"] == "segmented" and rec["settings"]["mask"] == "auto"
+    # the same record batch writes: batch would reuse this series as complete
+    from fastivim import batch
+    from fastivim.options import RunOptions
+
+    series = batch.Series("01", "02", work / "dwi.nii.gz")
+    assert batch.completed_record(series, work / "deriv", RunOptions()) == rec
+    assert batch.completed_record(series, work / "deriv",
+                                  RunOptions.build(method="full")) is None
+
+
+def test_ctrl_c_exits_130_and_sigterm_143_after_cleaning_up(tmp_path):
+    """A real process, interrupted while it fits: exit 130 (SIGINT) / 143 (SIGTERM), nothing
+    left behind."""
+    import signal
+    import time
+
+    io.write_phantom(tmp_path / "big.nii.gz", phantom((96, 96, 24), snr=30, seed=1))
+    exe = Path(sys.executable).with_name("fastivim")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fastivim.cli"]
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = subprocess.Popen(cmd + ["run", "big.nii.gz", "--method", "full", "--no-mask",
+                                       "-o", "out"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = proc.stderr.readline()  # the b-value note: the image is read, the fit starts
+        assert "using b-values" in first, first
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, (sig, proc.returncode, err)
+        assert "Traceback" not in err and "Aborted" not in err
+        assert not (tmp_path / "out").exists()
+        assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_demo_removes_its_temporary_folder_unless_kept(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = invoke("demo", "--shape", "12,12,2", "-q")
+    assert r.exit_code == 0, r.output
+    assert list(tmp_path.iterdir()) == [] and "removed" in r.stdout
+    r = invoke("demo", "--shape", "12,12,2", "-q", "--keep")
+    assert r.exit_code == 0, r.output
+    kept = list(tmp_path.iterdir())
+    assert len(kept) == 1 and f"files: {kept[0] / 'phantom_ivim'}" in r.stdout
+    assert (kept[0] / "phantom_ivim" / "fastivim.json").is_file()

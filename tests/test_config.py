@@ -1,5 +1,6 @@
 """Config files (fastivim.config) and the options object they build (fastivim.options)."""
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,10 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
 def test_every_default_is_the_options_default():
     """One place for each default: the table, RunOptions() and FitOptions() agree."""
     run = options.RunOptions()
+    fit_keys = {f.name for f in fields(options.FitOptions)}
+    assert {"method", "b_threshold", "bounds", "model", "uncertainty", "seed"} == fit_keys
     for o in options.OPTIONS:
-        got = getattr(run.fit, o.key) if o.key in ("method", "b_threshold", "bounds") \
-            else getattr(run, o.key)
+        got = getattr(run.fit, o.key) if o.key in fit_keys else getattr(run, o.key)
         assert got == o.default, o.key
     assert dict(run.fit.bounds) == fastivim.DEFAULT_BOUNDS
     assert fastivim.fit.B_THRESHOLD == run.fit.b_threshold

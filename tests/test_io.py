@@ -165,10 +165,13 @@ def test_load_mask(dwi_file, tmp_path, clean_phantom):
 
 def test_save_maps_overlays_input_exactly(dwi_file, tmp_path):
     d = io.load_dwi(dwi_file)
-    res = fastivim.fit_ivim(d.data, d.b_values, method="full")
+    res = fastivim.fit_ivim(d.data, d.b_values, method="full", uncertainty=True)
     files = io.save_maps(res, tmp_path / "maps", d.img)
     names = sorted(p.name for p in files)
-    assert names == sorted(p.name for p in io.map_paths(tmp_path / "maps"))
+    # the default maps, and the uncertainty maps asked for (D_sd.nii.gz + D_sd.json, ...)
+    sd_files = [f"{m.name}{ext}" for m in io.MAPS if m.optional for ext in (".nii.gz", ".json")]
+    assert len(sd_files) == 8
+    assert names == sorted([p.name for p in io.map_paths(tmp_path / "maps")] + sd_files)
     for spec in io.MAPS:
         img = nib.load(tmp_path / "maps" / f"{spec.name}.nii.gz")
         assert img.shape == d.spatial_shape

@@ -1,8 +1,10 @@
-"""OSIPI TF2.4 IVIM conformance on the shared test vectors.
+"""OSIPI TF2.4 IVIM conformance on the OSIPI test vectors.
 
-Data: ``/work/shared/osipi_data/generic*.json`` (``OSIPI_DIR``; see its PROVENANCE.md), read at
-test time, never copied into the project. Each file has a ``config`` with ``bvalues`` and one
-entry per tissue with a noisy signal ``data`` and the truth ``f``, ``Dp`` (= D_star), ``D``.
+Data: ``tests/data/osipi/generic*.json`` (``OSIPI_DIR``), vendored unchanged from the OSIPI
+repository with their Apache-2.0 licence; ``PROVENANCE.md`` there names the repository, commit
+and path, and :func:`test_osipi_files_are_the_published_ones` checks their SHA-256. Each file
+has a ``config`` with ``bvalues`` and one entry per tissue with a noisy signal ``data`` and the
+truth ``f``, ``Dp`` (= D_star), ``D``.
 
 We follow OSIPI's ``tests/IVIMmodels/unit_tests/test_ivim_fit.py::test_ivim_fit_saved``:
 
@@ -27,8 +29,9 @@ D_star) at 10 % + 2e-3 mm²/s where f > 0.03.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import re
 
 import numpy as np
 import pytest
@@ -47,26 +50,26 @@ TIGHT_ATOL = {"f": 0.01, "D": 2e-5, "D_star": 2e-3}
 LOW_NOISE_FILES = ["generic.json", "generic_brain.json", "generic_one.json", "generic_two.json",
                    "generic_three.json", "generic_four.json"]
 
-#: CI lays shared/ beside the clone, so there a missing folder is an error, not a skip.
-REQUIRE_OSIPI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-pytestmark = pytest.mark.skipif(
-    not OSIPI_DIR.is_dir() and not REQUIRE_OSIPI,
-    reason=f"OSIPI TF2.4 test vectors not found at {OSIPI_DIR} (shared data folder absent)",
-)
 
 
-def test_osipi_data_folder_present():
-    """Under CI the conformance data must be there: a silent skip would hide the check."""
-    assert OSIPI_DIR.is_dir(), f"OSIPI TF2.4 test vectors missing at {OSIPI_DIR}"
+def _provenance_hashes() -> dict:
+    """``{file name: sha256}`` listed in PROVENANCE.md."""
+    text = (OSIPI_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
+    pairs = re.findall(r"^([0-9a-f]{64})  (\S+\.json)$", text, flags=re.M)
+    return {name: digest for digest, name in pairs}
+
+
+def test_osipi_files_are_the_published_ones():
+    """The vendored vectors are OSIPI's, unchanged, with their licence beside them."""
+    hashes = _provenance_hashes()
+    assert set(LOW_NOISE_FILES) | {"generic_DL.json"} <= set(hashes)
+    for name, digest in hashes.items():
+        assert hashlib.sha256((OSIPI_DIR / name).read_bytes()).hexdigest() == digest, name
+    assert "Apache License" in (OSIPI_DIR / "LICENSE").read_text(encoding="utf-8")
 
 
 def _load(name):
     path = OSIPI_DIR / name
-    if not path.is_file():
-        if REQUIRE_OSIPI:
-            pytest.fail(f"{path} not present")
-        pytest.skip(f"{path} not present")
     data = json.loads(path.read_text())
     b = np.asarray(data["config"]["bvalues"], dtype=np.float64)
     tissues = {k: v for k, v in data.items() if k != "config"}

@@ -254,3 +254,65 @@ def test_library_warnings_never_reach_stderr_raw(tmp_path, signal, monkeypatch):
     assert "RuntimeWarning" not in r.stderr
     r = invoke("run", dwi, "-o", tmp_path / "out2", "-q")
     assert r.exit_code == 0 and r.stderr == ""
+
+
+class _InterruptedWhileCollected:
+    """Garbage whose finaliser receives Ctrl-C: Python swallows the KeyboardInterrupt there."""
+
+    def __del__(self):
+        import signal
+
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_during_garbage_collection_still_interrupts(tmp_path, signal, monkeypatch):
+    """A Ctrl-C whose KeyboardInterrupt lands in a finaliser used to be printed as "Exception
+    ignored" and the run went on to exit 0; it now stops the run as interrupted (130)."""
+    import time
+
+    import fastivim.pipeline as pipeline
+
+    dwi = write_dwi(tmp_path, signal)
+    real = pipeline.load_dwi
+
+    def load_with_gc(*args, **kwargs):
+        obj = _InterruptedWhileCollected()
+        del obj  # collected here: the signal arrives inside __del__
+        time.sleep(2.0)  # a stretch of work, during which the interrupt must land
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_dwi", load_with_gc)
+    r = invoke("run", dwi, "-o", tmp_path / "out", "-q")
+    assert r.exit_code == 130, r.output
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr
+    assert "interrupted" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_names_the_file(tmp_path, signal, monkeypatch):
+    """"cannot write" errors name the path (a full disk raises an OSError without a file name)
+    and leave nothing behind."""
+    import builtins
+    import errno
+
+    import fastivim.io.write as write_mod
+
+    class _Full:
+        def __init__(self, *a, **kw):
+            self._fh = builtins.open(*a, **kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+        def write(self, payload):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    dwi = write_dwi(tmp_path, signal)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(write_mod, "open", _Full, raising=False)
+    r = invoke("run", dwi, "-o", tmp_path / "out", "-q")
+    assert_refused(r, str(tmp_path / "out"), "No space left on device")
+    assert nothing_written(tmp_path, before)

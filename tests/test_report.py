@@ -84,6 +84,18 @@ def test_maps_voxel_size_and_slices(fitted):
         report.plot_maps(res, slices=[9])
 
 
+def test_single_slice_maps_are_a_grid_not_a_strip():
+    ph = phantom((14, 12, 1), snr=30, seed=3)
+    res = fastivim.fit_ivim(ph.signal, ph.b_values, mask=ph.mask)
+    fig = report.plot_maps(res)
+    w, h = png_size(report.figure_png(fig))
+    assert 0.8 < w / h < 3, (w, h)  # was a 400×2160 strip
+    assert fig.get_suptitle() == "Parameter maps: the single slice"
+    images = [ax for ax in fig.axes if ax.images]
+    assert len(images) == 6 and {ax.get_title() for ax in images} >= {"D", "D*", "f", "quality"}
+    assert "quality mask" in labels(fig)
+
+
 def test_representative_slices_spread_over_fitted_voxels():
     res = fastivim.fit_ivim(np.zeros((4, 4, 20, 10)) + 1.0, fastivim.simulate.DEFAULT_B_VALUES,
                             mask=np.pad(np.ones((4, 4, 10), bool), ((0, 0), (0, 0), (5, 5))))
@@ -336,3 +348,20 @@ def test_large_volume_is_sampled_not_looped(tmp_path, monkeypatch):
     report.make_report(res, signal, b, tmp_path)
     assert (tmp_path / "report.html").exists()
     assert 0 < sum(evaluated) <= 100, f"{sum(evaluated)} model curves for {n} voxels"
+
+
+def test_report_on_a_bids_series(run_dir):
+    r = CliRunner().invoke(cli.main, ["run", "dwi.nii.gz", "-q", "--bids", "deriv",
+                                      "--subject", "01", "--report"])
+    assert r.exit_code == 0, r.output
+    d = run_dir / "deriv" / "sub-01" / "dwi"
+    page = d / "sub-01_model-ivim_report.html"
+    assert page.is_file() and "report: deriv/sub-01/dwi/sub-01_model-ivim_report.html" in r.output
+    for name in ("maps", "histograms", "decay"):
+        check_png((d / f"sub-01_model-ivim_report_{name}.png").read_bytes())
+    page.unlink()
+    for target in (d, d / "sub-01_model-ivim_fastivim.json"):  # the folder or its record
+        r = CliRunner().invoke(cli.main, ["report", str(target)])
+        assert r.exit_code == 0, r.output
+        assert str(run_dir / "dwi.nii.gz") in page.read_text(encoding="utf-8")
+        page.unlink()

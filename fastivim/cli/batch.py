@@ -23,7 +23,10 @@ from .options import (
     command_line,
     mask_fraction_opt,
     method_opt,
+    model_opt,
     path_type,
+    seed_opt,
+    uncertainty_opt,
 )
 
 
@@ -37,6 +40,9 @@ from .options import (
                    "{entities}, {dwi_dir}; series without one get the automatic mask")
 @mask_fraction_opt
 @method_opt
+@model_opt
+@uncertainty_opt
+@seed_opt
 @b_threshold_opt
 @bounds_opt
 @click.option("--threads", type=click.IntRange(min=1), metavar="N",
@@ -49,8 +55,8 @@ from .options import (
 @click.option("--redo", is_flag=True, help="refit series whose outputs are complete too")
 @click.option("-n", "--dry-run", is_flag=True, help="list the series and what would be done")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-def command(bids_root, deriv_dir, mask_pattern, mask_fraction, method, b_threshold, bounds,
-            threads, workers, scheduler, redo, dry_run, quiet):
+def command(bids_root, deriv_dir, mask_pattern, mask_fraction, method, model, uncertainty, seed,
+            b_threshold, bounds, threads, workers, scheduler, redo, dry_run, quiet):
     """Fit every sub-*/[ses-*/]dwi/*_dwi.nii[.gz] of BIDS_ROOT into BIDS derivatives DERIV_DIR.
 
     Each series needs its .bval beside it. Writes the maps of `fastivim run --bids` per series
@@ -63,7 +69,8 @@ def command(bids_root, deriv_dir, mask_pattern, mask_fraction, method, b_thresho
     if not bids_root.is_dir():
         raise click.ClickException(f"{bids_root}: no such directory (expected a BIDS dataset)")
     try:
-        options = RunOptions.build(method=method, b_threshold=b_threshold, bounds=dict(bounds),
+        options = RunOptions.build(method=method, model=model, uncertainty=uncertainty,
+                                   seed=seed, b_threshold=b_threshold, bounds=dict(bounds),
                                    mask_fraction=mask_fraction, threads=threads)
         if dry_run:
             lines = plan(bids_root, deriv_dir, options, mask_pattern, redo)

@@ -9,6 +9,7 @@ library's ``finally`` blocks run: staged files are removed, a batch writes its s
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import click
@@ -23,12 +24,12 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+#: Delay before an interrupt swallowed by a finaliser is delivered again, s.
+REDELIVER_SECONDS = 0.01
+
+
 class Terminated(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM, so that it unwinds exactly like Ctrl-C."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
 
 
 class FastivimGroup(click.Group):
@@ -43,18 +44,44 @@ class FastivimGroup(click.Group):
 
     def invoke(self, ctx):
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        caught = []  # the signals received, whatever became of the exceptions they raised
+
+        def on_signal(signum, frame):
+            caught.append(signum)
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+        def unraisable(info, chain=sys.unraisablehook):
+            # an interrupt that lands in a __del__ (garbage collection) is swallowed by Python
+            # with a traceback: deliver the signal again from a helper thread, so that it
+            # arrives once the finaliser has returned (and ``caught`` ends the command as
+            # interrupted even if that one is swallowed too)
+            if isinstance(info.exc_value, KeyboardInterrupt):
+                signum = signal.SIGTERM if isinstance(info.exc_value, Terminated) else \
+                    signal.SIGINT
+                threading.Timer(REDELIVER_SECONDS, signal.raise_signal, (signum,)).start()
+            else:
+                chain(info)
+
+        previous = {}
+        hook = sys.unraisablehook
+        if in_main:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
+            sys.unraisablehook = unraisable
         try:
-            return super().invoke(ctx)
-        except Terminated:
-            click.echo("fastivim: terminated", err=True)
-            ctx.exit(EXIT_TERMINATED)
-        except KeyboardInterrupt:
-            click.echo("fastivim: interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            result = super().invoke(ctx)
+            if caught:  # an interrupt that something swallowed
+                raise Terminated() if caught[0] == signal.SIGTERM else KeyboardInterrupt()
+            return result
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated) or (caught and caught[0] == signal.SIGTERM)
+            click.echo(f"fastivim: {'terminated' if terminated else 'interrupted'}", err=True)
+            ctx.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
         finally:
             if in_main:
-                signal.signal(signal.SIGTERM, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                sys.unraisablehook = hook
 
 
 @click.group(cls=FastivimGroup, context_settings={"help_option_names": ["-h", "--help"]})

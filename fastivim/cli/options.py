@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from .._atomic import one_line
-from ..model import METHODS, PARAM_NAMES
+from ..model import METHODS, MODELS, PARAM_NAMES
 from ..options import BY_KEY, ConflictError
 
 
@@ -65,6 +65,15 @@ def parse_bounds(ctx, param, values):
 
 #: ``--method``: the choices are the methods of :data:`fastivim.model.METHODS`.
 method_opt = from_table("--method", key="method", type=click.Choice(list(METHODS)))
+
+#: ``--model``: the signal models of :data:`fastivim.model.MODELS`.
+model_opt = from_table("--model", key="model", type=click.Choice(list(MODELS)))
+
+#: ``--uncertainty``: also write the one-SD maps (``D_sd.nii.gz``...).
+uncertainty_opt = from_table("--uncertainty", key="uncertainty", is_flag=True)
+
+#: ``--seed N`` of the bayesian method's EM subsample.
+seed_opt = from_table("--seed", key="seed", type=click.IntRange(min=0), metavar="N")
 
 #: ``--b-threshold B`` (s/mm²).
 b_threshold_opt = from_table("--b-threshold", key="b_threshold", type=click.FloatRange(min=0),

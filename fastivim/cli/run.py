@@ -17,10 +17,13 @@ from .options import (
     from_table,
     mask_fraction_opt,
     method_opt,
+    model_opt,
     note_printer,
     path_type,
     quiet_opt,
+    seed_opt,
     threads_opt,
+    uncertainty_opt,
     verbose_opt,
 )
 
@@ -45,6 +48,9 @@ def _options(ctx, config_file, params) -> RunOptions:
 @from_table("--no-mask", key="no_mask", is_flag=True)
 @mask_fraction_opt
 @method_opt
+@model_opt
+@uncertainty_opt
+@seed_opt
 @b_threshold_opt
 @bounds_opt
 @threads_opt
@@ -79,10 +85,10 @@ def command(ctx, dwi, config_file, **params):
                               key=lambda x: int(x[0])):
             note(f"status {code} ({STATUS_MEANINGS[int(code)]}): {n:,} voxels")
     if opts.report:
-        from ..io import bids_layout
+        from ..io import bids_layout, source_entities
 
         target = opts.out_dir if opts.out_dir is not None else bids_layout(
-            opts.bids, opts.subject, opts.session).record
+            opts.bids, opts.subject, opts.session, source_entities(dwi)).record
         write_report(target)
 
 

@@ -33,6 +33,7 @@ from .layout import (
     bids_paths,
     map_paths,
     plain_layout,
+    source_entities,
 )
 from .read import (
     AUTO_MASK_PERCENTILE,
@@ -40,7 +41,9 @@ from .read import (
     InputError,
     auto_mask,
     bval_sidecar,
+    file_fingerprint,
     image_stem,
+    input_fingerprints,
     load_dwi,
     load_mask,
     load_output,
@@ -121,7 +124,7 @@ def fit_file(dwi, *, bvals=None, bvecs=None, mask="auto", mask_fraction=None, me
 __all__ = ["AUTO_MASK_PERCENTILE", "BIDS_ENTITY", "BIDS_VERSION", "DWI", "GZIP_LEVEL", "MAPS",
            "RECORD_NAME", "REPORT_FILES", "InputError", "Layout", "OutputError", "auto_mask",
            "bids_dir", "bids_layout", "bids_paths", "bval_sidecar", "check_writable",
-           "dataset_description", "encode_maps", "export_bids", "fit_file", "image_stem",
-           "load_dwi", "load_mask", "load_output", "lowest_b_image", "map_image", "map_paths",
-           "nifti_bytes", "plain_layout", "read_bvals", "read_bvecs", "save_maps",
-           "write_phantom"]
+           "dataset_description", "encode_maps", "export_bids", "file_fingerprint", "fit_file",
+           "image_stem", "input_fingerprints", "load_dwi", "load_mask", "load_output",
+           "lowest_b_image", "map_image", "map_paths", "nifti_bytes", "plain_layout", "read_bvals",
+           "read_bvecs", "save_maps", "source_entities", "write_phantom"]

@@ -9,8 +9,9 @@ Plain (``fastivim run ... -o OUT``)::
 BIDS (``fastivim run ... --bids DERIV --subject 01 [--session 02]`` and ``fastivim batch``)::
 
     DERIV/dataset_description.json
-    DERIV/sub-01/[ses-02/]dwi/sub-01_[ses-02_]model-ivim_<suffix>.nii.gz + .json
+    DERIV/sub-01/[ses-02/]dwi/sub-01_[ses-02_][<entities>_]model-ivim_<suffix>.nii.gz + .json
                                                        <suffix> = MapInfo.bids_suffix: Dstar, ...
+                         <entities>: those of a BIDS-named input besides sub/ses (acq-a, run-2)
     DERIV/sub-01/[ses-02/]dwi/sub-01_[ses-02_]model-ivim_fastivim.json      the run record
     DERIV/sub-01/[ses-02/]dwi/sub-01_[ses-02_]model-ivim_report.html, ..._report_*.png
 
@@ -20,6 +21,7 @@ Both are a :class:`Layout`: a folder and a file-name prefix. The maps come from
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,23 +122,57 @@ def bids_dir(deriv_dir, subject: str, session: str | None = None) -> Path:
     return d / "dwi"
 
 
-def bids_layout(deriv_dir, subject: str, session: str | None = None) -> Layout:
-    """The layout of one series in BIDS derivatives (labels without their prefix)."""
-    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + f"_{BIDS_ENTITY}_"
+#: One BIDS entity of a file name: ``key-label``.
+_ENTITY_RE = re.compile(r"^[a-zA-Z]+-[a-zA-Z0-9]+$")
+
+
+def source_entities(image) -> str:
+    """The BIDS entities of a BIDS-named DWI besides ``sub`` and ``ses``, e.g. ``acq-a_dir-AP``.
+
+    ``sub-06_ses-1_acq-a_dir-AP_dwi.nii.gz`` gives ``acq-a_dir-AP``; a name that is not
+    ``sub-<label>[_<key>-<label>...]_dwi.nii[.gz]`` gives ``""``. Outputs keep these entities,
+    so two acquisitions of one session never write the same maps.
+    """
+    name = Path(image).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    parts = name.split("_")
+    if len(parts) < 2 or parts[-1] != "dwi" or not parts[0].startswith("sub-") \
+            or not all(_ENTITY_RE.match(p) for p in parts[:-1]):
+        return ""
+    return "_".join(p for p in parts[:-1] if not p.startswith(("sub-", "ses-")))
+
+
+def bids_layout(deriv_dir, subject: str, session: str | None = None,
+                entities: str = "") -> Layout:
+    """The layout of one series in BIDS derivatives (labels without their prefix).
+
+    ``entities`` (see :func:`source_entities`) go between the session and ``model-ivim``:
+    ``sub-06_acq-a_model-ivim_D.nii.gz``.
+    """
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + (
+        f"_{entities}" if entities else "") + f"_{BIDS_ENTITY}_"
     return Layout(bids_dir(deriv_dir, subject, session), prefix, bids=True)
 
 
 def bids_paths(deriv_dir, subject: str, session: str | None = None) -> list:
-    """Every map and sidecar :func:`~fastivim.io.export_bids` writes (not the record, nor
-    ``dataset_description.json``)."""
-    return bids_layout(deriv_dir, subject, session).map_files()
+    """Every map and sidecar :func:`~fastivim.io.export_bids` writes with the default fit
+    options (not the record, nor ``dataset_description.json``)."""
+    return bids_layout(deriv_dir, subject, session).map_files(_default_maps())
 
 
 def map_paths(out_dir) -> list:
-    """Every file :func:`~fastivim.io.save_maps` writes into ``out_dir``: maps, sidecars and
-    the record."""
+    """Every file :func:`~fastivim.io.save_maps` writes into ``out_dir`` with the default fit
+    options: maps, sidecars and the record."""
     layout = plain_layout(out_dir)
-    return layout.map_files() + [layout.record]
+    return layout.map_files(_default_maps()) + [layout.record]
+
+
+def _default_maps() -> tuple:
+    """The maps of a fit with the default options: the ``ivim`` model's, no optional ones."""
+    return tuple(m for m in MAPS if m.produced_by("ivim") and not m.optional)
 
 
 def layout_of_record(record_path) -> Layout:

@@ -6,6 +6,7 @@ it cannot use; nothing here writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -110,7 +111,6 @@ def load_nifti(path, what: str = "file"):
     return img
 
 
-
 def _read_data(img, path: Path) -> np.ndarray:
     """The image's array with slope/intercept applied.
 
@@ -130,8 +130,6 @@ def _read_data(img, path: Path) -> np.ndarray:
         return img.get_fdata(dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read the image data ({_one_line(exc)})") from None
-
-
 
 
 def read_bvals(path) -> np.ndarray:
@@ -184,7 +182,7 @@ def read_bvecs(path, n_b: int) -> np.ndarray:
                      f"(one direction per volume)")
 
 
-def load_dwi(path, bvals=None, bvecs=None) -> DWI:
+def load_dwi(path, bvals=None, bvecs=None, model="ivim") -> DWI:
     """Load a 4D DWI series and its b-values.
 
     Parameters
@@ -197,6 +195,9 @@ def load_dwi(path, bvals=None, bvecs=None) -> DWI:
         ``<stem>.bval`` beside the image (``DWI.bvals_from_sidecar`` is then True).
     bvecs : str or Path, optional
         Gradient directions, recorded only (repeated b-values are fitted as they come).
+    model : str
+        The signal model the b-values must suit (``simplified`` needs 3 distinct, not 4; see
+        :func:`fastivim.validate_b_values`).
 
     Returns
     -------
@@ -232,7 +233,7 @@ def load_dwi(path, bvals=None, bvecs=None) -> DWI:
     else:
         b_raw, source = bvals, "b-values"
     try:
-        b = validate_b_values(b_raw, shape[3])
+        b = validate_b_values(b_raw, shape[3], model)
     except ValueError as exc:
         raise InputError(f"{source}: {exc} ({path.name} has {shape[3]} volumes)"
                          if "samples per voxel" in str(exc) else f"{source}: {exc}") from None
@@ -313,8 +314,6 @@ def load_mask(path, reference_img) -> np.ndarray:
     return mask
 
 
-
-
 # ------------------------------------------------------------------------- a run's outputs
 
 def find_record(path) -> Path:
@@ -340,6 +339,26 @@ def find_record(path) -> Path:
         names = ", ".join(p.name for p in found)
         raise InputError(f"{path}: {len(found)} run records here ({names}); name one of them")
     raise InputError(f"{path / RECORD_NAME}: no such file (not a fastivim run output)")
+
+
+def verify_manifest(layout, record: dict) -> None:
+    """Check that every file the record's ``manifest`` lists is the one it describes.
+
+    Raises
+    ------
+    InputError
+        A file missing, or of another size or SHA-256 (a mix of two runs); names the file.
+    """
+    for name, want in (record.get("manifest") or {}).items():
+        p = layout.folder / name
+        try:
+            payload = p.read_bytes()
+        except OSError:
+            raise InputError(f"{p}: listed in {layout.record.name} but missing (an incomplete "
+                             f"run; run it again)") from None
+        if len(payload) != want["bytes"] or hashlib.sha256(payload).hexdigest() != want["sha256"]:
+            raise InputError(f"{p}: not the file {layout.record.name} describes (written by "
+                             f"another run; run it again)")
 
 
 def load_output(path):
@@ -379,8 +398,9 @@ def load_output(path):
         layout = layout_of_record(rec_path)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    verify_manifest(layout, record)
     model = record.get("model", "ivim")
-    maps = {}
+    maps = {"D_star": None}  # absent for the simplified model
     zooms = None
     for info in MAPS:
         p = layout.map_file(info)
@@ -396,7 +416,7 @@ def load_output(path):
         if zooms is None:
             zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         maps[info.attr] = arr.astype(info.dtype, copy=False)
-    shapes = {a.shape for a in maps.values()}
+    shapes = {a.shape for a in maps.values() if a is not None}
     if len(shapes) != 1:
         raise InputError(f"{layout.folder}: maps of different shapes {sorted(shapes)}")
     from ..options import FitOptions
@@ -408,6 +428,36 @@ def load_output(path):
         bounds=bounds_from_json(record.get("bounds", {})),
         b_values=np.asarray(record.get("b_values", []), dtype=np.float64),
         b_threshold=float(record.get("b_threshold", FitOptions().b_threshold)),
+        model=model,
+        prior=record.get("prior"),
+        noise_sigma=record.get("noise_sigma"),
         **maps,
     )
     return result, record, zooms, layout
+
+
+def file_fingerprint(path) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file's content (read in 1 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"size": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def input_fingerprints(dwi, bvals=None, bvecs=None, mask=None) -> dict:
+    """Fingerprints (:func:`file_fingerprint`) of a run's input files, None where not a file.
+
+    Recorded in every run record; ``fastivim batch`` reuses a series only while all of them
+    are unchanged (an edited ``.bval`` means a refit).
+    """
+    out = {}
+    for key, path in (("dwi", dwi), ("bvals", bvals), ("bvecs", bvecs), ("mask", mask)):
+        try:
+            out[key] = file_fingerprint(path) if path is not None else None
+        except OSError:
+            out[key] = None
+    return out
+

@@ -1,29 +1,52 @@
-"""Writing: maps as NIfTI with JSON sidecars and the run record, staged so nothing looks finished
-before it is.
+"""Writing: maps as NIfTI with JSON sidecars and the run record, all or nothing.
 
 Every map keeps the input's affine, qform/sform codes and spatial units, so it overlays the input
 in any viewer. Float maps are stored float32, ``quality_mask`` and ``status`` uint8 (the table
-is :data:`fastivim.model.MAPS`; a map the result does not hold is not written). Files are
-written under a hidden ``.NAME.partial`` name and renamed only once every file of the run is
-complete; a failure or an interrupt removes the partial files, so no map looks finished unless
-it is. Output problems raise :class:`OutputError` with a one-line message that names the path.
+is :data:`fastivim.model.MAPS`; a map the result does not hold is not written).
+
+The outputs of a run in one layout (a plain folder, or one BIDS series) are written by a
+:class:`LayoutWriter`, which makes them all-or-nothing:
+
+1. **Lock.** A hidden ``.<record>.lock`` file in the folder is locked (``flock``) for the whole
+   run; a second run into the same layout refuses at once with a one-line error. The kernel
+   drops the lock of a killed process, so a stale lock file never blocks.
+2. **Stage.** Every file is written under a hidden ``.NAME.partial`` name. Any failure or
+   interrupt (Ctrl-C, SIGTERM) removes the partial files and the folders the run created;
+   partial files a killed run left behind are removed by the next run, under the lock.
+3. **Commit**, with Ctrl-C and SIGTERM held back until it is done (a few milliseconds): the
+   old run record is deleted first, then every file of the older run that this run does not
+   replace (a report, a map this method does not produce), then the staged files are renamed
+   into place, and the new record is renamed in last. The record lists every file of the run
+   with its size and SHA-256 (``manifest``).
+
+So a layout with a record is one complete run: every file the record lists is the one it
+describes (:func:`fastivim.io.read.verify_manifest` checks). Without a record it is incomplete
+(being written, or a process was killed during the commit) and a later run replaces it.
+
+Output problems raise :class:`OutputError` with a one-line message that names the path.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
 import os
+import signal
+import socket
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from .._atomic import json_bytes
+from .._atomic import json_bytes, partial_path
 from ..kernels.status import STATUS_MEANINGS
-from ..model import EQUATION, bounds_to_json, maps_of
+from ..model import EQUATION, EQUATIONS, bounds_to_json, maps_of
 from .layout import BIDS_VERSION, Layout, bids_layout, check_label, plain_layout
 from .read import bval_sidecar, image_stem, load_nifti
 
@@ -51,7 +74,6 @@ def _as_reference(reference_img, shape):
         raise ValueError(f"reference image grid {reference_img.shape[:3]} does not match the "
                          f"maps' {tuple(shape)}")
     return reference_img
-
 
 
 def map_image(data, reference_img, dtype="float32", descrip=""):
@@ -82,16 +104,17 @@ def nifti_bytes(img, compresslevel: int = GZIP_LEVEL) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)
 
 
-
 class Staging:
-    """Write files under hidden ``.NAME.partial`` names; rename all at :meth:`commit`.
+    """Several files that appear together: each is written to its :func:`partial_path`, and all
+    are renamed into place at :meth:`commit`.
 
     Used as a context manager: any exception (or interrupt) before the commit removes the
-    partial files and the directories this staging created.
+    partial files and the directories this staging created. :class:`LayoutWriter` adds the
+    lock, the manifest and the commit order of a run's outputs.
     """
 
     def __init__(self):
-        self._items = []
+        self.items = []  # (partial, final, size in bytes, sha256)
         self._made_dirs = []
 
     def makedirs(self, d: Path) -> None:
@@ -106,30 +129,42 @@ class Staging:
 
     def write(self, final: Path, payload: bytes) -> None:
         self.makedirs(final.parent)
-        partial = final.with_name(f".{final.name}.partial")
-        self._items.append((partial, final))
-        with open(partial, "wb") as fh:
-            fh.write(payload)
+        partial = partial_path(final)
+        self.items.append((partial, final, len(payload), _sha256(payload)))
+        try:
+            with open(partial, "wb") as fh:
+                fh.write(payload)
+        except OSError as exc:  # a full disk sets no file name on the error: name it here
+            raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
 
     def commit(self) -> list:
-        for partial, final in self._items:
+        for partial, final, _, _ in self.items:
             os.replace(partial, final)
-        done = [final for _, final in self._items]
-        self._items = []
+        done = [final for _, final, _, _ in self.items]
+        self.items = []
         self._made_dirs = []
         return done
 
     def abort(self) -> None:
-        for partial, _ in self._items:
+        """Remove the partial files, then the folders this staging created."""
+        self.remove_files()
+        self.remove_dirs()
+
+    def remove_files(self) -> None:
+        for partial, _, _, _ in self.items:
             try:
                 partial.unlink()
             except OSError:
                 pass
+        self.items = []
+
+    def remove_dirs(self) -> None:
         for d in reversed(self._made_dirs):
             try:
                 d.rmdir()
-            except OSError:
+            except OSError:  # not empty: something else lives there now
                 pass
+        self._made_dirs = []
 
     def __enter__(self):
         return self
@@ -138,8 +173,7 @@ class Staging:
         if exc_type is not None:
             self.abort()
             if issubclass(exc_type, OSError) and not isinstance(exc, OutputError):
-                path = getattr(exc, "filename", None) or "output"
-                raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+                raise _cannot_write(exc) from None
         return False
 
 
@@ -177,13 +211,12 @@ def check_writable(targets, overwrite: bool = False) -> None:
                               f"({exc.strerror or exc})") from None
 
 
-
 def sidecar(info, result) -> dict:
     """The JSON sidecar of one map (a :class:`fastivim.model.MapInfo`) of ``result``."""
     side = {
         "Description": info.description,
         "Units": info.units,
-        "Model": EQUATION,
+        "Model": EQUATIONS.get(getattr(result, "model", "ivim"), EQUATIONS["ivim"]),
         "FittingMethod": result.method,
         "BValues": [float(v) for v in result.b_values],
         "BThreshold": result.b_threshold,
@@ -207,8 +240,11 @@ def encode_maps(result, reference_img) -> list:
         img = map_image(data, ref, info.dtype, f"fastivim {__version__} {info.name}")
         return info, nifti_bytes(img)
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    try:
         return list(pool.map(one, maps_of(result)))
+    finally:  # on Ctrl-C, do not encode the maps still queued
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def dataset_description() -> dict:
@@ -229,8 +265,190 @@ def default_record(result) -> dict:
             "b_values": [float(v) for v in result.b_values]}
 
 
-def write_layout(result, layout: Layout, encoded, record=None, extra=()) -> list:
-    """Stage every map and sidecar of ``result`` into ``layout``, then the record; commit.
+@contextmanager
+def deferred_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl-C and SIGTERM back while the block runs, then deliver them.
+
+    For the few milliseconds of a commit, so that an interrupt cannot split it. Only the main
+    thread can handle signals; elsewhere (a Dask worker thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)  # Python's Ctrl-C handler, or the CLI's SIGTERM one
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on a hidden lock file; released when the process dies.
+
+    Raises :class:`OutputError` (one line, naming the folder and the other process) when
+    another process holds it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in _NO_LOCKING:  # a file system without locks: go on unlocked
+                    break
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise OutputError(
+                        f"{self.path.parent}: another fastivim run is writing here{holder}; "
+                        f"wait for it or choose another output") from None
+                raise
+            # the holder before us may have removed the file after we opened it: then our lock
+            # is on an orphan and a third process could lock a new file; start again
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: no one else holds it
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+#: ``flock`` errors of file systems that do not support locks (some network mounts): the run
+#: then goes on without the lock (the staging and commit order still hold).
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _read_holder(fd) -> str:
+    try:
+        pid, host = os.pread(fd, 200, 0).decode().split()[:2]
+        return f" (process {pid} on {host})"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return ""
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+class LayoutWriter:
+    """Write one run's files into a :class:`Layout`, all or nothing (see the module docstring).
+
+    Use as a context manager around the whole run (the lock is taken on entry, so a second
+    run refuses before it fits)::
+
+        with LayoutWriter(layout, overwrite) as w:
+            ...                                   # fit
+            w.stage(path, payload)                # every map and sidecar
+            w.commit(record)                      # the record, with its manifest, last
+
+    Leaving the block without :meth:`commit` (an error, Ctrl-C, SIGTERM) removes the staged
+    files, the lock and the folders it created; the older run, if any, is untouched.
+    """
+
+    def __init__(self, layout: Layout, overwrite: bool = False):
+        self.layout = layout
+        self.overwrite = overwrite
+        self.lock = OutputLock(layout.folder / f".{layout.record.name}.lock")
+        self._staging = Staging()
+        self.committed = []
+
+    def __enter__(self):
+        try:
+            self._staging.makedirs(self.layout.folder)
+            self.lock.acquire()
+            self._remove_stale_partials()
+        except BaseException as exc:
+            self._cleanup()
+            if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+                raise _cannot_write(exc) from None
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._cleanup()
+        if exc_type is not None and issubclass(exc_type, OSError) \
+                and not isinstance(exc, OutputError):
+            raise _cannot_write(exc) from None
+        return False
+
+    def _remove_stale_partials(self) -> None:
+        """Partial files of this layout left by a killed run (SIGKILL, power loss)."""
+        for f in self.layout.owned_files():
+            partial_path(f).unlink(missing_ok=True)
+
+    def check(self, files) -> None:
+        """Under the lock: refuse existing outputs unless overwriting (see
+        :func:`check_writable`)."""
+        check_writable(files, self.overwrite)
+
+    def stage(self, final: Path, payload: bytes) -> None:
+        """Write ``payload`` under the hidden partial name of ``final``."""
+        self._staging.write(final, payload)
+
+    def manifest(self) -> dict:
+        """``{file name relative to the folder: {"bytes", "sha256"}}`` of the staged files."""
+        return {str(final.relative_to(self.layout.folder)): {"bytes": size, "sha256": digest}
+                for _, final, size, digest in self._staging.items
+                if final.parent == self.layout.folder}
+
+    def commit(self, record: dict | None) -> list:
+        """Stage ``record`` (with the manifest) and make the run visible; return the files."""
+        if record is not None:
+            self.stage(self.layout.record, json_bytes(dict(record, manifest=self.manifest())))
+        finals = {final for _, final, _, _ in self._staging.items}
+        with deferred_signals():
+            self.layout.record.unlink(missing_ok=True)  # from here the layout reads incomplete
+            for f in self.layout.owned_files():  # files of the older run not replaced now
+                if f not in finals:
+                    f.unlink(missing_ok=True)
+            # in staging order: the record, staged last, is renamed in last
+            self.committed = self._staging.commit()
+        return self.committed
+
+    def _cleanup(self) -> None:
+        self._staging.remove_files()
+        self.lock.release()
+        self._staging.remove_dirs()  # after the lock file is gone
+
+
+def _cannot_write(exc: OSError) -> OutputError:
+    path = getattr(exc, "filename", None) or "output"
+    return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
+
+
+def write_layout(result, layout: Layout, encoded, record=None, extra=(), overwrite=False,
+                 writer: LayoutWriter | None = None) -> list:
+    """Write every map and sidecar of ``result`` into ``layout``, then the record; all or
+    nothing (see :class:`LayoutWriter`).
 
     Parameters
     ----------
@@ -239,24 +457,29 @@ def write_layout(result, layout: Layout, encoded, record=None, extra=()) -> list
     encoded : list
         From :func:`encode_maps`.
     record : dict, optional
-        Written last as the layout's record; None writes none.
+        Written last as the layout's record, with the ``manifest`` of the files; None: none.
     extra : sequence of (Path, bytes)
-        Further files staged first (e.g. ``dataset_description.json``).
+        Further files written first (e.g. ``dataset_description.json``).
+    overwrite : bool
+        Replace an earlier run (otherwise an existing output is an :class:`OutputError`).
+    writer : LayoutWriter, optional
+        An open writer (locked earlier, e.g. for the whole run); default: one for this call.
 
     Returns
     -------
     list of Path
         The files written.
     """
-    with Staging() as st:
-        for path, payload in extra:
-            st.write(path, payload)
-        for info, payload in encoded:
-            st.write(layout.map_file(info), payload)
-            st.write(layout.sidecar(info), json_bytes(sidecar(info, result)))
-        if record is not None:
-            st.write(layout.record, json_bytes(record))
-        return st.commit()
+    if writer is None:
+        with LayoutWriter(layout, overwrite) as w:
+            return write_layout(result, layout, encoded, record, extra, overwrite, writer=w)
+    writer.check(layout.map_files(maps_of(result)) + [layout.record])
+    for path, payload in extra:
+        writer.stage(path, payload)
+    for info, payload in encoded:
+        writer.stage(layout.map_file(info), payload)
+        writer.stage(layout.sidecar(info), json_bytes(sidecar(info, result)))
+    return writer.commit(record)
 
 
 def save_maps(result, out_dir, reference_img=None, overwrite=False, record=None,
@@ -287,7 +510,8 @@ def save_maps(result, out_dir, reference_img=None, overwrite=False, record=None,
     check_writable(layout.map_files(maps_of(result)) + [layout.record], overwrite)
     encoded = _encoded if _encoded is not None else encode_maps(result, reference_img)
     return write_layout(result, layout, encoded,
-                        record if record is not None else default_record(result))
+                        record if record is not None else default_record(result),
+                        overwrite=overwrite)
 
 
 def export_bids(result, deriv_dir, subject, session=None, reference_img=None, overwrite=False,
@@ -328,7 +552,7 @@ def export_bids(result, deriv_dir, subject, session=None, reference_img=None, ov
     encoded = _encoded if _encoded is not None else encode_maps(result, reference_img)
     desc = Path(deriv_dir) / "dataset_description.json"
     extra = [] if desc.exists() else [(desc, json_bytes(dataset_description()))]
-    return write_layout(result, layout, encoded, record, extra)
+    return write_layout(result, layout, encoded, record, extra, overwrite=overwrite)
 
 
 def write_phantom(path, ph, voxel_size=(2.0, 2.0, 3.0), overwrite=False) -> list:

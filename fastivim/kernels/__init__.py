@@ -25,15 +25,24 @@ def sources_digest() -> str:
 
 
 def cached_kernels():
-    """The dispatchers that keep an on-disk cache (each embeds helpers from other modules).
+    """Every dispatcher of this package that keeps an on-disk cache (``cache=True``).
 
-    Every ``cache=True`` kernel of this package belongs here, so that its cache is flushed
-    when any kernel source changes.
+    Found by scanning the package's modules, so that a new cached kernel is protected by
+    :func:`_drop_stale_cache` without being listed anywhere.
     """
-    from .block import fit_volume_block
-    from .driver import fit_volume
+    import importlib
+    import pkgutil
 
-    return (fit_volume, fit_volume_block)
+    from numba.core.dispatcher import Dispatcher
+
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            path = getattr(getattr(obj, "_cache", None), "cache_path", None)
+            if isinstance(obj, Dispatcher) and path and obj not in found:
+                found.append(obj)
+    return tuple(found)
 
 
 def _drop_stale_cache(dispatchers):
