@@ -603,9 +603,9 @@ def _front(Y, v0, nl, t, settings, s):
 
 
 # -------------------------------------------------------------------- the full method
-# The per-lane steps below take plain arrays, never the Scratch tuple: reading a field of a
-# tuple of arrays costs numba a reference-count call, which in these scalar steps cost more
-# than the arithmetic (measured: 1.9 µs per lane step with the tuple).
+# Per-voxel helpers below take plain arrays, never the Scratch tuple: a call passes every
+# field of a tuple argument (~60 arrays, several hundred machine words) and numba adds
+# reference-count updates for array arguments on entry and exit.
 @jit_voxel
 def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS, NR, yv, psv,
               lov, hiv, prof, e2):
@@ -681,9 +681,10 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
     arithmetic and decisions, written out here for lane ``lane``) up to its next evaluation.
 
     Everything per lane is written in this one function, with every array passed in once per
-    block: a numba function that takes arrays pays reference-count calls on entry and exit
-    (atomic, and not pruned in functions with loops), which per lane step cost more than the
-    step itself (measured: 1.9 µs per lane step with helper functions).
+    block: a numba function that takes arrays adds reference-count updates (atomic calls) on
+    entry and exit, which a per-lane helper would pay at every step. (Of the measured gains,
+    most came from vmin/vmax, see :mod:`fastivim.kernels.vmath`; writing the Cholesky solve
+    out here gained about 7 %.)
 
     Lane state: ``LSTATE[lane]`` = (phase, voxel slot, iterations used); ``LPRED[lane]`` =
     (predicted decrease, sum of squares, lambda, Nielsen factor, ``sum w t**2``).
