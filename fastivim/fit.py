@@ -557,6 +557,7 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     else:
         Y = _as_kernel_matrix(signal[mask])
     extra = {}
+    ensure_fresh_cache()  # before any cached kernel (least squares, simplified, Bayesian) loads
     if model == "simplified":
         out, status, sd = _run_simplified(Y, b, bounds, b_threshold, uncertainty)
         extra = {"model": model}
