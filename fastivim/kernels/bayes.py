@@ -35,6 +35,7 @@ from numba import njit, prange
 
 from . import status as st
 from ._jit import FASTMATH_FLAGS, jit_parallel, jit_voxel
+from .voxel import fail_voxel_sd
 
 #: A cached kernel that runs on the calling thread (no ``prange`` inside).
 _jit_serial = njit(cache=True, fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
@@ -314,15 +315,6 @@ def _raw_fit_measures(Y, v, groups, bu, S0, f, Ds, D):
 
 
 @jit_voxel
-def _fail(out, sd, v, code):
-    for k in range(out.shape[1]):
-        out[v, k] = math.nan
-    for k in range(sd.shape[1]):
-        sd[v, k] = math.nan
-    return code
-
-
-@jit_voxel
 def posterior_voxel(Y, v, groups, w, bu, sigma2, M, nn, inv_nn, logw, par, cvar, edge, s0_lo,
                     s0_hi, ybar, a, ll, out, sd):
     """Posterior mean and SD of voxel row ``v`` over the grid; writes ``out[v]`` (6 columns as
@@ -330,11 +322,11 @@ def posterior_voxel(Y, v, groups, w, bu, sigma2, M, nn, inv_nn, logw, par, cvar,
     """
     raw_max = debiased_means(Y, v, groups, w, sigma2, ybar)
     if not raw_max > 0.0:
-        return _fail(out, sd, v, st.BAD_INPUT)
+        return fail_voxel_sd(out, sd, v, st.BAD_INPUT)
     inv2s2 = 0.5 / sigma2
     mx = log_likelihoods(ybar, w, M, nn, inv_nn, logw, s0_lo, s0_hi, inv2s2, a, ll)
     if not math.isfinite(mx):
-        return _fail(out, sd, v, st.NUMERICAL_FAILURE)
+        return fail_voxel_sd(out, sd, v, st.NUMERICAL_FAILURE)
     # local accumulators (not an array): they stay in registers through the loop
     z0 = zs = zs2 = 0.0
     zf = zf2 = zds = zds2 = zd = zd2 = 0.0
@@ -369,7 +361,7 @@ def posterior_voxel(Y, v, groups, w, bu, sigma2, M, nn, inv_nn, logw, par, cvar,
     Ds = zds * z
     D = zd * z
     if not (math.isfinite(S0) and math.isfinite(f) and math.isfinite(Ds) and math.isfinite(D)):
-        return _fail(out, sd, v, st.NUMERICAL_FAILURE)
+        return fail_voxel_sd(out, sd, v, st.NUMERICAL_FAILURE)
     out[v, 0] = S0
     out[v, 1] = f
     out[v, 2] = Ds

@@ -19,6 +19,7 @@ from numba import prange
 
 from . import status as st
 from ._jit import jit_parallel, jit_voxel
+from .voxel import fail_voxel_sd
 
 #: Gauss–Newton limits on (A, D): iterations and relative step tolerance.
 GN_MAXIT = 50
@@ -27,15 +28,6 @@ GN_XTOL = 1e-12
 #: Relative distance (of the bound interval) under which a parameter counts as pinned (as in
 #: :mod:`fastivim.kernels.voxel`).
 PIN_TOL = 1e-6
-
-
-@jit_voxel
-def _fail(out, sd, v, code):
-    for k in range(out.shape[1]):
-        out[v, k] = math.nan
-    for k in range(sd.shape[1]):
-        sd[v, k] = math.nan
-    return code
 
 
 @jit_voxel
@@ -122,7 +114,7 @@ def fit_simplified_voxel(Y, v, groups, bu, w, zero, high, bounds, want_sd, ybar,
     for i in range(Y.shape[1]):
         yi = np.float64(Y[v, i])
         if not math.isfinite(yi):
-            return _fail(out, sd, v, st.BAD_INPUT)
+            return fail_voxel_sd(out, sd, v, st.BAD_INPUT)
         ybar[groups[i]] += yi
     scale = -math.inf
     S0 = 0.0
@@ -134,20 +126,20 @@ def fit_simplified_voxel(Y, v, groups, bu, w, zero, high, bounds, want_sd, ybar,
             S0 += w[u] * ybar[u]
             n0 += w[u]
     if not scale > 0.0:
-        return _fail(out, sd, v, st.BAD_INPUT)
+        return fail_voxel_sd(out, sd, v, st.BAD_INPUT)
     S0 /= n0 * scale
     for u in range(nu):
         ybar[u] /= scale
     A, D, ssr_high, converged = _high_b_fit(ybar, bu, w, high, bounds[3, 0] * 1e3,
                                             bounds[3, 1] * 1e3)
     if not (math.isfinite(A) and math.isfinite(D)):
-        return _fail(out, sd, v, st.NUMERICAL_FAILURE)
+        return fail_voxel_sd(out, sd, v, st.NUMERICAL_FAILURE)
     if not converged:
-        return _fail(out, sd, v, st.NO_CONVERGENCE)
+        return fail_voxel_sd(out, sd, v, st.NO_CONVERGENCE)
     # S0 within its bounds, then f = 1 - A / S0 within its bounds
     S0 = min(max(S0, bounds[0, 0] / scale), bounds[0, 1] / scale)
     if not S0 > 0.0:
-        return _fail(out, sd, v, st.NUMERICAL_FAILURE)
+        return fail_voxel_sd(out, sd, v, st.NUMERICAL_FAILURE)
     f = min(max(1.0 - A / S0, bounds[1, 0]), bounds[1, 1])
     # fit measures over the samples the model describes (b = 0 and b >= b_threshold)
     mean = 0.0

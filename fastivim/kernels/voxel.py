@@ -486,6 +486,14 @@ def fail_voxel(out, v, code):
 
 
 @jit_voxel
+def fail_voxel_sd(out, sd, v, code):
+    """Fill row ``v`` of ``out`` and of the uncertainty rows ``sd`` with NaN; return ``code``."""
+    for k in range(sd.shape[1]):
+        sd[v, k] = math.nan
+    return fail_voxel(out, v, code)
+
+
+@jit_voxel
 def internal_bounds(bounds, scale, lo, hi):
     """Convert ``bounds`` (4, 2) in user units to internal units for one voxel."""
     lo[0] = bounds[0, 0] / scale
