@@ -12,6 +12,7 @@ relative to the folder of the config file, so a file works from wherever the com
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 
 from .model import PARAM_NAMES
@@ -19,6 +20,7 @@ from .options import (
     BY_KEY,
     DEFAULTS,
     OPTIONS,
+    FitOptions,
     OptionError,
     check_bounds,
     check_threads,
@@ -91,6 +93,10 @@ _FLOAT_RE = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
              r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
 
 
+#: Config keys that belong to :class:`fastivim.options.FitOptions`.
+_FIT_KEYS = {f.name for f in fields(FitOptions)}
+
+
 def _loader():
     """A safe YAML loader that reads ``1e-4`` as a float (see :data:`_FLOAT_RE`)."""
     import re
@@ -150,6 +156,11 @@ def load_config(path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     values = {str(k): check_value(str(k), v, str(path)) for k, v in data.items()}
+    fit_keys = {k: v for k, v in values.items() if k in _FIT_KEYS}
+    try:  # options that exclude each other within the file (bayesian + simplified)
+        FitOptions(**fit_keys)
+    except OptionError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if values.get("threads") is not None:
         try:
             check_threads(values["threads"])

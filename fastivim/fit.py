@@ -314,6 +314,33 @@ def validate_b_values(b_values, n_b: int | None = None, model: str = "ivim"
     return b
 
 
+def check_fit_sampling(b: np.ndarray, options) -> float:
+    """Checks of the b-values against the fit options; returns ``b_threshold``.
+
+    Beyond :func:`_check_threshold`: uncertainty maps of the least-squares methods need at
+    least one residual degree of freedom (``sigma² = SSR / (n - k)``), or every SD would be
+    NaN. ``options`` is a :class:`fastivim.options.FitOptions`.
+
+    Raises
+    ------
+    ValueError
+        The reason, in one line.
+    """
+    b_threshold = _check_threshold(b, options.b_threshold, options.method, options.model)
+    if options.uncertainty and options.method != "bayesian":
+        if options.model == "simplified":
+            n_used, k = int(np.sum((b == 0) | (b >= b_threshold))), 3
+        else:
+            n_used, k = int(b.size), 4
+        if n_used <= k:
+            raise ValueError(
+                f"uncertainty maps need at least one residual degree of freedom: the "
+                f"{options.model} model's {options.method} fit uses {n_used} samples for {k} "
+                f"parameters; acquire another b-value (or a repeat) or drop uncertainty"
+            )
+    return b_threshold
+
+
 def _check_threshold(b: np.ndarray, b_threshold: float, method: str,
                      model: str = "ivim") -> float:
     if model == "simplified":
@@ -547,7 +574,7 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     code = METHODS[opts.method]
     model = opts.model
     b = validate_b_values(b_values, signal.shape[-1], model)
-    b_threshold = _check_threshold(b, opts.b_threshold, method, model)
+    b_threshold = check_fit_sampling(b, opts)
     bounds = dict(opts.bounds)
     seed = opts.seed
     uncertainty = opts.uncertainty

@@ -113,7 +113,7 @@ def resolve_inputs(dwi, options: RunOptions, note=None) -> Inputs:
         One line naming the file (see :func:`fastivim.io.load_dwi`, :func:`~fastivim.io.load_mask`);
         also an automatic mask that is empty.
     """
-    d = load_dwi(dwi, bvals=options.bvals, bvecs=options.bvecs, model=options.fit.model)
+    d = load_dwi(dwi, bvals=options.bvals, bvecs=options.bvecs, fit=options.fit)
     if d.bvals_from_sidecar and note is not None:
         note(f"using b-values from {d.bvals_path}")
     mode = options.mask_mode

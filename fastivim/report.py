@@ -667,13 +667,22 @@ code { background: #f3f3f3; padding: 0 0.2em; }
 """
 
 
-def _notes(s0_vmax: float) -> dict:
+#: The fitted curve of the decay figure, by model (HTML).
+_DECAY_EQUATIONS = {
+    "ivim": "S(b) = S0 (f e<sup>−b D*</sup> + (1 − f) e<sup>−b D</sup>)",
+    "simplified": "S(0) = S0, S(b) = S0 (1 − f) e<sup>−b D</sup> for b ≥ b_threshold (the "
+                  "simplified model)",
+}
+
+
+def _notes(s0_vmax: float, model: str = "ivim") -> dict:
+    shown = {m.attr for m in MAPS if m.produced_by(model)}
     return {
         "maps": ("Fixed colour ranges: " + "; ".join(
                      f"{d.label} {d.vmin:g}–{d.vmax:g}"
                      + ("" if d.units in ("fraction", "unitless") else f" {d.units}")
                      + (" (log scale)" if d.log else "")
-                     for d in DISPLAY.values() if d.vmax is not None)
+                     for attr, d in DISPLAY.items() if d.vmax is not None and attr in shown)
                  + f"; S0 0 to its 99th percentile in the quality mask ({s0_vmax:.4g}). "
                  "Values beyond a range take the end colour (arrow on the colour bar). "
                  "Black: not fitted or failed (NaN). Quality mask: passed = status "
@@ -685,7 +694,7 @@ def _notes(s0_vmax: float) -> dict:
         "decay": ("Sample voxels chosen reproducibly: about two thirds from the quality mask "
                   "at evenly spaced R² percentiles (5th to 95th), the rest among the voxels "
                   "that failed the quality checks (seeded draw). The line is the model "
-                  "S(b) = S0 (f e<sup>−b D*</sup> + (1 − f) e<sup>−b D</sup>) at the fitted "
+                  f"{_DECAY_EQUATIONS.get(model, _DECAY_EQUATIONS['ivim'])} at the fitted "
                   "parameters."),
     }
 
@@ -750,7 +759,7 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
 
 def _html(s, pngs, figures, skipped, s0_vmax, title) -> str:
     e = html.escape
-    notes = _notes(s0_vmax)
+    notes = _notes(s0_vmax, s.get("model", "ivim"))
     heads = {"maps": "Parameter maps", "histograms": "Distributions",
              "decay": "Signal decay and fit"}
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

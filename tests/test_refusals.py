@@ -316,3 +316,11 @@ def test_a_full_disk_names_the_file(tmp_path, signal, monkeypatch):
     r = invoke("run", dwi, "-o", tmp_path / "out", "-q")
     assert_refused(r, str(tmp_path / "out"), "No space left on device")
     assert nothing_written(tmp_path, before)
+
+
+def test_options_that_exclude_each_other_in_a_config_file_name_it(tmp_path, signal):
+    dwi = write_dwi(tmp_path, signal)
+    cfg = tmp_path / "cg.yaml"
+    cfg.write_text("method: bayesian\nmodel: simplified\n")
+    r = invoke("run", "--config", cfg, dwi, "-q")
+    assert_refused(r, "cg.yaml", "bayesian")

@@ -88,12 +88,16 @@ def test_uncertainty_types_none_and_nan():
             np.testing.assert_array_equal(getattr(res, name), getattr(base, name))
 
 
-def test_no_residual_degrees_of_freedom_gives_nan():
+def test_no_residual_degrees_of_freedom_is_refused():
+    """4 samples for 4 parameters leave sigma² = SSR / 0: uncertainty is refused up front
+    (it returned all-NaN SD maps before); the fit itself still runs without it."""
     b = np.array([0.0, 50.0, 300.0, 800.0])
     y = ivim_signal(b, 1000.0, 0.15, 0.03, 1.2e-3)[None, :]
-    res = fastivim.fit_voxels(y, b, method="full", uncertainty=True)
-    assert np.isfinite(res.D[0])
-    assert all(np.isnan(getattr(res, name)[0]) for name in SD_MAPS)
+    for method in ("full", "segmented"):
+        with pytest.raises(ValueError, match="residual degree of freedom"):
+            fastivim.fit_voxels(y, b, method=method, uncertainty=True)
+    res = fastivim.fit_voxels(y, b, method="full")
+    assert np.isfinite(res.D[0]) and res.D_sd is None
 
 
 def test_bayesian_always_has_its_posterior_sd():

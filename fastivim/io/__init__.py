@@ -66,8 +66,9 @@ from .write import (
 
 
 def fit_file(dwi, *, bvals=None, bvecs=None, mask="auto", mask_fraction=None, method=None,
-             b_threshold=None, bounds=None, out_dir=None, bids=None, subject=None, session=None,
-             overwrite=False, progress=False, threads=None, command=None, note=None) -> dict:
+             b_threshold=None, bounds=None, model=None, uncertainty=None, seed=None,
+             out_dir=None, bids=None, subject=None, session=None, overwrite=False,
+             progress=False, threads=None, command=None, note=None) -> dict:
     """Load → mask → fit → write for one image; return the run record.
 
     Parameters
@@ -80,8 +81,9 @@ def fit_file(dwi, *, bvals=None, bvecs=None, mask="auto", mask_fraction=None, me
         ``"auto"``: :func:`auto_mask`; None: every voxel; a path: :func:`load_mask`.
     mask_fraction : float, optional
         Of the automatic mask (default 0.1).
-    method, b_threshold, bounds : optional
-        As in :func:`fastivim.fit_ivim` (defaults: segmented, 200 s/mm², the default bounds).
+    method, b_threshold, bounds, model, uncertainty, seed : optional
+        As in :func:`fastivim.fit_ivim` (None: the defaults of
+        :class:`fastivim.options.FitOptions`).
     out_dir : str or Path, optional
         Plain layout (:func:`save_maps`); None writes none.
     bids, subject, session : optional
@@ -111,7 +113,8 @@ def fit_file(dwi, *, bvals=None, bvecs=None, mask="auto", mask_fraction=None, me
     from ..options import RunOptions
     from ..pipeline import run
 
-    given = {"method": method, "b_threshold": b_threshold, "mask_fraction": mask_fraction}
+    given = {"method": method, "b_threshold": b_threshold, "mask_fraction": mask_fraction,
+             "model": model, "uncertainty": uncertainty, "seed": seed}
     options = RunOptions.build(
         {k: v for k, v in given.items() if v is not None},
         bvals=bvals, bvecs=bvecs, no_mask=mask is None,

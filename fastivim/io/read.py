@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from .._atomic import one_line as _one_line
-from ..fit import validate_b_values
+from ..fit import check_fit_sampling, validate_b_values
 from ..options import RunOptions
 from .checks import InputError, check_bvecs, check_nifti
 
@@ -182,7 +182,7 @@ def read_bvecs(path, n_b: int) -> np.ndarray:
                      f"(one direction per volume)")
 
 
-def load_dwi(path, bvals=None, bvecs=None, model="ivim") -> DWI:
+def load_dwi(path, bvals=None, bvecs=None, model="ivim", fit=None) -> DWI:
     """Load a 4D DWI series and its b-values.
 
     Parameters
@@ -198,6 +198,10 @@ def load_dwi(path, bvals=None, bvecs=None, model="ivim") -> DWI:
     model : str
         The signal model the b-values must suit (``simplified`` needs 3 distinct, not 4; see
         :func:`fastivim.validate_b_values`).
+    fit : FitOptions, optional
+        When given (its model replaces ``model``), the b-values are also checked against the
+        fit options (b_threshold, uncertainty: :func:`fastivim.fit.check_fit_sampling`) here,
+        before the image data is read, and a refusal names the b-value file.
 
     Returns
     -------
@@ -233,7 +237,9 @@ def load_dwi(path, bvals=None, bvecs=None, model="ivim") -> DWI:
     else:
         b_raw, source = bvals, "b-values"
     try:
-        b = validate_b_values(b_raw, shape[3], model)
+        b = validate_b_values(b_raw, shape[3], fit.model if fit is not None else model)
+        if fit is not None:
+            check_fit_sampling(b, fit)
     except ValueError as exc:
         raise InputError(f"{source}: {exc} ({path.name} has {shape[3]} volumes)"
                          if "samples per voxel" in str(exc) else f"{source}: {exc}") from None
