@@ -225,17 +225,13 @@ def _series_options(series: Series, deriv_dir, options: RunOptions, threads=None
                            quiet=True, threads=threads)
 
 
-def _expected_settings(series: Series, options: RunOptions) -> dict:
-    """What a reusable record's ``settings`` must be (see :func:`fastivim.pipeline.make_record`)."""
-    return {**options.fit.as_json(), "mask_fraction": options.mask_fraction,
-            "dwi": str(series.dwi), "mask": str(series.mask) if series.mask else "auto"}
+def _reuse_key(series: Series, options: RunOptions) -> dict:
+    """What a run of ``series`` records for reuse (:func:`fastivim.pipeline.reuse_key`)."""
+    from .io import bval_sidecar
+    from .pipeline import reuse_key
 
-
-def _fingerprints(series: Series) -> dict:
-    """What a run of ``series`` records as ``inputs`` (:func:`fastivim.io.input_fingerprints`)."""
-    from .io import bval_sidecar, input_fingerprints
-
-    return input_fingerprints(series.dwi, bval_sidecar(series.dwi), None, series.mask)
+    return reuse_key(options, series.dwi, bval_sidecar(series.dwi), None,
+                     str(series.mask) if series.mask else "auto")
 
 
 def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | None:
@@ -248,10 +244,10 @@ def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | N
         record = json.loads(rec_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("settings") != \
-            _expected_settings(series, options):
+    key = _reuse_key(series, options)
+    if not isinstance(record, dict) or record.get("settings") != key["settings"]:
         return None
-    if record.get("inputs") != _fingerprints(series):
+    if record.get("inputs") != key["inputs"]:
         return None  # an input changed since (an edited .bval, a new mask...): refit
     model = record.get("model", "ivim")
     # the uncertainty maps are part of a complete run when it was asked for them

@@ -143,6 +143,23 @@ def load_kernel_noting(dtype, note=None) -> float:
         timer.cancel()
 
 
+def reuse_key(options: RunOptions, dwi, bvals=None, bvecs=None, mask_source="auto") -> dict:
+    """What a later run (``fastivim batch`` resuming) compares to decide whether outputs can be
+    reused: ``settings`` (fit options, mask settings, input path) and ``inputs`` (size and
+    SHA-256 of every input file: an edited ``.bval`` means a refit).
+
+    ``mask_source`` is a mask file's path, ``"none"``, or ``"auto..."`` for the automatic mask.
+    Both keys go into the run record; the batch builds the same dict for a series and compares.
+    """
+    auto = mask_source.startswith("auto")
+    mask_file = None if auto or mask_source == "none" else mask_source
+    return {
+        "settings": {**options.fit.as_json(), "mask_fraction": options.mask_fraction,
+                     "dwi": str(dwi), "mask": "auto" if auto else mask_source},
+        "inputs": input_fingerprints(dwi, bvals, bvecs, mask_file),
+    }
+
+
 def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, timings,
                 threads) -> dict:
     """The run record (``fastivim.json``): what was fitted, how, with what result and time."""
@@ -165,16 +182,8 @@ def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, t
         "prior": result.prior,
         "noise_sigma": result.noise_sigma,
         "mask_source": inputs.mask_source,
-        # content of every input file: a later batch refits when any of them changed
-        "inputs": input_fingerprints(d.path, d.bvals_path, d.bvecs_path,
-                                     None if inputs.mask_source in ("none",) or
-                                     inputs.mask_source.startswith("auto") else
-                                     inputs.mask_source),
         "threads": threads,
-        # what a later run compares to decide whether these outputs can be reused
-        "settings": {**options.fit.as_json(), "mask_fraction": options.mask_fraction,
-                     "dwi": str(d.path), "mask": inputs.mask_source
-                     if not inputs.mask_source.startswith("auto") else "auto"},
+        **reuse_key(options, d.path, d.bvals_path, d.bvecs_path, inputs.mask_source),
         **result.summary(),
         "outputs": {"out_dir": str(plain.folder.absolute()) if plain else None,
                     "bids": str(bids.folder.absolute()) if bids else None},

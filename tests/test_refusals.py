@@ -324,3 +324,13 @@ def test_options_that_exclude_each_other_in_a_config_file_name_it(tmp_path, sign
     cfg.write_text("method: bayesian\nmodel: simplified\n")
     r = invoke("run", "--config", cfg, dwi, "-q")
     assert_refused(r, "cg.yaml", "bayesian")
+
+
+def test_b_threshold_beyond_the_b_values_is_refused_before_any_work(tmp_path, signal):
+    """A b_threshold that leaves the segmented step fewer than 2 high b-values is refused while
+    the b-values are read (naming the file), not after the data read and the kernel load."""
+    dwi = write_dwi(tmp_path, signal)
+    before = snapshot(tmp_path)
+    r = invoke("run", dwi, "--b-threshold", "500", "-q", "-o", tmp_path / "new" / "deep")
+    assert_refused(r, "dwi.bval", "b_threshold")
+    assert nothing_written(tmp_path, before)
