@@ -32,7 +32,14 @@ from numba import prange
 
 from . import status as st
 from ._jit import jit_block, jit_parallel, jit_voxel
-from .full import MAX_RESTARTS, RESTART_NEIGHBOURHOOD, RESTART_SLACK, SEPARATION, dstar_profile
+from .full import (
+    MAX_RESTARTS,
+    RESTART_NEIGHBOURHOOD,
+    RESTART_SLACK,
+    SEPARATION,
+    dstar_profile,
+    mark_restarts,
+)
 from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
 from .tables import METHOD_FULL
 from .vmath import vexp, vmax, vmin
@@ -625,16 +632,7 @@ def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS
     Ds_fit = PB[2, slot]
     ssr = SSRB[slot]
     dstar_profile(yv, bu, w, lov, hiv, ES, GSS, dstar_grid, psv, TT[slot], D_fit, prof, e2)
-    for k in range(nk):
-        sk = prof[0, k]
-        ratio = dstar_grid[k] / Ds_fit
-        candidate = (
-            sk < ssr * (1.0 + RESTART_SLACK)
-            and not (k > 0 and prof[0, k - 1] < sk)
-            and not (k < nk - 1 and prof[0, k + 1] < sk)
-            and not RESTART_NEIGHBOURHOOD > ratio > 1.0 / RESTART_NEIGHBOURHOOD
-        )
-        prof[3, k] = 1.0 if candidate else 0.0
+    mark_restarts(prof, dstar_grid, ssr, Ds_fit)
     n = 0
     for _ in range(MAX_RESTARTS):
         kbest = -1

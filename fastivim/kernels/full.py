@@ -166,6 +166,25 @@ def dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, tt, D, prof, e2)
 
 
 @jit_voxel
+def mark_restarts(prof, dstar_grid, ssr, Ds_fit):
+    """Flag in ``prof[3]`` the D_star-profile grid points worth a restart: local minima of the
+    profile ``prof[0]`` within ``RESTART_SLACK`` of the fit's ``ssr``, away (beyond
+    ``RESTART_NEIGHBOURHOOD``) from the fitted ``Ds_fit``. Shared by the scalar and block
+    kernels, so both take the same decisions."""
+    nk = dstar_grid.shape[0]
+    for k in range(nk):
+        sk = prof[0, k]
+        ratio = dstar_grid[k] / Ds_fit
+        candidate = (
+            sk < ssr * (1.0 + RESTART_SLACK)
+            and not (k > 0 and prof[0, k - 1] < sk)
+            and not (k < nk - 1 and prof[0, k + 1] < sk)
+            and not RESTART_NEIGHBOURHOOD > ratio > 1.0 / RESTART_NEIGHBOURHOOD
+        )
+        prof[3, k] = 1.0 if candidate else 0.0
+
+
+@jit_voxel
 def _refine(start, p, model, best, found, lo, hi, bu, w, ybar, maxit, work, mat, free):
     """LM from ``start`` (overwritten); adopt the result into ``p``/``model`` if it is better.
 
@@ -252,16 +271,7 @@ def fit_full_voxel(ybar, bu, w, b_min, lo, hi, ES, ED, GSS, PAIR, dstar_grid, d_
     nk = dstar_grid.shape[0]
     D_fit = p[3]
     Ds_fit = p[2]
-    for k in range(nk):
-        sk = prof[0, k]
-        ratio = dstar_grid[k] / Ds_fit
-        candidate = (
-            sk < ssr * (1.0 + RESTART_SLACK)
-            and not (k > 0 and prof[0, k - 1] < sk)
-            and not (k < nk - 1 and prof[0, k + 1] < sk)
-            and not RESTART_NEIGHBOURHOOD > ratio > 1.0 / RESTART_NEIGHBOURHOOD
-        )
-        prof[3, k] = 1.0 if candidate else 0.0
+    mark_restarts(prof, dstar_grid, ssr, Ds_fit)
     for _ in range(MAX_RESTARTS):
         kbest = -1
         for k in range(nk):  # the most promising remaining candidate first
