@@ -40,15 +40,13 @@ from .full import (
     dstar_profile,
     mark_restarts,
 )
+from .lm_lanes import CONVERGED, HELD, IDLE, INIT, RUNNING, TRIAL, lanes_accept, lanes_step
 from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
 from .tables import METHOD_FULL
 from .vmath import vexp, vmax, vmin
 from .voxel import (
     KIND_PERFUSION,
-    LM_FTOL,
     LM_LAMBDA0,
-    LM_LAMBDA_MAX,
-    LM_XTOL,
     fail_voxel,
     finish_voxel,
     levenberg_marquardt,
@@ -64,11 +62,6 @@ SEGMENTED_BLOCK = 32
 #: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
 LANES = 16
 
-#: Lane phases of the LM engine.
-IDLE = 0  #: no voxel (none left in the block, or the last one was just written)
-INIT = 1  #: a run just started: the next evaluation is at its start point
-TRIAL = 2  #: the next evaluation is at a trial point
-HELD = 3  #: holds a voxel between runs: its next start is chosen before the next round
 
 Scratch = namedtuple(
     "Scratch",
@@ -79,7 +72,9 @@ Scratch = namedtuple(
         "PS", "PD", "PSEP", "PCLOSE", "RSEP", "RCLOSE", "TT", "PB", "MB", "SSRB", "FOUND",
         "STAGE", "RS", "NR",
         # per lane of the LM engine, (.., LANES)
-        "EP", "YL", "MT", "GT", "HT", "ST", "LP", "LG", "LH", "LMOD", "LPT", "LPRED", "LSTATE",
+        "EP", "YL", "MT", "GT", "HT", "ST", "LP", "LG", "LH", "LMOD", "LPT", "LLO", "LHI",
+        "LSSR", "LTT", "LLAM", "LNUF", "LPRED", "LIT", "LPH", "LEND", "LSTEP", "LTAKE", "LACC",
+        "LSLOT",
         # one voxel's contiguous copies for the scalar helpers
         "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
         "mat", "free",
@@ -99,12 +94,15 @@ best grid reduction; ``WK`` (n_u, BLOCK) perfusion term; ``PFOK`` profile-Newton
 ``RSEP``/``RCLOSE`` their reductions, ``TT`` ``sum w ybar**2``, ``PB`` (4, BLOCK) and ``MB``
 (n_u, BLOCK) best estimate and model, ``SSRB`` its sum of squares, ``FOUND``, ``STAGE`` next
 start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count.
-LM lanes: ``EP`` (4, LANES) evaluation points, ``YL`` (n_u, LANES) targets, ``MT``/``GT``/
-``HT`` (n_u/4/10, LANES) model, gradient and Hessian (upper triangle, row-major) there, ``ST``
-its sum of squares; ``LP`` (LANES, 4) current point, ``LG`` (LANES, 4) gradient and ``LH``
-(LANES, 4, 4) Hessian at it, ``LMOD`` (n_u, LANES) model at it, ``LPT`` (LANES, 4) trial point,
-``LPRED`` (LANES, 5) predicted decrease, ssr, lambda, Nielsen factor, ``tt``; ``LSTATE``
-(LANES, 3) phase, voxel slot, iteration count.
+LM lanes (every array lane-last, see :mod:`fastivim.kernels.lm_lanes`): ``EP`` (4, LANES)
+evaluation points, ``YL`` (n_u, LANES) targets, ``MT``/``GT``/``HT`` (n_u/4/10, LANES) model,
+gradient and Hessian (upper triangle, row-major) there, ``ST`` its sum of squares; ``LP``,
+``LG`` (4, LANES), ``LH`` (10, LANES), ``LMOD`` (n_u, LANES) the same at the current point,
+``LPT`` (4, LANES) scratch for a step's end point, ``LLO``/``LHI`` (4, LANES) the lane's
+bounds; per lane (LANES,): ``LSSR`` sum of squares, ``LTT`` ``sum w t**2``, ``LLAM``/``LNUF``
+damping and Nielsen factor, ``LPRED`` predicted decrease, ``LIT`` iterations used, ``LPH`` phase,
+``LEND`` end code, ``LSTEP``/``LTAKE``/``LACC`` flags (all float64), ``LSLOT`` the voxel's
+slot (int64).
 """
 
 
@@ -124,9 +122,11 @@ def alloc_scratch(nu, nk, nj):
         np.empty(B, dtype=np.bool_), np.empty(B, dtype=np.int64), np.empty((3, 4, B)),
         np.empty(B, dtype=np.int64),
         np.empty((4, L)), np.empty((nu, L)), np.empty((nu, L)), np.empty((4, L)),
-        np.empty((10, L)), np.empty(L), np.empty((L, 4)), np.empty((L, 4)),
-        np.empty((L, 4, 4)), np.empty((nu, L)), np.empty((L, 4)), np.empty((L, 5)),
-        np.empty((L, 3), dtype=np.int64),
+        np.empty((10, L)), np.empty(L), np.empty((4, L)), np.empty((4, L)),
+        np.empty((10, L)), np.empty((nu, L)), np.empty((4, L)), np.empty((4, L)),
+        np.empty((4, L)), np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L),
+        np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L),
+        np.empty(L, dtype=np.int64),
         np.empty(nu), np.empty(nu), np.empty(nu), np.empty(4), np.empty(4), np.empty(4),
         np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
         np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
@@ -664,28 +664,30 @@ def full_block(Y, v0, nl, t, settings, s, out, status):
     _lm_engine(Y, v0, nl, t, settings, s, out, status, s.YB, s.SC, s.LO, s.HI, s.CODE, s.A,
                s.D, s.Q, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.PB, s.MB, s.SSRB, s.FOUND,
                s.STAGE, s.RS, s.NR, s.EP, s.YL, s.MT, s.GT, s.HT, s.ST, s.LP, s.LG, s.LH,
-               s.LMOD, s.LPT, s.LPRED, s.LSTATE, s.mat, s.work, s.free)
+               s.LMOD, s.LPT, s.LLO, s.LHI, s.LSSR, s.LTT, s.LLAM, s.LNUF, s.LPRED, s.LIT,
+               s.LPH, s.LEND, s.LSTEP, s.LTAKE, s.LACC, s.LSLOT)
 
 
 @jit_voxel
 def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, D, Q, PSEP,
                PCLOSE, RSEP, RCLOSE, TT, PB, MB, SSRB, FOUND, STAGE, RS, NR, EP, YL, MT, GT, HT,
-               ST, LP, LG, LH, LMOD, LPT, LPRED, LSTATE, mat, work, free):
+               ST, LP, LG, LH, LMOD, LPT, LLO, LHI, LSSR, LTT, LLAM, LNUF, LPRED, LIT, LPH, LEND,
+               LSTEP, LTAKE, LACC, LSLOT):
     """The lock-step LM engine of :func:`full_block`.
 
     Each round: lanes without a run get the next start (of their voxel, else of the block's
-    next voxel: the task list); :func:`lanes_evaluate` evaluates every lane at once; then each
-    lane takes one step of :func:`fastivim.kernels.voxel.levenberg_marquardt` (the same
-    arithmetic and decisions, written out here for lane ``lane``) up to its next evaluation.
+    next voxel: the task list); :func:`lanes_evaluate` evaluates every
+    lane at once; :func:`fastivim.kernels.lm_lanes.lanes_accept` takes the evaluation and
+    :func:`fastivim.kernels.lm_lanes.lanes_step` runs each lane's
+    :func:`fastivim.kernels.voxel.levenberg_marquardt` loop body up to its next evaluation
+    (again for lanes that must damp harder and solve again), all lanes at once; lanes whose
+    run ended keep its result if it is the voxel's best so far (the scalar ``_refine``).
 
-    Everything per lane is written in this one function, with every array passed in once per
-    block: a numba function that takes arrays adds reference-count updates (atomic calls) on
-    entry and exit, which a per-lane helper would pay at every step. (Of the measured gains,
-    most came from vmin/vmax, see :mod:`fastivim.kernels.vmath`; writing the Cholesky solve
-    out here gained about 7 %.)
-
-    Lane state: ``LSTATE[lane]`` = (phase, voxel slot, iterations used); ``LPRED[lane]`` =
-    (predicted decrease, sum of squares, lambda, Nielsen factor, ``sum w t**2``).
+    Arrays are passed in once per block, and the per-lane start selection is written out here:
+    a numba function that takes arrays adds reference-count updates (atomic calls) on entry and
+    exit, for every array of a tuple argument too (measured: the start selection as a helper
+    taking the Scratch and Tables tuples made the kernel 3x slower); the lane-wise stages are
+    called once per round, with only the arrays they use.
     """
     bu = t.bu
     w = t.w
@@ -710,30 +712,33 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
     for lane in range(LANES):
         for i in range(4):
             EP[i, lane] = 1.0
-        LSTATE[lane, 0] = IDLE
+        LPH[lane] = IDLE
+        LEND[lane] = RUNNING
+        LSTEP[lane] = 0.0
     nxt = 0  # the task list: the block's next voxel not yet taken by a lane
     while True:  # one pass per lock-step round
         active = 0
         for lane in range(LANES):
-            if LSTATE[lane, 0] == IDLE and nxt >= nl:
+            if LPH[lane] == IDLE and nxt >= nl:
                 continue
-            while LSTATE[lane, 0] != INIT and LSTATE[lane, 0] != TRIAL:
-                # the lane's voxel (if any) moves to its next start, or the lane takes a voxel
-                slot = LSTATE[lane, 1] if LSTATE[lane, 0] != IDLE else -1
+            # a lane without a run: its voxel's next start, or the block's next voxel (the
+            # task list) when that voxel is done (written); the lane ends INIT or IDLE
+            while LPH[lane] != INIT and LPH[lane] != TRIAL:
+                slot = LSLOT[lane] if LPH[lane] != IDLE else -1
                 if slot < 0:
                     if nxt >= nl:
-                        LSTATE[lane, 0] = IDLE
+                        LPH[lane] = IDLE
                         break
                     slot = nxt
                     nxt += 1
-                    LSTATE[lane, 1] = slot
-                    LSTATE[lane, 0] = HELD
+                    LSLOT[lane] = slot
+                    LPH[lane] = HELD
                     STAGE[slot] = 0
                     FOUND[slot] = False
                     SSRB[slot] = math.inf
                     if not SC[slot] > 0.0:  # non-finite samples or no positive signal
                         status[v0 + slot] = fail_voxel(out, v0 + slot, st.BAD_INPUT)
-                        LSTATE[lane, 0] = IDLE
+                        LPH[lane] = IDLE
                         continue
                 stage = STAGE[slot]
                 STAGE[slot] = stage + 1
@@ -778,10 +783,10 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                 elif stage == 3:
                     if not found:
                         status[v0 + slot] = fail_voxel(out, v0 + slot, st.NO_CONVERGENCE)
-                        LSTATE[lane, 0] = IDLE
+                        LPH[lane] = IDLE
                     else:
-                        _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB,
-                                  TT, RS, NR, yv, psv, lov, hiv, prof, e2)
+                        _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB,
+                                  SSRB, TT, RS, NR, yv, psv, lov, hiv, prof, e2)
                 elif stage < 4 + MAX_RESTARTS:  # 4: other basins along D_star
                     i = stage - 4
                     if i < NR[slot]:
@@ -795,194 +800,54 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                         pv[i] = PB[i, slot]
                     for u in range(nu):
                         mv[u] = MB[u, slot]
-                    status[v0 + slot] = _write(Y, v0 + slot, slot, groups, LO, HI, SC, mv, pv,
-                                               lov, hiv, out)
-                    LSTATE[lane, 0] = IDLE
+                    status[v0 + slot] = _write(Y, v0 + slot, slot, groups, LO, HI, SC, mv, pv, lov,
+                                               hiv, out)
+                    LPH[lane] = IDLE
                 if start:
                     # a new run from (p0..p3), moved into the box as levenberg_marquardt does
-                    LP[lane, 0] = p0
-                    LP[lane, 1] = p1
-                    LP[lane, 2] = p2
-                    LP[lane, 3] = p3
+                    LP[0, lane] = p0
+                    LP[1, lane] = p1
+                    LP[2, lane] = p2
+                    LP[3, lane] = p3
                     for i in range(4):
-                        LP[lane, i] = vmin(vmax(LP[lane, i], LO[i, slot]), HI[i, slot])
-                        EP[i, lane] = LP[lane, i]
+                        lo = LO[i, slot]
+                        hi = HI[i, slot]
+                        LLO[i, lane] = lo
+                        LHI[i, lane] = hi
+                        LP[i, lane] = vmin(vmax(LP[i, lane], lo), hi)
+                        EP[i, lane] = LP[i, lane]
                     for u in range(nu):
                         YL[u, lane] = YB[u, slot]
-                    LSTATE[lane, 0] = INIT
-                    LSTATE[lane, 2] = 0
-                    LPRED[lane, 2] = LM_LAMBDA0
-                    LPRED[lane, 3] = 2.0
-                    LPRED[lane, 4] = tt
-            if LSTATE[lane, 0] != IDLE:
+                    LPH[lane] = INIT
+                    LIT[lane] = 0.0
+                    LLAM[lane] = LM_LAMBDA0
+                    LNUF[lane] = 2.0
+                    LTT[lane] = tt
+            if LPH[lane] != IDLE:
                 active += 1
         if active == 0:
             break
         lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST)
+        lanes_accept(MT, GT, HT, ST, LPH, EP, LPRED, LP, LG, LH, LMOD, LSSR, LLAM, LNUF, LEND,
+                     LSTEP, LTAKE, LACC)
+        while lanes_step(maxit, LP, LG, LH, LLO, LHI, LSSR, LTT, LLAM, LNUF, LIT, LSTEP, LEND,
+                         LPRED, LPH, EP, LPT, LTAKE) > 0:
+            pass  # lanes that damp harder solve again before the next evaluation
         for lane in range(LANES):
-            phase = LSTATE[lane, 0]
-            if phase != INIT and phase != TRIAL:
+            if LEND[lane] == RUNNING:
                 continue
-            slot = LSTATE[lane, 1]
-            r = 0  # 0: the run goes on; 1: converged; 2: ended without convergence
-            take = phase == INIT
-            if phase == TRIAL:  # accept or reject the trial point just evaluated
-                ssr = LPRED[lane, 1]
-                ssr_try = ST[lane]
-                rho = (ssr - ssr_try) / LPRED[lane, 0]
-                if rho > 1e-4:
-                    decrease = ssr - ssr_try
-                    for i in range(4):
-                        LP[lane, i] = LPT[lane, i]
-                    take = True
-                    # Nielsen (1999): relax damping when the quadratic model predicted well
-                    q = 2.0 * rho - 1.0
-                    LPRED[lane, 2] *= vmax(1.0 / 3.0, 1.0 - q * q * q)
-                    LPRED[lane, 3] = 2.0
-                    if decrease <= LM_FTOL * ssr_try:
-                        r = 1
-                else:
-                    lam = LPRED[lane, 2] * LPRED[lane, 3]
-                    LPRED[lane, 2] = lam
-                    LPRED[lane, 3] *= 2.0
-                    if lam > LM_LAMBDA_MAX:
-                        r = 1  # no descent along any damped direction: stationary
-            if take:  # the evaluated point becomes the current one
+            # the run ended: the scalar _refine's choice; the voxel's next start comes next round
+            slot = LSLOT[lane]
+            ssr = LSSR[lane]
+            if LEND[lane] == CONVERGED and (ssr < SSRB[slot] or not FOUND[slot]):
+                for i in range(4):
+                    PB[i, slot] = LP[i, lane]
                 for u in range(nu):
-                    LMOD[u, lane] = MT[u, lane]
-                for i in range(4):
-                    LG[lane, i] = GT[i, lane]
-                LH[lane, 0, 0] = HT[0, lane]
-                LH[lane, 0, 1] = LH[lane, 1, 0] = HT[1, lane]
-                LH[lane, 0, 2] = LH[lane, 2, 0] = HT[2, lane]
-                LH[lane, 0, 3] = LH[lane, 3, 0] = HT[3, lane]
-                LH[lane, 1, 1] = HT[4, lane]
-                LH[lane, 1, 2] = LH[lane, 2, 1] = HT[5, lane]
-                LH[lane, 1, 3] = LH[lane, 3, 1] = HT[6, lane]
-                LH[lane, 2, 2] = HT[7, lane]
-                LH[lane, 2, 3] = LH[lane, 3, 2] = HT[8, lane]
-                LH[lane, 3, 3] = HT[9, lane]
-                LPRED[lane, 1] = ST[lane]
-            while r == 0:  # loop bodies up to the next trial evaluation
-                it = LSTATE[lane, 2]
-                if it >= maxit:
-                    r = 2
-                    break
-                LSTATE[lane, 2] = it + 1
-                ssr = LPRED[lane, 1]
-                lam = LPRED[lane, 2]
-                if ssr <= 1e-28 * LPRED[lane, 4]:
-                    r = 1  # exact fit to machine precision
-                    break
-                n_free = 0
-                for i in range(4):
-                    g = LG[lane, i]
-                    at_lo = LP[lane, i] <= LO[i, slot] and g < 0.0
-                    at_hi = LP[lane, i] >= HI[i, slot] and g > 0.0
-                    free[i] = not (at_lo or at_hi)
-                    if free[i]:
-                        n_free += 1
-                    work[i] = g
-                if n_free == 0:
-                    r = 1  # every parameter pinned with the gradient pointing outward
-                    break
-                # solve_damped(4, mat, 0, work, 0, 4, lam, free), written out: a call that
-                # takes arrays costs reference-count updates on entry and exit
-                dmax = 0.0
-                for i in range(4):
-                    mat[0, i, i] = LH[lane, i, i]
-                    if abs(LH[lane, i, i]) > dmax:
-                        dmax = abs(LH[lane, i, i])
-                floor = 1e-12 * dmax + 1e-300
-                for i in range(4):
-                    for j in range(4):
-                        mat[0, i, j] = LH[lane, i, j]
-                        if free[i] and free[j]:
-                            mat[2, i, j] = LH[lane, i, j]
-                        else:
-                            mat[2, i, j] = 1.0 if i == j else 0.0
-                    if free[i]:
-                        mat[2, i, i] += lam * vmax(abs(LH[lane, i, i]), floor)
-                        work[4 + i] = work[i]
-                    else:
-                        work[4 + i] = 0.0
-                solved = True
-                for j in range(4):  # in-place Cholesky mat[2] = L L^T (lower triangle)
-                    sj = mat[2, j, j]
-                    for k in range(j):
-                        sj -= mat[2, j, k] * mat[2, j, k]
-                    if not sj > 0.0:
-                        solved = False
-                        break
-                    dj = math.sqrt(sj)
-                    mat[2, j, j] = dj
-                    inv = 1.0 / dj
-                    for i in range(j + 1, 4):
-                        si = mat[2, i, j]
-                        for k in range(j):
-                            si -= mat[2, i, k] * mat[2, j, k]
-                        mat[2, i, j] = si * inv
-                if solved:
-                    for i in range(4):  # forward substitution
-                        si = work[4 + i]
-                        for k in range(i):
-                            si -= mat[2, i, k] * work[4 + k]
-                        work[4 + i] = si / mat[2, i, i]
-                    for i in range(3, -1, -1):  # back substitution
-                        si = work[4 + i]
-                        for k in range(i + 1, 4):
-                            si -= mat[2, k, i] * work[4 + k]
-                        work[4 + i] = si / mat[2, i, i]
-                    for i in range(4):
-                        if not free[i]:
-                            work[4 + i] = 0.0
-                pred = 0.0
-                step_small = True
-                if solved:
-                    for i in range(4):
-                        p = LP[lane, i]
-                        v = vmin(vmax(p + work[4 + i], LO[i, slot]), HI[i, slot])
-                        work[4 + i] = v - p  # the step taken, after clipping to the box
-                        LPT[lane, i] = v
-                        if abs(v - p) > LM_XTOL * (abs(p) + LM_XTOL):
-                            step_small = False
-                    if step_small:
-                        r = 1
-                        break
-                    for i in range(4):
-                        q = 0.0
-                        for j in range(4):
-                            q += mat[0, i, j] * work[4 + j]
-                        pred += work[4 + i] * (2.0 * work[i] - q)
-                    if pred > 0.0 and pred <= LM_FTOL * ssr and lam <= 1.0:
-                        r = 1
-                        break
-                if not solved or not pred > 0.0 or not LPT[lane, 2] > LPT[lane, 3]:
-                    # not positive definite, an indefinite step, or one crossing D_star = D:
-                    # damp harder (Nielsen) and try again
-                    lam = LPRED[lane, 2] * LPRED[lane, 3]
-                    LPRED[lane, 2] = lam
-                    LPRED[lane, 3] *= 2.0
-                    if lam > LM_LAMBDA_MAX:
-                        # the D_star = D case counts as converged, as in the scalar LM
-                        r = 1 if (solved and pred > 0.0) else 2
-                        break
-                    continue
-                LPRED[lane, 0] = pred
-                for i in range(4):
-                    EP[i, lane] = LPT[lane, i]
-                LSTATE[lane, 0] = TRIAL
-                break
-            if r != 0:  # the run ended: the scalar _refine's choice, then a new start
-                ssr = LPRED[lane, 1]
-                if r == 1 and (ssr < SSRB[slot] or not FOUND[slot]):
-                    for i in range(4):
-                        PB[i, slot] = LP[lane, i]
-                    for u in range(nu):
-                        MB[u, slot] = LMOD[u, lane]
-                    SSRB[slot] = ssr
-                    FOUND[slot] = True
-                LSTATE[lane, 0] = HELD
+                    MB[u, slot] = LMOD[u, lane]
+                SSRB[slot] = ssr
+                FOUND[slot] = True
+            LPH[lane] = HELD
+            LEND[lane] = RUNNING
 
 
 # ---------------------------------------------------------------------------- the kernel
