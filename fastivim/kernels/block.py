@@ -69,7 +69,8 @@ Scratch = namedtuple(
         # per voxel of the block, (.., BLOCK)
         "YB", "SC", "LO", "HI", "CODE", "A", "D", "R", "Q", "BLO", "BHI", "DSLO", "ACC", "NUSED",
         "BFIRST", "DIST", "BEST", "WK", "PFOK", "NEWT",
-        "PS", "PD", "PSEP", "PCLOSE", "RSEP", "RCLOSE", "TT", "PB", "MB", "SSRB", "FOUND",
+        "PS", "PD", "PSEP", "PCLOSE", "RSEP", "RCLOSE", "TT", "GR", "GS", "GN", "GD", "GK",
+        "PB", "MB", "SSRB", "FOUND",
         "STAGE", "RS", "NR",
         # per lane of the LM engine, (.., LANES)
         "EP", "YL", "MT", "GT", "HT", "ST", "LP", "LG", "LH", "LMOD", "LPT", "LLO", "LHI",
@@ -91,7 +92,8 @@ accumulators; ``NUSED``/``BFIRST``/``DIST`` the log-linear fit's sample bookkeep
 best grid reduction; ``WK`` (n_u, BLOCK) perfusion term; ``PFOK`` profile-Newton success;
 ``NEWT`` (6, BLOCK) Newton state (x, bracket, state, first bracket). Full method: ``PS``
 (n_k, BLOCK), ``PD`` (n_j, BLOCK) grid projections, ``PSEP``/``PCLOSE`` (4, BLOCK) grid starts and
-``RSEP``/``RCLOSE`` their reductions, ``TT`` ``sum w ybar**2``, ``PB`` (4, BLOCK) and ``MB``
+``RSEP``/``RCLOSE`` their reductions, ``TT`` ``sum w ybar**2``, ``GR``/``GS``/``GN``/``GD``/``GK``
+(2, BLOCK) the grid search's bests (see :func:`block_grid_start`), ``PB`` (4, BLOCK) and ``MB``
 (n_u, BLOCK) best estimate and model, ``SSRB`` its sum of squares, ``FOUND``, ``STAGE`` next
 start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count.
 LM lanes (every array lane-last, see :mod:`fastivim.kernels.lm_lanes`): ``EP`` (4, LANES)
@@ -118,7 +120,8 @@ def alloc_scratch(nu, nk, nj):
         np.empty(B, dtype=np.int64), np.empty(B), np.empty(B, dtype=np.bool_), np.empty(B),
         np.empty((nu, B)), np.empty(B, dtype=np.bool_), np.empty((6, B)),
         np.empty((nk, B)), np.empty((nj, B)), np.empty((4, B)), np.empty((4, B)), np.empty(B),
-        np.empty(B), np.empty(B), np.empty((4, B)), np.empty((nu, B)), np.empty(B),
+        np.empty(B), np.empty(B), np.empty((2, B)), np.empty((2, B)), np.empty((2, B)),
+        np.empty((2, B)), np.empty((2, B)), np.empty((4, B)), np.empty((nu, B)), np.empty(B),
         np.empty(B, dtype=np.bool_), np.empty(B, dtype=np.int64), np.empty((3, 4, B)),
         np.empty(B, dtype=np.int64),
         np.empty((4, L)), np.empty((nu, L)), np.empty((nu, L)), np.empty((4, L)),
@@ -390,8 +393,16 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
 
 @jit_block
 def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, PSEP,
-                     PCLOSE, RSEP, RCLOSE, TT):
-    """:func:`fastivim.kernels.full.grid_start` for every voxel, and ``TT = sum w ybar**2``."""
+                     PCLOSE, RSEP, RCLOSE, TT, GR, GS, GN, GD, GK):
+    """:func:`fastivim.kernels.full.grid_start` for every voxel, and ``TT = sum w ybar**2``.
+
+    The best pair of each kind (row 0 separated, row 1 close) is tracked in ``GR`` (2, BLOCK)
+    (reduction), ``GS`` (S0), ``GN``/``GD`` (f as a quotient, divided once at the end rather
+    than for every pair) and ``GK`` (the pair's index ``j * n_k + k``), then written into
+    ``PSEP``/``PCLOSE`` (4, BLOCK) and ``RSEP``/``RCLOSE``. Each pair's lane loop touches one
+    row of each array: a loop that loads and stores several rows of one array is guarded by
+    overlap checks that LLVM cannot resolve, and then runs scalar.
+    """
     nu = YB.shape[0]
     nk = dstar_grid.shape[0]
     nj = d_grid.shape[0]
@@ -411,12 +422,17 @@ def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD
                 PD[j, lane] += c * YB[u, lane]
     for lane in range(nl):
         TT[lane] = 0.0
-        RSEP[lane] = -math.inf
-        RCLOSE[lane] = -math.inf
     for u in range(nu):
         for lane in range(nl):
             TT[lane] += w[u] * YB[u, lane] * YB[u, lane]
-    f_lo = LO[1, 0]
+    for c in range(2):
+        for lane in range(nl):
+            GR[c, lane] = -math.inf
+            GK[c, lane] = 0.0
+            GS[c, lane] = 0.0
+            GN[c, lane] = 0.0
+            GD[c, lane] = 1.0
+    f_lo = LO[1, 0]  # the f bounds are the same for every voxel (not scaled)
     f_hi = HI[1, 0]
     for j in range(nj):
         for k in range(nk):
@@ -429,49 +445,62 @@ def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD
             g4 = PAIR[j, k, 4]
             g5 = PAIR[j, k, 5]
             g6 = PAIR[j, k, 6]
-            dsk = dstar_grid[k]
-            dj = d_grid[j]
-            if dsk >= SEPARATION * dj:
-                _grid_pair(PS, PD, k, j, nl, LO, HI, f_lo, f_hi, g0, g1, g2, g3, g4, g5, g6,
-                           dsk, dj, RSEP, PSEP)
-            else:
-                _grid_pair(PS, PD, k, j, nl, LO, HI, f_lo, f_hi, g0, g1, g2, g3, g4, g5, g6,
-                           dsk, dj, RCLOSE, PCLOSE)
+            c = 0 if dstar_grid[k] >= SEPARATION * d_grid[j] else 1
+            pair = float(j * nk + k)
+            for lane in range(nl):
+                ps = PS[k, lane]
+                pd = PD[j, lane]
+                S0_lo = LO[0, lane]
+                S0_hi = HI[0, lane]
+                c1 = g0 * ps - g1 * pd
+                c2 = g2 * pd - g1 * ps
+                S0 = c1 + c2
+                feasible = (S0 > 0.0) & (c1 >= f_lo * S0) & (c1 <= f_hi * S0) & (
+                    S0 >= S0_lo) & (S0 <= S0_hi)
+                red_free = c1 * ps + c2 * pd
+                # otherwise the optimum lies on an f edge, with S0 solved (and clipped) along it
+                pv_lo = f_lo * ps + (1.0 - f_lo) * pd
+                s_lo = vmin(vmax(pv_lo * g3, S0_lo), S0_hi)
+                red_lo = 2.0 * s_lo * pv_lo - s_lo * s_lo * g5
+                pv_hi = f_hi * ps + (1.0 - f_hi) * pd
+                s_hi = vmin(vmax(pv_hi * g4, S0_lo), S0_hi)
+                red_hi = 2.0 * s_hi * pv_hi - s_hi * s_hi * g6
+                red_edge = vmax(red_lo, red_hi)
+                reduction = red_free if feasible else red_edge
+                best = GR[c, lane]
+                take = reduction > best
+                lo_edge = red_lo >= red_hi
+                s0 = S0 if feasible else (s_lo if lo_edge else s_hi)
+                num = c1 if feasible else (f_lo if lo_edge else f_hi)
+                den = S0 if feasible else 1.0
+                gs = GS[c, lane]
+                gn = GN[c, lane]
+                gd = GD[c, lane]
+                gk = GK[c, lane]
+                GR[c, lane] = reduction if take else best
+                GS[c, lane] = s0 if take else gs
+                GN[c, lane] = num if take else gn
+                GD[c, lane] = den if take else gd
+                GK[c, lane] = pair if take else gk
+    _grid_best(0, GR, GS, GN, GD, GK, dstar_grid, d_grid, nl, RSEP, PSEP)
+    _grid_best(1, GR, GS, GN, GD, GK, dstar_grid, d_grid, nl, RCLOSE, PCLOSE)
 
 
 @jit_block
-def _grid_pair(PS, PD, k, j, nl, LO, HI, f_lo, f_hi, g0, g1, g2, g3, g4, g5, g6, dsk, dj, RB,
-               PBEST):
-    """One (D_j, D_star_k) pair of :func:`block_grid_start` for every voxel: keep it in
-    ``PBEST`` (4, nl) where its reduction beats ``RB``."""
+def _grid_best(c, GR, GS, GN, GD, GK, dstar_grid, d_grid, nl, RB, PBEST):
+    """Write row ``c`` of :func:`block_grid_start`'s bests as a start ``PBEST`` (4, nl)
+    = (S0, f, D_star, D) and its reduction ``RB`` (nl,), one row per loop."""
+    nk = dstar_grid.shape[0]
     for lane in range(nl):
-        ps = PS[k, lane]
-        pd = PD[j, lane]
-        S0_lo = LO[0, lane]
-        S0_hi = HI[0, lane]
-        c1 = g0 * ps - g1 * pd
-        c2 = g2 * pd - g1 * ps
-        S0 = c1 + c2
-        feasible = (S0 > 0.0) & (c1 >= f_lo * S0) & (c1 <= f_hi * S0) & (S0 >= S0_lo) & (
-            S0 <= S0_hi)
-        red_free = c1 * ps + c2 * pd
-        pv_lo = f_lo * ps + (1.0 - f_lo) * pd
-        s_lo = vmin(vmax(pv_lo * g3, S0_lo), S0_hi)
-        red_lo = 2.0 * s_lo * pv_lo - s_lo * s_lo * g5
-        pv_hi = f_hi * ps + (1.0 - f_hi) * pd
-        s_hi = vmin(vmax(pv_hi * g4, S0_lo), S0_hi)
-        red_hi = 2.0 * s_hi * pv_hi - s_hi * s_hi * g6
-        red_edge = vmax(red_lo, red_hi)
-        reduction = red_free if feasible else red_edge
-        take = reduction > RB[lane]
-        lo_edge = red_lo >= red_hi
-        s0 = S0 if feasible else (s_lo if lo_edge else s_hi)
-        f = c1 / S0 if feasible else (f_lo if lo_edge else f_hi)
-        RB[lane] = reduction if take else RB[lane]
-        PBEST[0, lane] = s0 if take else PBEST[0, lane]
-        PBEST[1, lane] = f if take else PBEST[1, lane]
-        PBEST[2, lane] = dsk if take else PBEST[2, lane]
-        PBEST[3, lane] = dj if take else PBEST[3, lane]
+        RB[lane] = GR[c, lane]
+    for lane in range(nl):
+        PBEST[0, lane] = GS[c, lane]
+    for lane in range(nl):
+        PBEST[1, lane] = GN[c, lane] / GD[c, lane]  # c1 / S0, or the f edge divided by 1
+    for lane in range(nl):  # grid values by index: rare, scalar
+        pair = int(GK[c, lane])
+        PBEST[2, lane] = dstar_grid[pair % nk]
+        PBEST[3, lane] = d_grid[pair // nk]
 
 
 @jit_block
@@ -660,7 +689,8 @@ def full_block(Y, v0, nl, t, settings, s, out, status):
     """
     _front(Y, v0, nl, t, settings, s)
     block_grid_start(s.YB, t.w, nl, s.LO, s.HI, t.ES, t.ED, t.PAIR, t.dstar_grid, t.d_grid,
-                     s.PS, s.PD, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT)
+                     s.PS, s.PD, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.GR, s.GS, s.GN,
+                     s.GD, s.GK)
     _lm_engine(Y, v0, nl, t, settings, s, out, status, s.YB, s.SC, s.LO, s.HI, s.CODE, s.A,
                s.D, s.Q, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.PB, s.MB, s.SSRB, s.FOUND,
                s.STAGE, s.RS, s.NR, s.EP, s.YL, s.MT, s.GT, s.HT, s.ST, s.LP, s.LG, s.LH,
