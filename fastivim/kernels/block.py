@@ -28,10 +28,10 @@ import math
 from collections import namedtuple
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from . import status as st
-from ._jit import jit_block, jit_parallel, jit_voxel
+from ._jit import FASTMATH_FLAGS, jit_block, jit_parallel, jit_voxel
 from .full import (
     MAX_RESTARTS,
     RESTART_NEIGHBOURHOOD,
@@ -49,6 +49,8 @@ from .voxel import (
     LM_LAMBDA0,
     LM_LAMBDA_MAX,
     LM_XTOL,
+    FLOAT32_MAX,
+    PIN_TOL,
     fail_voxel,
     finish_voxel,
     levenberg_marquardt,
@@ -70,6 +72,9 @@ INIT = 1  #: a run just started: the next evaluation is at its start point
 TRIAL = 2  #: the next evaluation is at a trial point
 HELD = 3  #: holds a voxel between runs: its next start is chosen before the next round
 
+#: Pending failure code of a segmented voxel that has none (any value that is no status code).
+GO = 255
+
 Scratch = namedtuple(
     "Scratch",
     [
@@ -83,6 +88,8 @@ Scratch = namedtuple(
         # one voxel's contiguous copies for the scalar helpers
         "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
         "mat", "free",
+        # the segmented method's lane-wise finish: raw samples (n_b, BLOCK), pending status
+        "YR", "FC",
     ],
 )
 Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
@@ -109,8 +116,9 @@ its sum of squares; ``LP`` (LANES, 4) current point, ``LG`` (LANES, 4) gradient 
 
 
 @jit_voxel
-def alloc_scratch(nu, nk, nj):
-    """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids)."""
+def alloc_scratch(nu, nk, nj, nb):
+    """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids,
+    samples per voxel)."""
     B = BLOCK
     L = LANES
     return Scratch(
@@ -130,15 +138,17 @@ def alloc_scratch(nu, nk, nj):
         np.empty(nu), np.empty(nu), np.empty(nu), np.empty(4), np.empty(4), np.empty(4),
         np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
         np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
+        np.empty((nb, B)), np.empty(B, dtype=np.int64),
     )
 
 
 # ------------------------------------------------------------------- lane-wise stages
 @jit_block
-def block_group_means(Y, v0, nl, groups, w, YB, SC, DIST):
+def block_group_means(Y, v0, nl, groups, w, YR, YB, SC, DIST):
     """Group means of voxels ``v0 .. v0 + nl`` of ``Y`` into ``YB`` (n_u, nl), divided by the
     scale ``SC`` (nl,): as :func:`fastivim.kernels.voxel.group_means`, NaN scale when unusable.
-    ``DIST`` (nl,) bool is scratch (non-finite sample seen)."""
+    ``YR`` (n_b, nl) receives the raw samples lane-wise (for :func:`block_finish`); ``DIST``
+    (nl,) bool is scratch (non-finite sample seen)."""
     nu = YB.shape[0]
     for u in range(nu):
         for lane in range(nl):
@@ -149,6 +159,7 @@ def block_group_means(Y, v0, nl, groups, w, YB, SC, DIST):
         g = groups[i]
         for lane in range(nl):
             yi = np.float64(Y[v0 + lane, i])
+            YR[i, lane] = yi
             DIST[lane] = DIST[lane] | (not math.isfinite(yi))
             YB[g, lane] += yi
     for lane in range(nl):
@@ -533,55 +544,150 @@ def lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST):
 @jit_voxel
 def segmented_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the segmented method."""
-    nu = t.bu.shape[0]
     _front(Y, v0, nl, t, settings, s)
     block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
                          s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK)
+    block_pending_codes(nl, s.SC, s.CODE, s.FC)
+    for lane in range(nl):
+        if s.FC[lane] == GO and not s.PFOK[lane]:
+            _bounded_perfusion(lane, t.bu, t.w, settings.maxit, s.R, s.Q, s.BLO, s.BHI, s.DSLO,
+                               s.HI, s.WK, s.FC, s.rv, s.q, s.lo2, s.hi2, s.work, s.mat, s.free)
+    block_segmented_estimate(nl, s.A, s.D, s.Q, s.YB, s.R, s.WK, s.FC, s.PB, s.MB)
+    block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC, out,
+                 status)
+
+
+@jit_block
+def block_pending_codes(nl, SC, CODE, FC):
+    """``FC`` (nl,): ``BAD_INPUT`` where the scale is unusable, else the segmented start's
+    failure code, else :data:`GO` (no failure so far)."""
+    for lane in range(nl):
+        c = CODE[lane]
+        FC[lane] = st.BAD_INPUT if not SC[lane] > 0.0 else (c if c != st.OK else GO)
+
+
+@jit_voxel
+def _bounded_perfusion(lane, bu, w, maxit, R, Q, BLO, BHI, DSLO, HI, WK, FC, rv, q, lo2, hi2,
+                       work, mat, free):
+    """The scalar kernel's bounded 2-parameter Levenberg–Marquardt for voxel ``lane``, where
+    the profile Newton did not give an interior optimum (on a bound of B or D_star, or a
+    misbehaving profile): ``Q[:, lane]`` and ``WK[:, lane]`` get its answer, ``FC[lane]``
+    ``NO_CONVERGENCE`` when it ends without converging."""
+    nu = bu.shape[0]
+    for u in range(nu):
+        rv[u] = R[u, lane]
+    q[0] = Q[0, lane]
+    q[1] = Q[1, lane]
+    lo2[0] = BLO[lane]
+    hi2[0] = BHI[lane]
+    lo2[1] = DSLO[lane]
+    hi2[1] = HI[2, lane]
+    ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, q, lo2, hi2, bu, w, rv, maxit, work,
+                                         mat, free)
+    if not converged:
+        FC[lane] = st.NO_CONVERGENCE
+        return
+    Q[0, lane] = q[0]
+    Q[1, lane] = q[1]
+    for u in range(nu):
+        WK[u, lane] = work[u]
+
+
+@jit_block
+def block_segmented_estimate(nl, A, D, Q, YB, R, WK, FC, PB, MB):
+    """The segmented estimate of every voxel: ``PB`` (4, nl) = (S0, f, D_star, D) from the
+    intercept ``A``, B and D_star in ``Q`` and ``D``; ``MB`` (n_u, nl) its model
+    ``ybar - R + B exp(-b D_star)``; ``FC`` gets ``NUMERICAL_FAILURE`` where S0 is not
+    positive."""
+    for lane in range(nl):
+        B = Q[0, lane]
+        S0 = A[lane] + B
+        fc = FC[lane]
+        FC[lane] = st.NUMERICAL_FAILURE if (fc == GO and not S0 > 0.0) else fc
+        PB[0, lane] = S0
+        PB[1, lane] = B / S0
+        PB[2, lane] = Q[1, lane]
+        PB[3, lane] = D[lane]
+    for u in range(YB.shape[0]):
+        for lane in range(nl):
+            MB[u, lane] = YB[u, lane] - R[u, lane] + WK[u, lane]
+
+
+@jit_block
+def block_finish(YR, v0, nl, groups, MB, PB, SC, LO, HI, FC, ACC, out, status):
+    """:func:`fastivim.kernels.voxel.finish_voxel` for every voxel of the block at once.
+
+    ``PB`` (4, nl) holds (S0, f, D_star, D) in internal units, ``MB`` (n_u, nl) the fitted
+    scaled model, ``YR`` (n_b, nl) the raw samples, ``FC`` (nl,) each voxel's failure code or
+    :data:`GO`. Writes rows ``v0 .. v0 + nl`` of ``out`` (NaN for a failed voxel) and of
+    ``status``, with the scalar function's arithmetic in the same order (bit-identical
+    values); ``ACC`` (>= 3, nl) is scratch.
+    """
+    nb = YR.shape[0]
+    for i in range(4):
+        for lane in range(nl):
+            p = PB[i, lane]
+            fc = FC[lane]
+            FC[lane] = st.NUMERICAL_FAILURE if (fc == GO and not math.isfinite(p)) else fc
+            PB[i, lane] = vmin(vmax(p, LO[i, lane]), HI[i, lane])
+    for lane in range(nl):
+        fc = FC[lane]
+        big = not abs(PB[0, lane] * SC[lane]) < FLOAT32_MAX  # S0 would be inf in a float32 map
+        FC[lane] = st.NUMERICAL_FAILURE if (fc == GO and big) else fc
+        ACC[0, lane] = 0.0
+        ACC[1, lane] = 0.0
+        ACC[2, lane] = 0.0
+    for i in range(nb):
+        for lane in range(nl):
+            ACC[0, lane] += YR[i, lane]
+    for lane in range(nl):
+        ACC[0, lane] /= nb
+    for i in range(nb):
+        g = groups[i]
+        for lane in range(nl):
+            yi = YR[i, lane]
+            r = yi - SC[lane] * MB[g, lane]
+            ACC[1, lane] += r * r
+            d = yi - ACC[0, lane]
+            ACC[2, lane] += d * d
     for lane in range(nl):
         v = v0 + lane
-        if not s.SC[lane] > 0.0:
-            status[v] = fail_voxel(out, v, st.BAD_INPUT)
-            continue
-        code = s.CODE[lane]
-        if code != st.OK:
-            status[v] = fail_voxel(out, v, code)
-            continue
-        if not s.PFOK[lane]:
-            # the optimum is on a bound (of B or D_star) or the profile misbehaves: the scalar
-            # kernel's bounded 2-parameter Levenberg–Marquardt, on this voxel's copies
-            for u in range(nu):
-                s.rv[u] = s.R[u, lane]
-            s.q[0] = s.Q[0, lane]
-            s.q[1] = s.Q[1, lane]
-            s.lo2[0] = s.BLO[lane]
-            s.hi2[0] = s.BHI[lane]
-            s.lo2[1] = s.DSLO[lane]
-            s.hi2[1] = s.HI[2, lane]
-            ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, s.q, s.lo2, s.hi2, t.bu,
-                                                 t.w, s.rv, settings.maxit, s.work, s.mat,
-                                                 s.free)
-            if not converged:
-                status[v] = fail_voxel(out, v, st.NO_CONVERGENCE)
-                continue
-            B = s.q[0]
-            Ds = s.q[1]
-            for u in range(nu):
-                s.WK[u, lane] = s.work[u]
-        else:
-            B = s.Q[0, lane]
-            Ds = s.Q[1, lane]
-        S0 = s.A[lane] + B
-        if not S0 > 0.0:
-            status[v] = fail_voxel(out, v, st.NUMERICAL_FAILURE)
-            continue
-        s.pv[0] = S0
-        s.pv[1] = B / S0
-        s.pv[2] = Ds
-        s.pv[3] = s.D[lane]
-        for u in range(nu):
-            s.mv[u] = s.YB[u, lane] - s.R[u, lane] + s.WK[u, lane]
-        status[v] = _write(Y, v, lane, t.groups, s.LO, s.HI, s.SC, s.mv, s.pv, s.lov, s.hiv,
-                           out)
+        ok = FC[lane] == GO
+        sc = SC[lane]
+        ssr = ACC[1, lane]
+        sst = ACC[2, lane]
+        p0 = PB[0, lane]
+        p1 = PB[1, lane]
+        p2 = PB[2, lane]
+        p3 = PB[3, lane]
+        r2 = 1.0 - ssr / sst if sst > 0.0 else math.nan
+        rmse = math.sqrt(ssr / nb)
+        out[v, 0] = p0 * sc if ok else math.nan
+        out[v, 1] = p1 if ok else math.nan
+        out[v, 2] = p2 * 1e-3 if ok else math.nan
+        out[v, 3] = p3 * 1e-3 if ok else math.nan
+        out[v, 4] = r2 if ok else math.nan
+        out[v, 5] = rmse if ok else math.nan
+        lo0 = LO[0, lane]
+        hi0 = HI[0, lane]
+        lo1 = LO[1, lane]
+        hi1 = HI[1, lane]
+        lo2 = LO[2, lane]
+        hi2 = HI[2, lane]
+        lo3 = LO[3, lane]
+        hi3 = HI[3, lane]
+        s0_span = hi0 - lo0 if math.isfinite(hi0) else 1.0
+        pin = (_pinned(p0, lo0, hi0, s0_span) | _pinned(p1, lo1, hi1, hi1 - lo1)
+               | _pinned(p2, lo2, hi2, hi2 - lo2) | _pinned(p3, lo3, hi3, hi3 - lo3))
+        code = st.AT_BOUND if pin else st.OK
+        code = st.DSTAR_NOT_ABOVE_D if not p2 - p3 > PIN_TOL * (hi2 - lo2) else code
+        status[v] = code if ok else FC[lane]
+
+
+@njit(fastmath=FASTMATH_FLAGS, error_model="numpy", inline="always")
+def _pinned(v, lo, hi, span):
+    """:func:`fastivim.kernels.voxel.pinned` without branches (always inlined)."""
+    return (v - lo <= PIN_TOL * span) | (math.isfinite(hi) & (hi - v <= PIN_TOL * span))
 
 
 @jit_voxel
@@ -601,7 +707,7 @@ def _write(Y, v, lane, groups, LO, HI, SC, mv, pv, lov, hiv, out):
 @jit_voxel
 def _front(Y, v0, nl, t, settings, s):
     """Stages shared by both methods: group means, bounds, log-linear step, perfusion start."""
-    block_group_means(Y, v0, nl, t.groups, t.w, s.YB, s.SC, s.DIST)
+    block_group_means(Y, v0, nl, t.groups, t.w, s.YR, s.YB, s.SC, s.DIST)
     block_bounds(t.bounds, s.SC, nl, s.LO, s.HI)
     block_loglinear(t.bu, t.w, s.YB, settings.b_min, nl, s.ACC, s.NUSED, s.BFIRST, s.DIST, s.A,
                     s.D, s.CODE)
@@ -1003,7 +1109,7 @@ def fit_volume_block(Y, tables, settings, n_chunks, out, status):
     for c in prange(n_chunks):
         start = c * n // n_chunks
         stop = (c + 1) * n // n_chunks
-        s = alloc_scratch(nu, nk, nj)
+        s = alloc_scratch(nu, nk, nj, Y.shape[1])
         width = BLOCK if settings.method == METHOD_FULL else SEGMENTED_BLOCK
         for v0 in range(start, stop, width):
             nl = min(width, stop - v0)
