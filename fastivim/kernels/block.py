@@ -56,15 +56,17 @@ from .voxel import (
     levenberg_marquardt,
 )
 
-#: Voxels per block (the width of every lane-wise array). The full method fills its LM lanes
-#: from the whole block (larger blocks leave fewer lanes idle at the block's end); the segmented
-#: method takes SEGMENTED_BLOCK voxels at a time, because its Newton polish runs in lock-step
-#: until the block's slowest voxel has converged (measured on 3·10⁴ voxels, 1 thread: block /
-#: scalar 1.96 with 32 voxels, 1.86 with 64, 1.74 with 128; full: 1.33, 1.49, 1.53).
+#: Voxels per block (the width of every lane-wise array). Both methods feed their lanes (LM
+#: runs, profile-Newton iterations) from the whole block, so larger blocks leave fewer lanes idle
+#: at the block's end. Segmented, 1 thread, 2·10⁵ voxels at SNR 30 (CPU ns per voxel): blocks
+#: of 128 with 16 Newton lanes 432, with 8 lanes 431, with 32 lanes 462; blocks of 64 with 8
+#: lanes 475; lock-step Newton over blocks of 32 (no lanes) 570.
 BLOCK = 128
-SEGMENTED_BLOCK = 32
+SEGMENTED_BLOCK = 128
 #: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
 LANES = 16
+#: Lanes of the segmented method's profile-Newton engine (at most BLOCK).
+NEWTON_LANES = 16
 
 #: Lane phases of the LM engine.
 IDLE = 0  #: no voxel (none left in the block, or the last one was just written)
@@ -89,7 +91,7 @@ Scratch = namedtuple(
         "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
         "mat", "free",
         # the segmented method's lane-wise finish: raw samples (n_b, BLOCK), pending status
-        "YR", "FC",
+        "YR", "FC", "RL", "NL",
     ],
 )
 Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
@@ -138,7 +140,8 @@ def alloc_scratch(nu, nk, nj, nb):
         np.empty(nu), np.empty(nu), np.empty(nu), np.empty(4), np.empty(4), np.empty(4),
         np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
         np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
-        np.empty((nb, B)), np.empty(B, dtype=np.int64),
+        np.empty((nb, B)), np.empty(B, dtype=np.int64), np.empty((nu, NEWTON_LANES)),
+        np.empty((6, NEWTON_LANES)),
     )
 
 
@@ -246,13 +249,14 @@ def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
 
 @jit_block
 def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE, R, Q, BLO,
-                          BHI, DSLO, BEST):
+                          BHI, DSLO, BEST, PP):
     """:func:`fastivim.kernels.segmented.perfusion_start` after the log-linear step.
 
     Clamps ``D``, sets ``CODE`` to ``st.DSTAR_NOT_ABOVE_D`` where D_star has no room, moves
     ``A`` into the range the S0 and f bounds allow (``feasible_intercept``), writes
     the tissue residual ``R`` (n_u, nl), the bounds of B (``BLO``, ``BHI``) and of D_star
-    (``DSLO`` and ``HI[2]``), and the best grid start ``Q`` (2, nl) = (B, D_star).
+    (``DSLO`` and ``HI[2]``), and the best grid start ``Q`` (2, nl) = (B, D_star). ``PP``
+    (nl,) is scratch.
     """
     nu = bu.shape[0]
     for lane in range(nl):
@@ -285,10 +289,16 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
     for k in range(dstar_grid.shape[0]):
         g = dstar_grid[k]
         gss = GSS[k]
+        # P = sum_u w ES R, accumulated b-value by b-value (the lane loop innermost, so that
+        # it vectorises; each lane's sum keeps the scalar kernel's order)
         for lane in range(nl):
-            P = 0.0
-            for u in range(nu):
-                P += w[u] * ES[k, u] * R[u, lane]
+            PP[lane] = 0.0
+        for u in range(nu):
+            c = w[u] * ES[k, u]
+            for lane in range(nl):
+                PP[lane] += c * R[u, lane]
+        for lane in range(nl):
+            P = PP[lane]
             B = vmin(vmax(P / gss, BLO[lane]), BHI[lane])
             reduction = 2.0 * B * P - B * B * gss
             take = (not (g < DSLO[lane] or g > HI[2, lane])) and reduction > BEST[lane]
@@ -299,12 +309,12 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
 
 @jit_block
 def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, NEWT, ACC,
-                         WK, PFOK):
-    """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``,
-    all lanes iterating together (a lane that has stopped keeps its state).
+                         WK, PFOK, RL, NL):
+    """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``.
 
+    The iterations run on :data:`NEWTON_LANES` lanes fed from the block (:func:`_newton_lanes`);
     ``PFOK`` gets the success flag; where true, ``Q`` holds the polished (B, D_star) and ``WK``
-    (n_u, nl) the perfusion term ``B exp(-b D_star)``.
+    (n_u, nl) the perfusion term ``B exp(-b D_star)``. ``RL``, ``NL`` are the lanes' scratch.
     """
     nu = bu.shape[0]
     nk = dstar_grid.shape[0]
@@ -323,54 +333,7 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
         NEWT[3, lane] = 0.0 if CODE[lane] == st.OK else 2.0
         NEWT[4, lane] = a  # the bracket before any step, for the edge test at the end
         NEWT[5, lane] = b
-    for _ in range(PROFILE_MAXIT):
-        running = 0
-        for lane in range(nl):
-            running += NEWT[3, lane] == 0.0
-        if running == 0:
-            break
-        for k in range(6):
-            for lane in range(nl):
-                ACC[k, lane] = 0.0
-        for u in range(nu):
-            bb = bu[u]
-            wu = w[u]
-            for lane in range(nl):
-                e = vexp(-bb * NEWT[0, lane])
-                we = wu * e
-                ru = R[u, lane]
-                ACC[0, lane] += we * ru
-                ACC[1, lane] += we * e
-                ACC[2, lane] -= we * bb * ru
-                ACC[3, lane] -= 2.0 * we * bb * e
-                ACC[4, lane] += we * bb * bb * ru
-                ACC[5, lane] += 4.0 * we * bb * bb * e
-        for lane in range(nl):
-            P = ACC[0, lane]
-            G = ACC[1, lane]
-            P1 = ACC[2, lane]
-            G1 = ACC[3, lane]
-            P2 = ACC[4, lane]
-            G2 = ACC[5, lane]
-            x = NEWT[0, lane]
-            a = NEWT[1, lane]
-            b = NEWT[2, lane]
-            state = NEWT[3, lane]
-            num = 2.0 * P * P1 * G - P * P * G1
-            dh = num / (G * G)
-            d2h = ((2.0 * P1 * P1 * G + 2.0 * P * P2 * G - P * P * G2) * G - 2.0 * G1 * num) / (
-                G * G * G)
-            a2 = vmax(a, x) if dh > 0.0 else a
-            b2 = b if dh > 0.0 else vmin(b, x)
-            xn = x - dh / d2h if d2h < 0.0 else (b2 if dh > 0.0 else a2)
-            xn = xn if (a2 < xn and xn < b2) else 0.5 * (a2 + b2)
-            live = state == 0.0
-            bad = not (G > 0.0 and P > 0.0)
-            conv = abs(xn - x) <= PROFILE_XTOL * x
-            NEWT[3, lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
-            NEWT[0, lane] = xn if (live and not bad) else x
-            NEWT[1, lane] = a2 if (live and not bad) else a
-            NEWT[2, lane] = b2 if (live and not bad) else b
+    _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL)
     for k in range(2):
         for lane in range(nl):
             ACC[k, lane] = 0.0
@@ -397,6 +360,104 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
     for u in range(nu):
         for lane in range(nl):
             WK[u, lane] *= ACC[2, lane]
+
+
+@jit_block
+def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
+    """The profile-Newton iterations of :func:`block_profile_newton` on lanes fed from a task
+    list.
+
+    Each lane iterates one voxel (slot) at a time: x, bracket and state in ``NL`` (6, lanes:
+    x, a, b, state, iterations, slot) and its tissue residual copied into ``RL`` (n_u, lanes).
+    A lane whose voxel has converged, failed or used its ``PROFILE_MAXIT`` iterations writes
+    the voxel's x, bracket and state back to ``NEWT`` (6, nl) and takes the block's next
+    running voxel. In lock-step over the whole block, every voxel waited for the block's
+    slowest (9.0 iterations a block against 4.2 a voxel on average, 2·10⁵ voxels at SNR 30);
+    each voxel's own iterations, and their arithmetic, are those of the scalar kernel.
+    """
+    nu = bu.shape[0]
+    L = RL.shape[1]
+    nxt = 0
+    for lane in range(L):
+        nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
+    while True:
+        active = 0
+        for lane in range(L):
+            active += NL[3, lane] == 0.0
+        if active == 0:
+            break
+        for k in range(6):
+            for lane in range(L):
+                ACC[k, lane] = 0.0
+        for u in range(nu):
+            bb = bu[u]
+            wu = w[u]
+            for lane in range(L):
+                e = vexp(-bb * NL[0, lane])
+                we = wu * e
+                ru = RL[u, lane]
+                ACC[0, lane] += we * ru
+                ACC[1, lane] += we * e
+                ACC[2, lane] -= we * bb * ru
+                ACC[3, lane] -= 2.0 * we * bb * e
+                ACC[4, lane] += we * bb * bb * ru
+                ACC[5, lane] += 4.0 * we * bb * bb * e
+        for lane in range(L):
+            P = ACC[0, lane]
+            G = ACC[1, lane]
+            P1 = ACC[2, lane]
+            G1 = ACC[3, lane]
+            P2 = ACC[4, lane]
+            G2 = ACC[5, lane]
+            x = NL[0, lane]
+            a = NL[1, lane]
+            b = NL[2, lane]
+            state = NL[3, lane]
+            num = 2.0 * P * P1 * G - P * P * G1
+            dh = num / (G * G)
+            d2h = ((2.0 * P1 * P1 * G + 2.0 * P * P2 * G - P * P * G2) * G - 2.0 * G1 * num) / (
+                G * G * G)
+            a2 = vmax(a, x) if dh > 0.0 else a
+            b2 = b if dh > 0.0 else vmin(b, x)
+            xn = x - dh / d2h if d2h < 0.0 else (b2 if dh > 0.0 else a2)
+            xn = xn if (a2 < xn and xn < b2) else 0.5 * (a2 + b2)
+            live = state == 0.0
+            bad = not (G > 0.0 and P > 0.0)
+            conv = abs(xn - x) <= PROFILE_XTOL * x
+            NL[3, lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
+            NL[0, lane] = xn if (live and not bad) else x
+            NL[1, lane] = a2 if (live and not bad) else a
+            NL[2, lane] = b2 if (live and not bad) else b
+            NL[4, lane] += 1.0
+        for lane in range(L):
+            if NL[5, lane] >= 0.0 and (NL[3, lane] != 0.0 or NL[4, lane] >= PROFILE_MAXIT):
+                slot = int(NL[5, lane])
+                for k in range(4):
+                    NEWT[k, slot] = NL[k, lane]
+                nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
+
+
+@jit_voxel
+def _newton_take(lane, nxt, nl, R, NEWT, RL, NL):
+    """Give ``lane`` the block's next voxel still running (from slot ``nxt`` on), or make it
+    idle (slot -1, state 3) when none is left; return the next slot to look at."""
+    while nxt < nl and NEWT[3, nxt] != 0.0:
+        nxt += 1
+    if nxt >= nl:
+        NL[0, lane] = 1.0  # an idle lane computes on harmless values, never written back
+        NL[3, lane] = 3.0
+        NL[5, lane] = -1.0
+        for u in range(RL.shape[0]):
+            RL[u, lane] = 0.0
+        return nxt
+    for k in range(3):
+        NL[k, lane] = NEWT[k, nxt]
+    NL[3, lane] = 0.0
+    NL[4, lane] = 0.0
+    NL[5, lane] = nxt
+    for u in range(RL.shape[0]):
+        RL[u, lane] = R[u, nxt]
+    return nxt + 1
 
 
 @jit_block
@@ -546,7 +607,7 @@ def segmented_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the segmented method."""
     _front(Y, v0, nl, t, settings, s)
     block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
-                         s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK)
+                         s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK, s.RL, s.NL)
     block_pending_codes(nl, s.SC, s.CODE, s.FC)
     for lane in range(nl):
         if s.FC[lane] == GO and not s.PFOK[lane]:
@@ -712,7 +773,7 @@ def _front(Y, v0, nl, t, settings, s):
     block_loglinear(t.bu, t.w, s.YB, settings.b_min, nl, s.ACC, s.NUSED, s.BFIRST, s.DIST, s.A,
                     s.D, s.CODE)
     block_perfusion_start(t.bu, t.w, s.YB, t.ES, t.GSS, t.dstar_grid, nl, s.LO, s.HI, s.A, s.D,
-                          s.CODE, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.BEST)
+                          s.CODE, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.BEST, s.ACC[5])
 
 
 # -------------------------------------------------------------------- the full method
