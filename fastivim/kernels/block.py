@@ -44,7 +44,6 @@ from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
 from .tables import METHOD_FULL
 from .vmath import vexp, vmax, vmin
 from .voxel import (
-    KIND_PERFUSION,
     LM_FTOL,
     LM_LAMBDA0,
     LM_LAMBDA_MAX,
@@ -67,6 +66,8 @@ SEGMENTED_BLOCK = 128
 LANES = 16
 #: Lanes of the segmented method's profile-Newton engine (at most BLOCK).
 NEWTON_LANES = 16
+#: Lanes of the segmented method's bounded 2-parameter LM (a fifth of the voxels need it).
+PERFUSION_LANES = 8
 
 #: Lane phases of the LM engine.
 IDLE = 0  #: no voxel (none left in the block, or the last one was just written)
@@ -91,7 +92,7 @@ Scratch = namedtuple(
         "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
         "mat", "free",
         # the segmented method's lane-wise finish: raw samples (n_b, BLOCK), pending status
-        "YR", "FC", "RL", "NL",
+        "YR", "FC", "RL", "NL", "PL", "TL", "MC", "MTL",
     ],
 )
 Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
@@ -141,7 +142,9 @@ def alloc_scratch(nu, nk, nj, nb):
         np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
         np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
         np.empty((nb, B)), np.empty(B, dtype=np.int64), np.empty((nu, NEWTON_LANES)),
-        np.empty((6, NEWTON_LANES)),
+        np.empty((6, NEWTON_LANES)), np.empty((PL_ROWS, PERFUSION_LANES)),
+        np.empty((nu, PERFUSION_LANES)), np.empty((nu, PERFUSION_LANES)),
+        np.empty((nu, PERFUSION_LANES)),
     )
 
 
@@ -229,8 +232,8 @@ def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
             ACC[4, lane] = sxy if use else ACC[4, lane]
             n = NUSED[lane]
             first = BFIRST[lane]
-            DIST[lane] = DIST[lane] | (use and n > 0 and x != first)
-            BFIRST[lane] = x if (use and n == 0) else first
+            DIST[lane] = DIST[lane] | (use & (n > 0) & (x != first))
+            BFIRST[lane] = x if (use & (n == 0)) else first
             NUSED[lane] = n + 1 if use else n
     for lane in range(nl):
         s0 = ACC[0, lane]
@@ -241,7 +244,7 @@ def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
         slope = cxy / cxx
         z = ym - slope * xm
         a = vexp(z) if z <= 708.0 else math.inf  # vexp clamps; libm would overflow to inf
-        ok = DIST[lane] and cxx > 0.0 and math.isfinite(a) and math.isfinite(slope)
+        ok = DIST[lane] & (cxx > 0.0) & math.isfinite(a) & math.isfinite(slope)
         A[lane] = a
         D[lane] = -slope
         CODE[lane] = st.OK if ok else st.NUMERICAL_FAILURE
@@ -265,7 +268,7 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
         ds_lo = vmax(LO[2, lane], d * (1.0 + DSTAR_MARGIN))
         DSLO[lane] = ds_lo
         c = CODE[lane]
-        CODE[lane] = st.DSTAR_NOT_ABOVE_D if (c == st.OK and not ds_lo < HI[2, lane]) else c
+        CODE[lane] = st.DSTAR_NOT_ABOVE_D if ((c == st.OK) & (not ds_lo < HI[2, lane])) else c
     for lane in range(nl):  # feasible_intercept
         a_lo = LO[0, lane] * (1.0 - HI[1, lane])
         a_hi = HI[0, lane] * (1.0 - LO[1, lane]) if math.isfinite(HI[0, lane]) else math.inf
@@ -301,7 +304,7 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
             P = PP[lane]
             B = vmin(vmax(P / gss, BLO[lane]), BHI[lane])
             reduction = 2.0 * B * P - B * B * gss
-            take = (not (g < DSLO[lane] or g > HI[2, lane])) and reduction > BEST[lane]
+            take = (not ((g < DSLO[lane]) | (g > HI[2, lane]))) & (reduction > BEST[lane])
             BEST[lane] = reduction if take else BEST[lane]
             Q[0, lane] = B if take else Q[0, lane]
             Q[1, lane] = g if take else Q[1, lane]
@@ -325,8 +328,8 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
         b = HI[2, lane]
         for k in range(nk):  # bracket: the grid neighbours of the start
             g = dstar_grid[k]
-            a = g if (g < x and g > a) else a
-            b = g if (g > x and g < b) else b
+            a = g if ((g < x) & (g > a)) else a
+            b = g if ((g > x) & (g < b)) else b
         NEWT[0, lane] = x
         NEWT[1, lane] = a
         NEWT[2, lane] = b
@@ -350,9 +353,9 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
         brlo = NEWT[4, lane]
         brhi = NEWT[5, lane]
         span = brhi - brlo
-        inside = not (x - brlo <= 1e-6 * span or brhi - x <= 1e-6 * span)
+        inside = not ((x - brlo <= 1e-6 * span) | (brhi - x <= 1e-6 * span))
         B = ACC[0, lane] / ACC[1, lane]
-        ok = NEWT[3, lane] == 1.0 and inside and BLO[lane] < B and B < BHI[lane]
+        ok = (NEWT[3, lane] == 1.0) & inside & (BLO[lane] < B) & (B < BHI[lane])
         PFOK[lane] = ok
         ACC[2, lane] = B
         Q[0, lane] = B if ok else Q[0, lane]
@@ -420,14 +423,15 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
             a2 = vmax(a, x) if dh > 0.0 else a
             b2 = b if dh > 0.0 else vmin(b, x)
             xn = x - dh / d2h if d2h < 0.0 else (b2 if dh > 0.0 else a2)
-            xn = xn if (a2 < xn and xn < b2) else 0.5 * (a2 + b2)
+            xn = xn if ((a2 < xn) & (xn < b2)) else 0.5 * (a2 + b2)
             live = state == 0.0
-            bad = not (G > 0.0 and P > 0.0)
+            bad = not ((G > 0.0) & (P > 0.0))
             conv = abs(xn - x) <= PROFILE_XTOL * x
+            step = live & (not bad)
             NL[3, lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
-            NL[0, lane] = xn if (live and not bad) else x
-            NL[1, lane] = a2 if (live and not bad) else a
-            NL[2, lane] = b2 if (live and not bad) else b
+            NL[0, lane] = xn if step else x
+            NL[1, lane] = a2 if step else a
+            NL[2, lane] = b2 if step else b
             NL[4, lane] += 1.0
         for lane in range(L):
             if NL[5, lane] >= 0.0 and (NL[3, lane] != 0.0 or NL[4, lane] >= PROFILE_MAXIT):
@@ -609,10 +613,8 @@ def segmented_block(Y, v0, nl, t, settings, s, out, status):
     block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
                          s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK, s.RL, s.NL)
     block_pending_codes(nl, s.SC, s.CODE, s.FC)
-    for lane in range(nl):
-        if s.FC[lane] == GO and not s.PFOK[lane]:
-            _bounded_perfusion(lane, t.bu, t.w, settings.maxit, s.R, s.Q, s.BLO, s.BHI, s.DSLO,
-                               s.HI, s.WK, s.FC, s.rv, s.q, s.lo2, s.hi2, s.work, s.mat, s.free)
+    block_bounded_perfusion(t.bu, t.w, settings.maxit, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
+                            s.PFOK, s.WK, s.FC, s.PL, s.TL, s.MC, s.MTL)
     block_segmented_estimate(nl, s.A, s.D, s.Q, s.YB, s.R, s.WK, s.FC, s.PB, s.MB)
     block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC, out,
                  status)
@@ -627,31 +629,249 @@ def block_pending_codes(nl, SC, CODE, FC):
         FC[lane] = st.BAD_INPUT if not SC[lane] > 0.0 else (c if c != st.OK else GO)
 
 
+# Rows of the perfusion-LM lanes' state ``PL`` (see block_bounded_perfusion).
+_B, _DS, _LOB, _HIB, _LOD, _HID = 0, 1, 2, 3, 4, 5  # current point and its box
+_SSR, _G0, _G1, _H00, _H01, _H11 = 6, 7, 8, 9, 10, 11  # sum of squares, gradient, Hessian
+_LAM, _NUUP, _IT, _TT = 12, 13, 14, 15  # damping, its growth factor, iterations, sum w t²
+_PTB, _PTD, _PRED = 16, 17, 18  # trial (or start) point and its predicted decrease
+_STATE, _SLOT, _ACC = 19, 20, 21  # lane phase, voxel slot, trial accepted
+_ESSR, _EG0, _EG1, _EH00, _EH01, _EH11 = 22, 23, 24, 25, 26, 27  # evaluation at the trial
+PL_ROWS = 28
+#: Phases of a perfusion-LM lane.
+P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0
+
+
 @jit_voxel
-def _bounded_perfusion(lane, bu, w, maxit, R, Q, BLO, BHI, DSLO, HI, WK, FC, rv, q, lo2, hi2,
-                       work, mat, free):
-    """The scalar kernel's bounded 2-parameter Levenberg–Marquardt for voxel ``lane``, where
-    the profile Newton did not give an interior optimum (on a bound of B or D_star, or a
-    misbehaving profile): ``Q[:, lane]`` and ``WK[:, lane]`` get its answer, ``FC[lane]``
-    ``NO_CONVERGENCE`` when it ends without converging."""
-    nu = bu.shape[0]
+def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK, FC, PL, TL,
+                            MC, MTL):
+    """The scalar kernel's bounded 2-parameter Levenberg–Marquardt (B, D_star on the tissue
+    residual ``R``) for every voxel of the block whose profile Newton gave no interior optimum
+    (``FC == GO`` and not ``PFOK``: B or D_star on a bound, or a misbehaving profile).
+
+    The runs go to :data:`PERFUSION_LANES` lanes fed from the block, one iteration of
+    :func:`fastivim.kernels.voxel.levenberg_marquardt` per lane and round, with its decisions
+    in its order, written lane-wise: :func:`_perfusion_step` (active set, damped 2x2 Cholesky
+    solve, clipped step, predicted decrease, the stopping tests), :func:`_perfusion_evaluate`
+    (model, gradient and exact Hessian at the trial point) and :func:`_perfusion_accept` (gain
+    ratio, Nielsen damping). A voxel's run that converges leaves (B, D_star) in ``Q`` and its
+    perfusion term in ``WK``; one that does not sets ``FC`` to ``NO_CONVERGENCE``.
+    ``PL`` (PL_ROWS, lanes), ``TL``, ``MC``, ``MTL`` (n_u, lanes) are the lanes' scratch.
+    """
+    L = PL.shape[1]
+    nxt = 0
+    for lane in range(L):
+        nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL)
+    while True:
+        active = 0
+        for lane in range(L):
+            active += PL[_STATE, lane] < P_CONV
+        if active == 0:
+            break
+        _perfusion_step(PL, maxit)
+        _perfusion_evaluate(bu, w, TL, PL, MTL)
+        _perfusion_accept(PL, MTL, MC)
+        for lane in range(L):
+            state = PL[_STATE, lane]
+            if state == P_CONV or state == P_FAIL:
+                slot = int(PL[_SLOT, lane])
+                if state == P_CONV:
+                    Q[0, slot] = PL[_B, lane]
+                    Q[1, slot] = PL[_DS, lane]
+                    for u in range(WK.shape[0]):
+                        WK[u, slot] = MC[u, lane]
+                else:
+                    FC[slot] = st.NO_CONVERGENCE
+                nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL,
+                                      TL)
+
+
+@jit_voxel
+def _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL):
+    """Start ``lane`` on the block's next voxel that needs the bounded fit (from slot ``nxt``
+    on), at its grid start moved into the box, or make it idle; return the next slot."""
+    while nxt < nl and not (FC[nxt] == GO and not PFOK[nxt]):
+        nxt += 1
+    nu = TL.shape[0]
+    if nxt >= nl:
+        PL[_STATE, lane] = P_IDLE
+        PL[_PTB, lane] = 0.0  # harmless values for the idle lane's evaluations
+        PL[_PTD, lane] = 1.0
+        for u in range(nu):
+            TL[u, lane] = 0.0
+        return nxt
+    lob = BLO[nxt]
+    hib = BHI[nxt]
+    lod = DSLO[nxt]
+    hid = HI[2, nxt]
+    PL[_LOB, lane] = lob
+    PL[_HIB, lane] = hib
+    PL[_LOD, lane] = lod
+    PL[_HID, lane] = hid
+    # a start outside the box would freeze there (levenberg_marquardt moves it in, too)
+    PL[_PTB, lane] = vmin(vmax(Q[0, nxt], lob), hib)
+    PL[_PTD, lane] = vmin(vmax(Q[1, nxt], lod), hid)
+    tt = 0.0
     for u in range(nu):
-        rv[u] = R[u, lane]
-    q[0] = Q[0, lane]
-    q[1] = Q[1, lane]
-    lo2[0] = BLO[lane]
-    hi2[0] = BHI[lane]
-    lo2[1] = DSLO[lane]
-    hi2[1] = HI[2, lane]
-    ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, q, lo2, hi2, bu, w, rv, maxit, work,
-                                         mat, free)
-    if not converged:
-        FC[lane] = st.NO_CONVERGENCE
-        return
-    Q[0, lane] = q[0]
-    Q[1, lane] = q[1]
-    for u in range(nu):
-        WK[u, lane] = work[u]
+        t = R[u, nxt]
+        TL[u, lane] = t
+        tt += w[u] * t * t
+    PL[_TT, lane] = tt
+    PL[_LAM, lane] = LM_LAMBDA0
+    PL[_NUUP, lane] = 2.0
+    PL[_IT, lane] = 0.0
+    PL[_STATE, lane] = P_INIT
+    PL[_SLOT, lane] = nxt
+    return nxt + 1
+
+
+@jit_block
+def _perfusion_step(PL, maxit):
+    """One loop iteration of the bounded LM up to its trial evaluation, for every lane in
+    ``P_RUN`` (others keep their state): the next phase is ``P_TRIAL`` (trial point in
+    ``_PTB``/``_PTD``), ``P_RUN`` again (damped harder, no evaluation), ``P_CONV`` or
+    ``P_FAIL``, decided as in :func:`fastivim.kernels.voxel.levenberg_marquardt`."""
+    for lane in range(PL.shape[1]):
+        run = PL[_STATE, lane] == P_RUN
+        it = PL[_IT, lane]
+        ssr = PL[_SSR, lane]
+        lam = PL[_LAM, lane]
+        nuup = PL[_NUUP, lane]
+        p0 = PL[_B, lane]
+        p1 = PL[_DS, lane]
+        lo0 = PL[_LOB, lane]
+        hi0 = PL[_HIB, lane]
+        lo1 = PL[_LOD, lane]
+        hi1 = PL[_HID, lane]
+        g0 = PL[_G0, lane]
+        g1 = PL[_G1, lane]
+        h00 = PL[_H00, lane]
+        h01 = PL[_H01, lane]
+        h11 = PL[_H11, lane]
+        exhausted = it >= maxit
+        exact = ssr <= 1e-28 * PL[_TT, lane]
+        free0 = not (((p0 <= lo0) & (g0 < 0.0)) | ((p0 >= hi0) & (g0 > 0.0)))
+        free1 = not (((p1 <= lo1) & (g1 < 0.0)) | ((p1 >= hi1) & (g1 > 0.0)))
+        pinned = not (free0 | free1)
+        # solve_damped for n = 2, written out
+        dmax = vmax(vmax(0.0, abs(h00)), abs(h11))
+        floor = 1e-12 * dmax + 1e-300
+        m00 = h00 + lam * vmax(abs(h00), floor) if free0 else 1.0
+        m01 = h01 if (free0 & free1) else 0.0
+        m11 = h11 + lam * vmax(abs(h11), floor) if free1 else 1.0
+        d0 = g0 if free0 else 0.0
+        d1 = g1 if free1 else 0.0
+        ok0 = m00 > 0.0
+        l00 = math.sqrt(m00 if ok0 else 1.0)
+        l10 = m01 * (1.0 / l00)
+        s11 = m11 - l10 * l10
+        solved = ok0 & (s11 > 0.0)
+        l11 = math.sqrt(s11 if s11 > 0.0 else 1.0)
+        y0 = d0 / l00
+        y1 = (d1 - l10 * y0) / l11
+        x1 = y1 / l11
+        x0 = (y0 - l10 * x1) / l00
+        x0 = x0 if free0 else 0.0
+        x1 = x1 if free1 else 0.0
+        v0 = vmin(vmax(p0 + x0, lo0), hi0)
+        v1 = vmin(vmax(p1 + x1, lo1), hi1)
+        s0 = v0 - p0  # the step taken, after clipping to the box
+        s1 = v1 - p1
+        small = ((not abs(v0 - p0) > LM_XTOL * (abs(p0) + LM_XTOL))
+                 & (not abs(v1 - p1) > LM_XTOL * (abs(p1) + LM_XTOL)))
+        q0 = 0.0 + h00 * s0 + h01 * s1
+        q1 = 0.0 + h01 * s0 + h11 * s1
+        pred = 0.0 + s0 * (2.0 * g0 - q0) + s1 * (2.0 * g1 - q1)
+        damp = (not solved) | ((not small) & (not pred > 0.0))
+        damp = damp & (not exact) & (not pinned)  # those tests come first
+        lam2 = lam * nuup
+        # (when damping is due, neither a small step nor a small prediction was reached)
+        conv = exact | pinned | (solved & small) | (
+            (not damp) & (pred <= LM_FTOL * ssr) & (lam <= 1.0))
+        # the tests in the scalar loop's order: the first that holds decides
+        state = P_TRIAL
+        state = P_RUN if damp else state
+        state = P_FAIL if (damp & (lam2 > LM_LAMBDA_MAX)) else state
+        state = P_CONV if conv else state
+        state = P_FAIL if exhausted else state
+        lam_new = lam2 if damp else lam
+        nu_new = nuup * 2.0 if damp else nuup
+        PL[_STATE, lane] = state if run else PL[_STATE, lane]
+        PL[_IT, lane] = it + 1.0 if (run & (not exhausted)) else it
+        PL[_LAM, lane] = lam_new if (run & (not exhausted)) else lam
+        PL[_NUUP, lane] = nu_new if (run & (not exhausted)) else nuup
+        PL[_PTB, lane] = v0 if run else PL[_PTB, lane]
+        PL[_PTD, lane] = v1 if run else PL[_PTD, lane]
+        PL[_PRED, lane] = pred if run else PL[_PRED, lane]
+
+
+@jit_block
+def _perfusion_evaluate(bu, w, TL, PL, MTL):
+    """The perfusion model ``B exp(-b D_star)`` of :func:`fastivim.kernels.voxel.evaluate` at
+    every lane's trial point: model into ``MTL`` (n_u, lanes), sum of squares, gradient half
+    and exact Hessian half into ``PL``'s evaluation rows."""
+    L = PL.shape[1]
+    for k in range(_ESSR, _EH11 + 1):
+        for lane in range(L):
+            PL[k, lane] = 0.0
+    for u in range(bu.shape[0]):
+        b = bu[u]
+        wu = w[u]
+        for lane in range(L):
+            B = PL[_PTB, lane]
+            e1 = vexp(-b * PL[_PTD, lane])
+            mu = B * e1
+            MTL[u, lane] = mu
+            r = TL[u, lane] - mu
+            be1 = b * e1
+            j1 = -B * be1
+            wr = wu * r
+            PL[_ESSR, lane] += wu * r * r
+            PL[_EG0, lane] += e1 * wr
+            PL[_EG1, lane] += j1 * wr
+            PL[_EH00, lane] += wu * e1 * e1
+            PL[_EH01, lane] += wu * e1 * j1 + wr * be1
+            PL[_EH11, lane] += wu * j1 * j1 - wr * B * b * be1
+
+
+@jit_block
+def _perfusion_accept(PL, MTL, MC):
+    """The end of a bounded-LM iteration for every lane just evaluated: a started lane takes
+    its start as the current point; a trial is accepted when the gain ratio exceeds 1e-4
+    (damping relaxed by Nielsen's rule) or rejected (damped harder), with the scalar loop's
+    convergence tests. Accepted lanes copy the trial's model into ``MC``."""
+    L = PL.shape[1]
+    for lane in range(L):
+        state = PL[_STATE, lane]
+        init = state == P_INIT
+        trial = state == P_TRIAL
+        ssr = PL[_SSR, lane]
+        ssr_try = PL[_ESSR, lane]
+        lam = PL[_LAM, lane]
+        nuup = PL[_NUUP, lane]
+        rho = (ssr - ssr_try) / PL[_PRED, lane]
+        good = rho > 1e-4
+        decrease = ssr - ssr_try
+        q = 2.0 * rho - 1.0
+        lam_good = lam * vmax(1.0 / 3.0, 1.0 - q * q * q)
+        lam_bad = lam * nuup
+        take = init | (trial & good)
+        conv = trial & ((good & (decrease <= LM_FTOL * ssr_try))
+                        | ((not good) & (lam_bad > LM_LAMBDA_MAX)))
+        PL[_ACC, lane] = 1.0 if take else 0.0
+        PL[_B, lane] = PL[_PTB, lane] if take else PL[_B, lane]
+        PL[_DS, lane] = PL[_PTD, lane] if take else PL[_DS, lane]
+        PL[_SSR, lane] = ssr_try if take else ssr
+        PL[_G0, lane] = PL[_EG0, lane] if take else PL[_G0, lane]
+        PL[_G1, lane] = PL[_EG1, lane] if take else PL[_G1, lane]
+        PL[_H00, lane] = PL[_EH00, lane] if take else PL[_H00, lane]
+        PL[_H01, lane] = PL[_EH01, lane] if take else PL[_H01, lane]
+        PL[_H11, lane] = PL[_EH11, lane] if take else PL[_H11, lane]
+        PL[_LAM, lane] = (lam_good if good else lam_bad) if trial else lam
+        PL[_NUUP, lane] = (2.0 if good else nuup * 2.0) if trial else nuup
+        PL[_STATE, lane] = P_CONV if conv else (P_RUN if (init | trial) else state)
+    for u in range(MTL.shape[0]):
+        for lane in range(L):
+            MC[u, lane] = MTL[u, lane] if PL[_ACC, lane] != 0.0 else MC[u, lane]
 
 
 @jit_block
@@ -664,7 +884,7 @@ def block_segmented_estimate(nl, A, D, Q, YB, R, WK, FC, PB, MB):
         B = Q[0, lane]
         S0 = A[lane] + B
         fc = FC[lane]
-        FC[lane] = st.NUMERICAL_FAILURE if (fc == GO and not S0 > 0.0) else fc
+        FC[lane] = st.NUMERICAL_FAILURE if ((fc == GO) & (not S0 > 0.0)) else fc
         PB[0, lane] = S0
         PB[1, lane] = B / S0
         PB[2, lane] = Q[1, lane]
@@ -689,12 +909,12 @@ def block_finish(YR, v0, nl, groups, MB, PB, SC, LO, HI, FC, ACC, out, status):
         for lane in range(nl):
             p = PB[i, lane]
             fc = FC[lane]
-            FC[lane] = st.NUMERICAL_FAILURE if (fc == GO and not math.isfinite(p)) else fc
+            FC[lane] = st.NUMERICAL_FAILURE if ((fc == GO) & (not math.isfinite(p))) else fc
             PB[i, lane] = vmin(vmax(p, LO[i, lane]), HI[i, lane])
     for lane in range(nl):
         fc = FC[lane]
         big = not abs(PB[0, lane] * SC[lane]) < FLOAT32_MAX  # S0 would be inf in a float32 map
-        FC[lane] = st.NUMERICAL_FAILURE if (fc == GO and big) else fc
+        FC[lane] = st.NUMERICAL_FAILURE if ((fc == GO) & big) else fc
         ACC[0, lane] = 0.0
         ACC[1, lane] = 0.0
         ACC[2, lane] = 0.0
