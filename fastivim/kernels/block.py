@@ -51,7 +51,6 @@ from .voxel import (
     LM_LAMBDA_MAX,
     LM_XTOL,
     PIN_TOL,
-    fail_voxel,
     finish_voxel,
 )
 
@@ -1074,22 +1073,25 @@ def full_block(Y, v0, nl, t, settings, s, out, status):
 
     Starts, in the order of :func:`fastivim.kernels.full.fit_full_voxel` (``STAGE``): 0 the
     segmented start, 1 the separated grid pair, 2 the close pair, 3 the D_star profile, 4–6
-    its restarts, 7 write. Each start runs on a lane of the lock-step LM engine.
+    its restarts, 7 done. Each start runs on a lane of the lock-step LM engine; the block's
+    voxels are written together at the end (:func:`block_finish`).
     """
     _front(Y, v0, nl, t, settings, s)
     block_grid_start(s.YB, t.w, nl, s.LO, s.HI, t.ES, t.ED, t.PAIR, t.dstar_grid, t.d_grid,
                      s.PS, s.PD, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.GR, s.GS, s.GN,
                      s.GD, s.GK)
-    _lm_engine(Y, v0, nl, t, settings, s, out, status, s.YB, s.SC, s.LO, s.HI, s.CODE, s.A,
+    _lm_engine(nl, t, settings, s, s.FC, s.YB, s.SC, s.LO, s.HI, s.CODE, s.A,
                s.D, s.Q, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.PB, s.MB, s.SSRB, s.FOUND,
                s.STAGE, s.RS, s.NR, s.EP, s.YL, s.MT, s.GT, s.HT, s.ST, s.LP, s.LG, s.LH,
                s.LMOD, s.LPT, s.LLO, s.LHI, s.LSSR, s.LTT, s.LLAM, s.LNUF, s.LPRED, s.LIT,
                s.LPH, s.LEND, s.LSTEP, s.LTAKE, s.LACC, s.LSLOT)
+    block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC, out,
+                 status)
 
 
 @jit_voxel
-def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, D, Q, PSEP,
-               PCLOSE, RSEP, RCLOSE, TT, PB, MB, SSRB, FOUND, STAGE, RS, NR, EP, YL, MT, GT, HT,
+def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLOSE, RSEP,
+               RCLOSE, TT, PB, MB, SSRB, FOUND, STAGE, RS, NR, EP, YL, MT, GT, HT,
                ST, LP, LG, LH, LMOD, LPT, LLO, LHI, LSSR, LTT, LLAM, LNUF, LPRED, LIT, LPH, LEND,
                LSTEP, LTAKE, LACC, LSLOT):
     """The lock-step LM engine of :func:`full_block`.
@@ -1101,6 +1103,8 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
     :func:`fastivim.kernels.voxel.levenberg_marquardt` loop body up to its next evaluation
     (again for lanes that must damp harder and solve again), all lanes at once; lanes whose
     run ended keep its result if it is the voxel's best so far (the scalar ``_refine``).
+    Leaves each voxel's estimate and model in ``PB``/``MB`` and its failure code, or
+    :data:`GO`, in ``FC`` (nl,), for :func:`block_finish`.
 
     Arrays are passed in once per block, and the per-lane start selection is written out here:
     a numba function that takes arrays adds reference-count updates (atomic calls) on entry and
@@ -1113,7 +1117,6 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
     ES = t.ES
     GSS = t.GSS
     dstar_grid = t.dstar_grid
-    groups = t.groups
     PS = s.PS
     yv = s.yv
     psv = s.psv
@@ -1121,8 +1124,6 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
     hiv = s.hiv
     prof = s.prof
     e2 = s.e2
-    pv = s.pv
-    mv = s.mv
     maxit = settings.maxit
     nu = YB.shape[0]
     for u in range(nu):
@@ -1155,8 +1156,9 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                     STAGE[slot] = 0
                     FOUND[slot] = False
                     SSRB[slot] = math.inf
+                    FC[slot] = GO
                     if not SC[slot] > 0.0:  # non-finite samples or no positive signal
-                        status[v0 + slot] = fail_voxel(out, v0 + slot, st.BAD_INPUT)
+                        FC[slot] = st.BAD_INPUT
                         LPH[lane] = IDLE
                         continue
                 stage = STAGE[slot]
@@ -1201,7 +1203,7 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                         start = True
                 elif stage == 3:
                     if not found:
-                        status[v0 + slot] = fail_voxel(out, v0 + slot, st.NO_CONVERGENCE)
+                        FC[slot] = st.NO_CONVERGENCE
                         LPH[lane] = IDLE
                     else:
                         _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB,
@@ -1214,13 +1216,7 @@ def _lm_engine(Y, v0, nl, t, settings, s, out, status, YB, SC, LO, HI, CODE, A, 
                         p2 = RS[i, 2, slot]
                         p3 = RS[i, 3, slot]
                         start = True
-                else:
-                    for i in range(4):
-                        pv[i] = PB[i, slot]
-                    for u in range(nu):
-                        mv[u] = MB[u, slot]
-                    status[v0 + slot] = _write(Y, v0 + slot, slot, groups, LO, HI, SC, mv, pv, lov,
-                                               hiv, out)
+                else:  # done: PB/MB hold its estimate, written with the block
                     LPH[lane] = IDLE
                 if start:
                     # a new run from (p0..p3), moved into the box as levenberg_marquardt does
