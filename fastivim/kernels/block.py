@@ -37,7 +37,6 @@ from .full import (
     RESTART_NEIGHBOURHOOD,
     RESTART_SLACK,
     SEPARATION,
-    dstar_profile,
     mark_restarts,
 )
 from .lm_lanes import CONVERGED, HELD, IDLE, INIT, RUNNING, TRIAL, lanes_accept, lanes_step
@@ -80,7 +79,7 @@ Scratch = namedtuple(
         "BFIRST", "DIST", "BEST", "WK", "PFOK", "NEWT",
         "PS", "PD", "PSEP", "PCLOSE", "RSEP", "RCLOSE", "TT", "GR", "GS", "GN", "GD", "GK",
         "PB", "MB", "SSRB", "FOUND",
-        "STAGE", "RS", "NR",
+        "STAGE", "RS", "NR", "KG", "K0", "K1", "K2",
         # per lane of the LM engine, (.., LANES)
         "EP", "YL", "MT", "GT", "HT", "ST", "LP", "LG", "LH", "LMOD", "LPT", "LLO", "LHI",
         "LSSR", "LTT", "LLAM", "LNUF", "LPRED", "LIT", "LPH", "LEND", "LSTEP", "LTAKE", "LACC",
@@ -106,7 +105,8 @@ best grid reduction; ``WK`` (n_u, BLOCK) perfusion term; ``PFOK`` profile-Newton
 ``RSEP``/``RCLOSE`` their reductions, ``TT`` ``sum w ybar**2``, ``GR``/``GS``/``GN``/``GD``/``GK``
 (2, BLOCK) the grid search's bests (see :func:`block_grid_start`), ``PB`` (4, BLOCK) and ``MB``
 (n_u, BLOCK) best estimate and model, ``SSRB`` its sum of squares, ``FOUND``, ``STAGE`` next
-start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count.
+start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count; ``KG``/``K0``/``K1``/
+``K2`` (n_k,) one voxel's D_star profile (see :func:`_dstar_profile_k`).
 LM lanes (every array lane-last, see :mod:`fastivim.kernels.lm_lanes`): ``EP`` (4, LANES)
 evaluation points, ``YL`` (n_u, LANES) targets, ``MT``/``GT``/``HT`` (n_u/4/10, LANES) model,
 gradient and Hessian (upper triangle, row-major) there, ``ST`` its sum of squares; ``LP``,
@@ -135,7 +135,7 @@ def alloc_scratch(nu, nk, nj, nb):
         np.empty(B), np.empty(B), np.empty((2, B)), np.empty((2, B)), np.empty((2, B)),
         np.empty((2, B)), np.empty((2, B)), np.empty((4, B)), np.empty((nu, B)), np.empty(B),
         np.empty(B, dtype=np.bool_), np.empty(B, dtype=np.int64), np.empty((3, 4, B)),
-        np.empty(B, dtype=np.int64),
+        np.empty(B, dtype=np.int64), np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk),
         np.empty((4, L)), np.empty((nu, L)), np.empty((nu, L)), np.empty((4, L)),
         np.empty((10, L)), np.empty(L), np.empty((4, L)), np.empty((4, L)),
         np.empty((10, L)), np.empty((nu, L)), np.empty((4, L)), np.empty((4, L)),
@@ -1031,24 +1031,34 @@ def _front(Y, v0, nl, t, settings, s):
 # field of a tuple argument (~60 arrays, several hundred machine words) and numba adds
 # reference-count updates for array arguments on entry and exit.
 @jit_voxel
-def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS, NR, yv, psv,
-              lov, hiv, prof, e2):
+def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS, NR, prof, e2,
+              KG, K0, K1, K2):
     """Step 4 of :func:`fastivim.kernels.full.fit_full_voxel` for voxel ``slot``: the D_star
     profile at the fitted D and the (up to ``MAX_RESTARTS``) restart points, most promising
-    first, into ``RS`` (3, 4, BLOCK) and their count into ``NR``."""
+    first, into ``RS`` (3, 4, BLOCK) and their count into ``NR``.
+
+    The profile is :func:`fastivim.kernels.full.dstar_profile`'s, computed by
+    :func:`_dstar_profile_k` with the grid points as vector lanes; ``prof`` (4, n_k), ``e2``
+    (n_u,) and ``KG``/``K0``/``K1``/``K2`` (n_k,) are scratch.
+    """
     nu = YB.shape[0]
     nk = dstar_grid.shape[0]
-    for u in range(nu):
-        yv[u] = YB[u, slot]
-    for k in range(nk):
-        psv[k] = PS[k, slot]
-    for i in range(4):
-        lov[i] = LO[i, slot]
-        hiv[i] = HI[i, slot]
     D_fit = PB[3, slot]
     Ds_fit = PB[2, slot]
     ssr = SSRB[slot]
-    dstar_profile(yv, bu, w, lov, hiv, ES, GSS, dstar_grid, psv, TT[slot], D_fit, prof, e2)
+    ge = 0.0
+    pe = 0.0
+    for u in range(nu):
+        e = math.exp(-bu[u] * D_fit)  # libm, as the scalar kernel: 10 calls, not worth vexp
+        e2[u] = e
+        ge += w[u] * e * e
+        pe += w[u] * e * YB[u, slot]
+    _dstar_profile_k(slot, w, ES, GSS, dstar_grid, PS, LO[0, slot], HI[0, slot], LO[1, slot],
+                     HI[1, slot], TT[slot], D_fit, ge, pe, e2, KG, K0, K1, K2)
+    for k in range(nk):
+        prof[0, k] = K0[k]
+        prof[1, k] = K1[k]
+        prof[2, k] = K2[k]
     mark_restarts(prof, dstar_grid, ssr, Ds_fit)
     n = 0
     for _ in range(MAX_RESTARTS):
@@ -1065,6 +1075,61 @@ def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS
         RS[n, 3, slot] = D_fit
         n += 1
     NR[slot] = n
+
+
+@jit_block
+def _dstar_profile_k(slot, w, ES, GSS, dstar_grid, PS, s0_lo, s0_hi, f_lo, f_hi, tt, D, ge, pe,
+                     e2, KG, K0, K1, K2):
+    """:func:`fastivim.kernels.full.dstar_profile` for voxel ``slot`` with the D_star grid
+    points as vector lanes: ``K0`` (n_k,) each point's weighted sum of squares (``inf`` where
+    D_star <= D), ``K1`` its S0 and ``K2`` its f, with the scalar function's arithmetic (the
+    f-edge loop written as selects). ``ge``/``pe`` and ``e2`` (n_u,) = ``exp(-b D)`` come from
+    the caller; ``KG`` (n_k,) is scratch. One output array per row: see
+    :func:`block_grid_start` on several rows of one array in one loop."""
+    nu = e2.shape[0]
+    nk = dstar_grid.shape[0]
+    for k in range(nk):
+        KG[k] = 0.0
+    for u in range(nu):
+        wu = w[u]
+        eu = e2[u]
+        for k in range(nk):
+            KG[k] += wu * ES[k, u] * eu
+    for k in range(nk):
+        gke = KG[k]
+        gk = GSS[k]
+        ps = PS[k, slot]
+        det = gk * ge - gke * gke
+        c1 = (ge * ps - gke * pe) / det
+        c2 = (gk * pe - gke * ps) / det
+        S0 = c1 + c2
+        feasible = (S0 > 0.0) & (f_lo * S0 <= c1) & (c1 <= f_hi * S0) & (s0_lo <= S0) & (
+            S0 <= s0_hi)
+        red_free = c1 * ps + c2 * pe
+        f_free = c1 / S0
+        # the f edges, low then high, each kept where it beats the best so far
+        fb = f_lo
+        gv = fb * fb * gk + 2.0 * fb * (1.0 - fb) * gke + (1.0 - fb) * (1.0 - fb) * ge
+        pv = fb * ps + (1.0 - fb) * pe
+        s_lo = vmin(vmax(pv / gv, s0_lo), s0_hi)
+        red_lo = 2.0 * s_lo * pv - s_lo * s_lo * gv
+        fb = f_hi
+        gv = fb * fb * gk + 2.0 * fb * (1.0 - fb) * gke + (1.0 - fb) * (1.0 - fb) * ge
+        pv = fb * ps + (1.0 - fb) * pe
+        s_hi = vmin(vmax(pv / gv, s0_lo), s0_hi)
+        red_hi = 2.0 * s_hi * pv - s_hi * s_hi * gv
+        take_lo = red_lo > -math.inf
+        red_e = red_lo if take_lo else -math.inf
+        s_e = s_lo if take_lo else S0
+        f_e = f_lo if take_lo else math.nan
+        take_hi = red_hi > red_e
+        red_e = red_hi if take_hi else red_e
+        s_e = s_hi if take_hi else s_e
+        f_e = f_hi if take_hi else f_e
+        reduction = red_free if feasible else red_e
+        K0[k] = tt - reduction if dstar_grid[k] > D else math.inf
+        K1[k] = S0 if feasible else s_e
+        K2[k] = f_free if feasible else f_e
 
 
 @jit_voxel
@@ -1118,12 +1183,12 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
     GSS = t.GSS
     dstar_grid = t.dstar_grid
     PS = s.PS
-    yv = s.yv
-    psv = s.psv
-    lov = s.lov
-    hiv = s.hiv
     prof = s.prof
     e2 = s.e2
+    KG = s.KG
+    K0 = s.K0
+    K1 = s.K1
+    K2 = s.K2
     maxit = settings.maxit
     nu = YB.shape[0]
     for u in range(nu):
@@ -1207,7 +1272,7 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
                         LPH[lane] = IDLE
                     else:
                         _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB,
-                                  SSRB, TT, RS, NR, yv, psv, lov, hiv, prof, e2)
+                                  SSRB, TT, RS, NR, prof, e2, KG, K0, K1, K2)
                 elif stage < 4 + MAX_RESTARTS:  # 4: other basins along D_star
                     i = stage - 4
                     if i < NR[slot]:
