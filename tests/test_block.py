@@ -21,7 +21,7 @@ import pytest
 from helpers import NO_JIT, scaled
 
 import fastivim
-from fastivim.kernels import block, vmath, voxel
+from fastivim.kernels import block, lm_lanes, vmath, voxel
 from fastivim.model import ivim_signal
 
 #: Voxels per phantom of the equivalence test.
@@ -142,6 +142,9 @@ def _has_avx2():
 
 #: A packed double-precision arithmetic instruction on a 256- or 512-bit register.
 PACKED = re.compile(r"\bv(?:fn?m(?:add|sub)\d*|mul|add|sub|div|max|min)pd\s+[^\n]*%[yz]mm")
+#: Any packed double instruction (moves, blends, compares too) on a 256- or 512-bit register:
+#: for stages that are mostly selects.
+PACKED_ANY = re.compile(r"\bv\w+pd\s+[^\n]*%[yz]mm")
 
 
 def _asm_of(dispatcher, *args):
@@ -168,6 +171,46 @@ def test_hot_loops_are_vectorised():
     y = np.empty(B)
     asm = _asm_of(_vexp_loop, x, y)
     assert len(PACKED.findall(asm)) >= 10, "vexp not vectorised"
+
+
+@pytest.mark.jit_only
+@pytest.mark.skipif(not _has_avx2(), reason="CPU without AVX2: LLVM has no 256-bit packed "
+                    "double instructions to use, so vectorisation cannot be checked")
+def test_lane_wise_lm_control_is_vectorised():
+    """The full method's lane-wise LM control (lm_lanes) and restart profile compile to packed
+    double code: the damped Cholesky step, the accept/reject stage and its row copies."""
+    nu, L = 10, block.LANES
+    rng = np.random.default_rng(2)
+
+    def u(*shape):
+        return rng.uniform(0.1, 1.0, shape)
+
+    H = np.zeros((10, L))
+    H[[0, 4, 7, 9]] = 2.0  # a positive definite Hessian half (upper triangle, row-major)
+    asm = _asm_of(lm_lanes.lanes_step, 100, u(4, L), u(4, L), H, np.zeros((4, L)),
+                  np.full((4, L), 10.0), u(L), u(L), u(L), np.full(L, 2.0), np.zeros(L),
+                  np.ones(L), np.zeros(L), u(L), np.ones(L), u(4, L), np.empty((4, L)),
+                  np.empty(L))
+    assert len(PACKED.findall(asm)) >= 50, "lanes_step (damped Cholesky step) not vectorised"
+    # Packed code can still go unused: a lane loop that loads and stores several rows of one
+    # array gets run-time overlap checks between those rows ("found.conflict"), which failed on
+    # every call, so the scalar copy of the loop ran (6x slower). Only distance checks may stay.
+    ir = lm_lanes.lanes_step.inspect_llvm(lm_lanes.lanes_step.signatures[-1])
+    assert "found.conflict" not in ir, "lanes_step's vector loop is guarded by overlap checks"
+    asm = _asm_of(lm_lanes.lanes_accept, u(nu, L), u(4, L), u(10, L), u(L), np.full(L, 2.0),
+                  u(4, L), u(L), u(4, L), u(4, L), u(10, L), u(nu, L), u(L), u(L), u(L),
+                  np.empty(L), np.empty(L), np.empty(L), np.empty(L))
+    assert len(PACKED_ANY.findall(asm)) >= 20, "lanes_accept not vectorised"
+    ir = lm_lanes.lanes_accept.inspect_llvm(lm_lanes.lanes_accept.signatures[-1])
+    assert "found.conflict" not in ir, "lanes_accept's vector loop is guarded by overlap checks"
+    asm = _asm_of(lm_lanes._take_rows, np.ones(L), u(4, L), u(4, L))
+    assert len(PACKED_ANY.findall(asm)) >= 2, "_take_rows (row copies) not vectorised"
+    nk = 12
+    asm = _asm_of(block._dstar_profile_k, 0, np.ones(nu), u(nk, nu), u(nk),
+                  np.geomspace(2.0, 300.0, nk), u(nk, block.BLOCK), 0.0, 10.0, 0.0, 0.7, 5.0,
+                  1.0, 3.0, 1.0, u(nu), np.empty(nk), np.empty(nk), np.empty(nk),
+                  np.empty(nk))
+    assert len(PACKED.findall(asm)) >= 20, "_dstar_profile_k (restart profile) not vectorised"
 
 
 @block.jit_block
