@@ -57,8 +57,11 @@ from .voxel import (
 #: runs, profile-Newton iterations) from the whole block, so larger blocks leave fewer lanes idle
 #: at the block's end. Segmented, 1 thread, 2·10⁵ voxels at SNR 30 (CPU ns per voxel): blocks
 #: of 128 with 16 Newton lanes 432, with 8 lanes 431, with 32 lanes 462; blocks of 64 with 8
-#: lanes 475; lock-step Newton over blocks of 32 (no lanes) 570.
-BLOCK = 128
+#: lanes 475; lock-step Newton over blocks of 32 (no lanes) 570. The full method takes BLOCK
+#: voxels at a time: a voxel's LM runs are sequential, so a block's last voxels leave lanes idle
+#: (1 thread, 4·10⁴ voxels at SNR 30, CPU ns per voxel: 128 voxels 2070, 512 1930, 1024 1880
+#: against 512's 1830 in the same run); the segmented method takes SEGMENTED_BLOCK.
+BLOCK = 512
 SEGMENTED_BLOCK = 128
 #: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
 LANES = 16
