@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import status as st
-from ._jit import FASTMATH_FLAGS, jit_block, jit_parallel, jit_voxel
+from ._jit import FASTMATH_FLAGS, jit_block, jit_inline, jit_parallel, jit_voxel
 from .full import (
     MAX_RESTARTS,
     RESTART_NEIGHBOURHOOD,
@@ -55,16 +55,18 @@ from .voxel import (
     levenberg_marquardt,
 )
 
-#: Voxels per block (the width of every lane-wise array). Both methods feed their lanes (LM
-#: runs, profile-Newton iterations) from the whole block, so larger blocks leave fewer lanes idle
-#: at the block's end. Segmented, 1 thread, 2·10⁵ voxels at SNR 30 (CPU ns per voxel): blocks
-#: of 128 with 16 Newton lanes 432, with 8 lanes 431, with 32 lanes 462; blocks of 64 with 8
-#: lanes 475; lock-step Newton over blocks of 32 (no lanes) 570.
+#: Voxels per block (the width of every lane-wise array) of the full method, and of the
+#: segmented method. Both feed their lanes (LM runs, profile-Newton iterations, bounded LM runs)
+#: from the whole block, so larger blocks leave fewer lanes idle at the block's end (a voxel
+#: can need 30 Newton iterations where most need 4). Segmented, 1 thread, 2·10⁵ voxels at SNR 30
+#: (CPU ns per voxel): blocks of 512 322, 256 333, 128 355 (16 Newton lanes; 8 lanes at 128:
+#: 431 before the bounded LM went lane-wise, 32 lanes 462); lock-step Newton over blocks of 32
+#: (no lanes) 570.
 BLOCK = 128
-SEGMENTED_BLOCK = 128
+SEGMENTED_BLOCK = 512
 #: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
 LANES = 16
-#: Lanes of the segmented method's profile-Newton engine (at most BLOCK).
+#: Lanes of the segmented method's profile-Newton engine.
 NEWTON_LANES = 16
 #: Lanes of the segmented method's bounded 2-parameter LM (a fifth of the voxels need it).
 PERFUSION_LANES = 8
@@ -97,7 +99,8 @@ Scratch = namedtuple(
 )
 Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
 
-Lane-wise arrays put the voxel (or lane) last so that the inner loops are unit-stride:
+Lane-wise arrays put the voxel (or lane) last so that the inner loops are unit-stride (BLOCK
+stands for the block width, :data:`BLOCK` or :data:`SEGMENTED_BLOCK`):
 ``YB`` (n_u, BLOCK) scaled group means; ``SC`` scale; ``LO``/``HI`` (4, BLOCK) internal
 bounds; ``CODE`` status of the segmented start, ``A``/``D`` its intercept and D, ``R``
 (n_u, BLOCK) tissue residual ``ybar - A exp(-b D)``, ``Q`` (2, BLOCK) perfusion start (B,
@@ -119,10 +122,10 @@ its sum of squares; ``LP`` (LANES, 4) current point, ``LG`` (LANES, 4) gradient 
 
 
 @jit_voxel
-def alloc_scratch(nu, nk, nj, nb):
+def alloc_scratch(nu, nk, nj, nb, width):
     """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids,
-    samples per voxel)."""
-    B = BLOCK
+    samples per voxel, voxels per block)."""
+    B = width
     L = LANES
     return Scratch(
         np.empty((nu, B)), np.empty(B), np.empty((4, B)), np.empty((4, B)),
@@ -441,7 +444,7 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
                 nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
 
 
-@jit_voxel
+@jit_inline
 def _newton_take(lane, nxt, nl, R, NEWT, RL, NL):
     """Give ``lane`` the block's next voxel still running (from slot ``nxt`` on), or make it
     idle (slot -1, state 3) when none is left; return the next slot to look at."""
@@ -608,7 +611,7 @@ def lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST):
 # ---------------------------------------------------------------- the segmented method
 @jit_voxel
 def segmented_block(Y, v0, nl, t, settings, s, out, status):
-    """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the segmented method."""
+    """Fit voxels ``v0 .. v0 + nl`` (nl <= SEGMENTED_BLOCK) with the segmented method."""
     _front(Y, v0, nl, t, settings, s)
     block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
                          s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK, s.RL, s.NL)
@@ -685,7 +688,7 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
                                       TL)
 
 
-@jit_voxel
+@jit_inline
 def _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL):
     """Start ``lane`` on the block's next voxel that needs the bounded fit (from slot ``nxt``
     on), at its grid start moved into the box, or make it idle; return the next slot."""
@@ -795,13 +798,18 @@ def _perfusion_step(PL, maxit):
         state = P_FAIL if exhausted else state
         lam_new = lam2 if damp else lam
         nu_new = nuup * 2.0 if damp else nuup
-        PL[_STATE, lane] = state if run else PL[_STATE, lane]
-        PL[_IT, lane] = it + 1.0 if (run & (not exhausted)) else it
-        PL[_LAM, lane] = lam_new if (run & (not exhausted)) else lam
-        PL[_NUUP, lane] = nu_new if (run & (not exhausted)) else nuup
-        PL[_PTB, lane] = v0 if run else PL[_PTB, lane]
-        PL[_PTD, lane] = v1 if run else PL[_PTD, lane]
-        PL[_PRED, lane] = pred if run else PL[_PRED, lane]
+        go = run & (not exhausted)
+        old_state = PL[_STATE, lane]
+        old_ptb = PL[_PTB, lane]
+        old_ptd = PL[_PTD, lane]
+        old_pred = PL[_PRED, lane]
+        PL[_STATE, lane] = state if run else old_state
+        PL[_IT, lane] = it + 1.0 if go else it
+        PL[_LAM, lane] = lam_new if go else lam
+        PL[_NUUP, lane] = nu_new if go else nuup
+        PL[_PTB, lane] = v0 if run else old_ptb
+        PL[_PTD, lane] = v1 if run else old_ptd
+        PL[_PRED, lane] = pred if run else old_pred
 
 
 @jit_block
@@ -838,7 +846,10 @@ def _perfusion_accept(PL, MTL, MC):
     """The end of a bounded-LM iteration for every lane just evaluated: a started lane takes
     its start as the current point; a trial is accepted when the gain ratio exceeds 1e-4
     (damping relaxed by Nielsen's rule) or rejected (damped harder), with the scalar loop's
-    convergence tests. Accepted lanes copy the trial's model into ``MC``."""
+    convergence tests. Accepted lanes copy the trial's model into ``MC``.
+
+    Every operand is loaded before its select (``x = a if c else b`` on two loaded values): a
+    select between array elements stays a branch, and the loop is not vectorised."""
     L = PL.shape[1]
     for lane in range(L):
         state = PL[_STATE, lane]
@@ -857,21 +868,33 @@ def _perfusion_accept(PL, MTL, MC):
         take = init | (trial & good)
         conv = trial & ((good & (decrease <= LM_FTOL * ssr_try))
                         | ((not good) & (lam_bad > LM_LAMBDA_MAX)))
+        b_cur, b_new = PL[_B, lane], PL[_PTB, lane]
+        d_cur, d_new = PL[_DS, lane], PL[_PTD, lane]
+        g0_cur, g0_new = PL[_G0, lane], PL[_EG0, lane]
+        g1_cur, g1_new = PL[_G1, lane], PL[_EG1, lane]
+        h00_cur, h00_new = PL[_H00, lane], PL[_EH00, lane]
+        h01_cur, h01_new = PL[_H01, lane], PL[_EH01, lane]
+        h11_cur, h11_new = PL[_H11, lane], PL[_EH11, lane]
+        PL[_B, lane] = b_new if take else b_cur
+        PL[_DS, lane] = d_new if take else d_cur
+        PL[_G0, lane] = g0_new if take else g0_cur
+        PL[_G1, lane] = g1_new if take else g1_cur
+        PL[_H00, lane] = h00_new if take else h00_cur
+        PL[_H01, lane] = h01_new if take else h01_cur
+        PL[_H11, lane] = h11_new if take else h11_cur
         PL[_ACC, lane] = 1.0 if take else 0.0
-        PL[_B, lane] = PL[_PTB, lane] if take else PL[_B, lane]
-        PL[_DS, lane] = PL[_PTD, lane] if take else PL[_DS, lane]
         PL[_SSR, lane] = ssr_try if take else ssr
-        PL[_G0, lane] = PL[_EG0, lane] if take else PL[_G0, lane]
-        PL[_G1, lane] = PL[_EG1, lane] if take else PL[_G1, lane]
-        PL[_H00, lane] = PL[_EH00, lane] if take else PL[_H00, lane]
-        PL[_H01, lane] = PL[_EH01, lane] if take else PL[_H01, lane]
-        PL[_H11, lane] = PL[_EH11, lane] if take else PL[_H11, lane]
-        PL[_LAM, lane] = (lam_good if good else lam_bad) if trial else lam
-        PL[_NUUP, lane] = (2.0 if good else nuup * 2.0) if trial else nuup
-        PL[_STATE, lane] = P_CONV if conv else (P_RUN if (init | trial) else state)
+        lam_trial = lam_good if good else lam_bad
+        PL[_LAM, lane] = lam_trial if trial else lam
+        nu_trial = 2.0 if good else nuup * 2.0
+        PL[_NUUP, lane] = nu_trial if trial else nuup
+        next_state = P_RUN if (init | trial) else state
+        PL[_STATE, lane] = P_CONV if conv else next_state
     for u in range(MTL.shape[0]):
         for lane in range(L):
-            MC[u, lane] = MTL[u, lane] if PL[_ACC, lane] != 0.0 else MC[u, lane]
+            new = MTL[u, lane]
+            cur = MC[u, lane]
+            MC[u, lane] = new if PL[_ACC, lane] != 0.0 else cur
 
 
 @jit_block
@@ -1390,8 +1413,8 @@ def fit_volume_block(Y, tables, settings, n_chunks, out, status):
     for c in prange(n_chunks):
         start = c * n // n_chunks
         stop = (c + 1) * n // n_chunks
-        s = alloc_scratch(nu, nk, nj, Y.shape[1])
         width = BLOCK if settings.method == METHOD_FULL else SEGMENTED_BLOCK
+        s = alloc_scratch(nu, nk, nj, Y.shape[1], width)
         for v0 in range(start, stop, width):
             nl = min(width, stop - v0)
             if settings.method == METHOD_FULL:
