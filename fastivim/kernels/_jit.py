@@ -20,11 +20,6 @@ FASTMATH_FLAGS = {"nsz", "arcp", "contract"}
 #: their sources (see ``fastivim.kernels._drop_stale_cache``).
 jit_voxel = njit(fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
 
-#: Small helpers called inside a block kernel's loops: inlined by numba itself (before LLVM), so
-#: a call passes no arrays and pays no reference-count updates (atomic operations, ~70 ns a call
-#: with a few array arguments, measured in the segmented kernel's lane refills).
-jit_inline = njit(fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True, inline="always")
-
 
 def jit_parallel(func):
     """Compile a voxel-loop kernel with ``parallel=True`` (``prange``) and an on-disk cache."""

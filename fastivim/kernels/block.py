@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import status as st
-from ._jit import FASTMATH_FLAGS, jit_block, jit_inline, jit_parallel, jit_voxel
+from ._jit import FASTMATH_FLAGS, jit_block, jit_parallel, jit_voxel
 from .full import (
     MAX_RESTARTS,
     RESTART_NEIGHBOURHOOD,
@@ -384,9 +384,39 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
     nu = bu.shape[0]
     L = RL.shape[1]
     nxt = 0
-    for lane in range(L):
-        nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
+    for lane in range(L):  # every lane starts empty: the refill below gives it a voxel
+        NL[3, lane] = 1.0
+        NL[4, lane] = 0.0
+        NL[5, lane] = -1.0
     while True:
+        # lanes whose voxel ended write it back and take the block's next running voxel;
+        # written here, not in a helper: a call that passes arrays costs atomic reference
+        # counting (~100 ns a call with these arguments, even when numba inlines it)
+        for lane in range(L):
+            state = NL[3, lane]
+            if state == 3.0 or (state == 0.0 and NL[4, lane] < PROFILE_MAXIT):
+                continue  # idle, or still iterating
+            slot = int(NL[5, lane])
+            if slot >= 0:
+                for k in range(4):
+                    NEWT[k, slot] = NL[k, lane]
+            while nxt < nl and NEWT[3, nxt] != 0.0:
+                nxt += 1
+            if nxt >= nl:  # none left: idle, computing on harmless values never written back
+                NL[0, lane] = 1.0
+                NL[3, lane] = 3.0
+                NL[5, lane] = -1.0
+                for u in range(nu):
+                    RL[u, lane] = 0.0
+            else:
+                for k in range(3):
+                    NL[k, lane] = NEWT[k, nxt]
+                NL[3, lane] = 0.0
+                NL[4, lane] = 0.0
+                NL[5, lane] = nxt
+                for u in range(nu):
+                    RL[u, lane] = R[u, nxt]
+                nxt += 1
         active = 0
         for lane in range(L):
             active += NL[3, lane] == 0.0
@@ -436,35 +466,6 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
             NL[1, lane] = a2 if step else a
             NL[2, lane] = b2 if step else b
             NL[4, lane] += 1.0
-        for lane in range(L):
-            if NL[5, lane] >= 0.0 and (NL[3, lane] != 0.0 or NL[4, lane] >= PROFILE_MAXIT):
-                slot = int(NL[5, lane])
-                for k in range(4):
-                    NEWT[k, slot] = NL[k, lane]
-                nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
-
-
-@jit_inline
-def _newton_take(lane, nxt, nl, R, NEWT, RL, NL):
-    """Give ``lane`` the block's next voxel still running (from slot ``nxt`` on), or make it
-    idle (slot -1, state 3) when none is left; return the next slot to look at."""
-    while nxt < nl and NEWT[3, nxt] != 0.0:
-        nxt += 1
-    if nxt >= nl:
-        NL[0, lane] = 1.0  # an idle lane computes on harmless values, never written back
-        NL[3, lane] = 3.0
-        NL[5, lane] = -1.0
-        for u in range(RL.shape[0]):
-            RL[u, lane] = 0.0
-        return nxt
-    for k in range(3):
-        NL[k, lane] = NEWT[k, nxt]
-    NL[3, lane] = 0.0
-    NL[4, lane] = 0.0
-    NL[5, lane] = nxt
-    for u in range(RL.shape[0]):
-        RL[u, lane] = R[u, nxt]
-    return nxt + 1
 
 
 @jit_block
@@ -641,7 +642,7 @@ _STATE, _SLOT, _ACC = 19, 20, 21  # lane phase, voxel slot, trial accepted
 _ESSR, _EG0, _EG1, _EH00, _EH01, _EH11 = 22, 23, 24, 25, 26, 27  # evaluation at the trial
 PL_ROWS = 28
 #: Phases of a perfusion-LM lane.
-P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0
+P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE, P_EMPTY = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
 
 
 @jit_voxel
@@ -661,10 +662,58 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
     ``PL`` (PL_ROWS, lanes), ``TL``, ``MC``, ``MTL`` (n_u, lanes) are the lanes' scratch.
     """
     L = PL.shape[1]
+    nu = TL.shape[0]
     nxt = 0
-    for lane in range(L):
-        nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL)
+    for lane in range(L):  # every lane starts empty: the refill below gives it a voxel
+        PL[_STATE, lane] = P_EMPTY
     while True:
+        # lanes whose run ended leave its answer and take the block's next voxel that needs
+        # the bounded fit (written here, not in a helper: see _newton_lanes)
+        for lane in range(L):
+            state = PL[_STATE, lane]
+            if state != P_CONV and state != P_FAIL and state != P_EMPTY:
+                continue
+            if state != P_EMPTY:
+                slot = int(PL[_SLOT, lane])
+                if state == P_CONV:
+                    Q[0, slot] = PL[_B, lane]
+                    Q[1, slot] = PL[_DS, lane]
+                    for u in range(nu):
+                        WK[u, slot] = MC[u, lane]
+                else:
+                    FC[slot] = st.NO_CONVERGENCE
+            while nxt < nl and not (FC[nxt] == GO and not PFOK[nxt]):
+                nxt += 1
+            if nxt >= nl:  # none left: idle, evaluating harmless values
+                PL[_STATE, lane] = P_IDLE
+                PL[_PTB, lane] = 0.0
+                PL[_PTD, lane] = 1.0
+                for u in range(nu):
+                    TL[u, lane] = 0.0
+                continue
+            lob = BLO[nxt]
+            hib = BHI[nxt]
+            lod = DSLO[nxt]
+            hid = HI[2, nxt]
+            PL[_LOB, lane] = lob
+            PL[_HIB, lane] = hib
+            PL[_LOD, lane] = lod
+            PL[_HID, lane] = hid
+            # a start outside the box would freeze there (levenberg_marquardt moves it in)
+            PL[_PTB, lane] = vmin(vmax(Q[0, nxt], lob), hib)
+            PL[_PTD, lane] = vmin(vmax(Q[1, nxt], lod), hid)
+            tt = 0.0
+            for u in range(nu):
+                t = R[u, nxt]
+                TL[u, lane] = t
+                tt += w[u] * t * t
+            PL[_TT, lane] = tt
+            PL[_LAM, lane] = LM_LAMBDA0
+            PL[_NUUP, lane] = 2.0
+            PL[_IT, lane] = 0.0
+            PL[_STATE, lane] = P_INIT
+            PL[_SLOT, lane] = nxt
+            nxt += 1
         active = 0
         for lane in range(L):
             active += PL[_STATE, lane] < P_CONV
@@ -673,58 +722,6 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
         _perfusion_step(PL, maxit)
         _perfusion_evaluate(bu, w, TL, PL, MTL)
         _perfusion_accept(PL, MTL, MC)
-        for lane in range(L):
-            state = PL[_STATE, lane]
-            if state == P_CONV or state == P_FAIL:
-                slot = int(PL[_SLOT, lane])
-                if state == P_CONV:
-                    Q[0, slot] = PL[_B, lane]
-                    Q[1, slot] = PL[_DS, lane]
-                    for u in range(WK.shape[0]):
-                        WK[u, slot] = MC[u, lane]
-                else:
-                    FC[slot] = st.NO_CONVERGENCE
-                nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL,
-                                      TL)
-
-
-@jit_inline
-def _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL):
-    """Start ``lane`` on the block's next voxel that needs the bounded fit (from slot ``nxt``
-    on), at its grid start moved into the box, or make it idle; return the next slot."""
-    while nxt < nl and not (FC[nxt] == GO and not PFOK[nxt]):
-        nxt += 1
-    nu = TL.shape[0]
-    if nxt >= nl:
-        PL[_STATE, lane] = P_IDLE
-        PL[_PTB, lane] = 0.0  # harmless values for the idle lane's evaluations
-        PL[_PTD, lane] = 1.0
-        for u in range(nu):
-            TL[u, lane] = 0.0
-        return nxt
-    lob = BLO[nxt]
-    hib = BHI[nxt]
-    lod = DSLO[nxt]
-    hid = HI[2, nxt]
-    PL[_LOB, lane] = lob
-    PL[_HIB, lane] = hib
-    PL[_LOD, lane] = lod
-    PL[_HID, lane] = hid
-    # a start outside the box would freeze there (levenberg_marquardt moves it in, too)
-    PL[_PTB, lane] = vmin(vmax(Q[0, nxt], lob), hib)
-    PL[_PTD, lane] = vmin(vmax(Q[1, nxt], lod), hid)
-    tt = 0.0
-    for u in range(nu):
-        t = R[u, nxt]
-        TL[u, lane] = t
-        tt += w[u] * t * t
-    PL[_TT, lane] = tt
-    PL[_LAM, lane] = LM_LAMBDA0
-    PL[_NUUP, lane] = 2.0
-    PL[_IT, lane] = 0.0
-    PL[_STATE, lane] = P_INIT
-    PL[_SLOT, lane] = nxt
-    return nxt + 1
 
 
 @jit_block
