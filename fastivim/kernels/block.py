@@ -53,19 +53,19 @@ from .voxel import (
     finish_voxel,
 )
 
-#: Voxels per block (the width of every lane-wise array). Both methods feed their lanes (LM
-#: runs, profile-Newton iterations) from the whole block, so larger blocks leave fewer lanes idle
-#: at the block's end. Segmented, 1 thread, 2·10⁵ voxels at SNR 30 (CPU ns per voxel): blocks
-#: of 128 with 16 Newton lanes 432, with 8 lanes 431, with 32 lanes 462; blocks of 64 with 8
-#: lanes 475; lock-step Newton over blocks of 32 (no lanes) 570. The full method takes BLOCK
-#: voxels at a time: a voxel's LM runs are sequential, so a block's last voxels leave lanes idle
-#: (1 thread, 4·10⁴ voxels at SNR 30, CPU ns per voxel: 128 voxels 2070, 512 1930, 1024 1880
-#: against 512's 1830 in the same run); the segmented method takes SEGMENTED_BLOCK.
+#: Voxels per block (the width of every lane-wise array) of the full method, and of the
+#: segmented method. Both feed their lanes (LM runs, profile-Newton iterations, bounded LM runs)
+#: from the whole block, so larger blocks leave fewer lanes idle at the block's end (a voxel
+#: can need 30 Newton iterations where most need 4). Segmented, 1 thread, 2·10⁵ voxels at SNR 30
+#: (CPU ns per voxel): blocks of 512 322, 256 333, 128 355 (16 Newton lanes; 8 lanes at 128:
+#: 431 before the bounded LM went lane-wise, 32 lanes 462); lock-step Newton over blocks of 32
+#: (no lanes) 570. Full (a voxel's LM runs are sequential), 1 thread, 4·10⁴ voxels at SNR 30:
+#: blocks of 128 2070, 512 1930; 1024 1880 against 512's 1830 in the same run.
 BLOCK = 512
-SEGMENTED_BLOCK = 128
+SEGMENTED_BLOCK = 512
 #: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
 LANES = 16
-#: Lanes of the segmented method's profile-Newton engine (at most BLOCK).
+#: Lanes of the segmented method's profile-Newton engine.
 NEWTON_LANES = 16
 #: Lanes of the segmented method's bounded 2-parameter LM (a fifth of the voxels need it).
 PERFUSION_LANES = 8
@@ -96,7 +96,8 @@ Scratch = namedtuple(
 )
 Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
 
-Lane-wise arrays put the voxel (or lane) last so that the inner loops are unit-stride:
+Lane-wise arrays put the voxel (or lane) last so that the inner loops are unit-stride (BLOCK
+stands for the block width, :data:`BLOCK` or :data:`SEGMENTED_BLOCK`):
 ``YB`` (n_u, BLOCK) scaled group means; ``SC`` scale; ``LO``/``HI`` (4, BLOCK) internal
 bounds; ``CODE`` status of the segmented start, ``A``/``D`` its intercept and D, ``R``
 (n_u, BLOCK) tissue residual ``ybar - A exp(-b D)``, ``Q`` (2, BLOCK) perfusion start (B,
@@ -123,10 +124,10 @@ slot (int64).
 
 
 @jit_voxel
-def alloc_scratch(nu, nk, nj, nb):
+def alloc_scratch(nu, nk, nj, nb, width):
     """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids,
-    samples per voxel)."""
-    B = BLOCK
+    samples per voxel, voxels per block)."""
+    B = width
     L = LANES
     return Scratch(
         np.empty((nu, B)), np.empty(B), np.empty((4, B)), np.empty((4, B)),
@@ -388,9 +389,39 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
     nu = bu.shape[0]
     L = RL.shape[1]
     nxt = 0
-    for lane in range(L):
-        nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
+    for lane in range(L):  # every lane starts empty: the refill below gives it a voxel
+        NL[3, lane] = 1.0
+        NL[4, lane] = 0.0
+        NL[5, lane] = -1.0
     while True:
+        # lanes whose voxel ended write it back and take the block's next running voxel;
+        # written here, not in a helper: a call that passes arrays costs atomic reference
+        # counting (~100 ns a call with these arguments, even when numba inlines it)
+        for lane in range(L):
+            state = NL[3, lane]
+            if state == 3.0 or (state == 0.0 and NL[4, lane] < PROFILE_MAXIT):
+                continue  # idle, or still iterating
+            slot = int(NL[5, lane])
+            if slot >= 0:
+                for k in range(4):
+                    NEWT[k, slot] = NL[k, lane]
+            while nxt < nl and NEWT[3, nxt] != 0.0:
+                nxt += 1
+            if nxt >= nl:  # none left: idle, computing on harmless values never written back
+                NL[0, lane] = 1.0
+                NL[3, lane] = 3.0
+                NL[5, lane] = -1.0
+                for u in range(nu):
+                    RL[u, lane] = 0.0
+            else:
+                for k in range(3):
+                    NL[k, lane] = NEWT[k, nxt]
+                NL[3, lane] = 0.0
+                NL[4, lane] = 0.0
+                NL[5, lane] = nxt
+                for u in range(nu):
+                    RL[u, lane] = R[u, nxt]
+                nxt += 1
         active = 0
         for lane in range(L):
             active += NL[3, lane] == 0.0
@@ -440,35 +471,6 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
             NL[1, lane] = a2 if step else a
             NL[2, lane] = b2 if step else b
             NL[4, lane] += 1.0
-        for lane in range(L):
-            if NL[5, lane] >= 0.0 and (NL[3, lane] != 0.0 or NL[4, lane] >= PROFILE_MAXIT):
-                slot = int(NL[5, lane])
-                for k in range(4):
-                    NEWT[k, slot] = NL[k, lane]
-                nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
-
-
-@jit_voxel
-def _newton_take(lane, nxt, nl, R, NEWT, RL, NL):
-    """Give ``lane`` the block's next voxel still running (from slot ``nxt`` on), or make it
-    idle (slot -1, state 3) when none is left; return the next slot to look at."""
-    while nxt < nl and NEWT[3, nxt] != 0.0:
-        nxt += 1
-    if nxt >= nl:
-        NL[0, lane] = 1.0  # an idle lane computes on harmless values, never written back
-        NL[3, lane] = 3.0
-        NL[5, lane] = -1.0
-        for u in range(RL.shape[0]):
-            RL[u, lane] = 0.0
-        return nxt
-    for k in range(3):
-        NL[k, lane] = NEWT[k, nxt]
-    NL[3, lane] = 0.0
-    NL[4, lane] = 0.0
-    NL[5, lane] = nxt
-    for u in range(RL.shape[0]):
-        RL[u, lane] = R[u, nxt]
-    return nxt + 1
 
 
 @jit_block
@@ -641,7 +643,7 @@ def lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST):
 # ---------------------------------------------------------------- the segmented method
 @jit_voxel
 def segmented_block(Y, v0, nl, t, settings, s, out, status):
-    """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the segmented method."""
+    """Fit voxels ``v0 .. v0 + nl`` (nl <= SEGMENTED_BLOCK) with the segmented method."""
     _front(Y, v0, nl, t, settings, s)
     block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
                          s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK, s.RL, s.NL)
@@ -671,7 +673,7 @@ _STATE, _SLOT, _ACC = 19, 20, 21  # lane phase, voxel slot, trial accepted
 _ESSR, _EG0, _EG1, _EH00, _EH01, _EH11 = 22, 23, 24, 25, 26, 27  # evaluation at the trial
 PL_ROWS = 28
 #: Phases of a perfusion-LM lane.
-P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0
+P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE, P_EMPTY = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
 
 
 @jit_voxel
@@ -691,10 +693,58 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
     ``PL`` (PL_ROWS, lanes), ``TL``, ``MC``, ``MTL`` (n_u, lanes) are the lanes' scratch.
     """
     L = PL.shape[1]
+    nu = TL.shape[0]
     nxt = 0
-    for lane in range(L):
-        nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL)
+    for lane in range(L):  # every lane starts empty: the refill below gives it a voxel
+        PL[_STATE, lane] = P_EMPTY
     while True:
+        # lanes whose run ended leave its answer and take the block's next voxel that needs
+        # the bounded fit (written here, not in a helper: see _newton_lanes)
+        for lane in range(L):
+            state = PL[_STATE, lane]
+            if state != P_CONV and state != P_FAIL and state != P_EMPTY:
+                continue
+            if state != P_EMPTY:
+                slot = int(PL[_SLOT, lane])
+                if state == P_CONV:
+                    Q[0, slot] = PL[_B, lane]
+                    Q[1, slot] = PL[_DS, lane]
+                    for u in range(nu):
+                        WK[u, slot] = MC[u, lane]
+                else:
+                    FC[slot] = st.NO_CONVERGENCE
+            while nxt < nl and not (FC[nxt] == GO and not PFOK[nxt]):
+                nxt += 1
+            if nxt >= nl:  # none left: idle, evaluating harmless values
+                PL[_STATE, lane] = P_IDLE
+                PL[_PTB, lane] = 0.0
+                PL[_PTD, lane] = 1.0
+                for u in range(nu):
+                    TL[u, lane] = 0.0
+                continue
+            lob = BLO[nxt]
+            hib = BHI[nxt]
+            lod = DSLO[nxt]
+            hid = HI[2, nxt]
+            PL[_LOB, lane] = lob
+            PL[_HIB, lane] = hib
+            PL[_LOD, lane] = lod
+            PL[_HID, lane] = hid
+            # a start outside the box would freeze there (levenberg_marquardt moves it in)
+            PL[_PTB, lane] = vmin(vmax(Q[0, nxt], lob), hib)
+            PL[_PTD, lane] = vmin(vmax(Q[1, nxt], lod), hid)
+            tt = 0.0
+            for u in range(nu):
+                t = R[u, nxt]
+                TL[u, lane] = t
+                tt += w[u] * t * t
+            PL[_TT, lane] = tt
+            PL[_LAM, lane] = LM_LAMBDA0
+            PL[_NUUP, lane] = 2.0
+            PL[_IT, lane] = 0.0
+            PL[_STATE, lane] = P_INIT
+            PL[_SLOT, lane] = nxt
+            nxt += 1
         active = 0
         for lane in range(L):
             active += PL[_STATE, lane] < P_CONV
@@ -703,58 +753,6 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
         _perfusion_step(PL, maxit)
         _perfusion_evaluate(bu, w, TL, PL, MTL)
         _perfusion_accept(PL, MTL, MC)
-        for lane in range(L):
-            state = PL[_STATE, lane]
-            if state == P_CONV or state == P_FAIL:
-                slot = int(PL[_SLOT, lane])
-                if state == P_CONV:
-                    Q[0, slot] = PL[_B, lane]
-                    Q[1, slot] = PL[_DS, lane]
-                    for u in range(WK.shape[0]):
-                        WK[u, slot] = MC[u, lane]
-                else:
-                    FC[slot] = st.NO_CONVERGENCE
-                nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL,
-                                      TL)
-
-
-@jit_voxel
-def _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL):
-    """Start ``lane`` on the block's next voxel that needs the bounded fit (from slot ``nxt``
-    on), at its grid start moved into the box, or make it idle; return the next slot."""
-    while nxt < nl and not (FC[nxt] == GO and not PFOK[nxt]):
-        nxt += 1
-    nu = TL.shape[0]
-    if nxt >= nl:
-        PL[_STATE, lane] = P_IDLE
-        PL[_PTB, lane] = 0.0  # harmless values for the idle lane's evaluations
-        PL[_PTD, lane] = 1.0
-        for u in range(nu):
-            TL[u, lane] = 0.0
-        return nxt
-    lob = BLO[nxt]
-    hib = BHI[nxt]
-    lod = DSLO[nxt]
-    hid = HI[2, nxt]
-    PL[_LOB, lane] = lob
-    PL[_HIB, lane] = hib
-    PL[_LOD, lane] = lod
-    PL[_HID, lane] = hid
-    # a start outside the box would freeze there (levenberg_marquardt moves it in, too)
-    PL[_PTB, lane] = vmin(vmax(Q[0, nxt], lob), hib)
-    PL[_PTD, lane] = vmin(vmax(Q[1, nxt], lod), hid)
-    tt = 0.0
-    for u in range(nu):
-        t = R[u, nxt]
-        TL[u, lane] = t
-        tt += w[u] * t * t
-    PL[_TT, lane] = tt
-    PL[_LAM, lane] = LM_LAMBDA0
-    PL[_NUUP, lane] = 2.0
-    PL[_IT, lane] = 0.0
-    PL[_STATE, lane] = P_INIT
-    PL[_SLOT, lane] = nxt
-    return nxt + 1
 
 
 @jit_block
@@ -828,13 +826,18 @@ def _perfusion_step(PL, maxit):
         state = P_FAIL if exhausted else state
         lam_new = lam2 if damp else lam
         nu_new = nuup * 2.0 if damp else nuup
-        PL[_STATE, lane] = state if run else PL[_STATE, lane]
-        PL[_IT, lane] = it + 1.0 if (run & (not exhausted)) else it
-        PL[_LAM, lane] = lam_new if (run & (not exhausted)) else lam
-        PL[_NUUP, lane] = nu_new if (run & (not exhausted)) else nuup
-        PL[_PTB, lane] = v0 if run else PL[_PTB, lane]
-        PL[_PTD, lane] = v1 if run else PL[_PTD, lane]
-        PL[_PRED, lane] = pred if run else PL[_PRED, lane]
+        go = run & (not exhausted)
+        old_state = PL[_STATE, lane]
+        old_ptb = PL[_PTB, lane]
+        old_ptd = PL[_PTD, lane]
+        old_pred = PL[_PRED, lane]
+        PL[_STATE, lane] = state if run else old_state
+        PL[_IT, lane] = it + 1.0 if go else it
+        PL[_LAM, lane] = lam_new if go else lam
+        PL[_NUUP, lane] = nu_new if go else nuup
+        PL[_PTB, lane] = v0 if run else old_ptb
+        PL[_PTD, lane] = v1 if run else old_ptd
+        PL[_PRED, lane] = pred if run else old_pred
 
 
 @jit_block
@@ -871,7 +874,10 @@ def _perfusion_accept(PL, MTL, MC):
     """The end of a bounded-LM iteration for every lane just evaluated: a started lane takes
     its start as the current point; a trial is accepted when the gain ratio exceeds 1e-4
     (damping relaxed by Nielsen's rule) or rejected (damped harder), with the scalar loop's
-    convergence tests. Accepted lanes copy the trial's model into ``MC``."""
+    convergence tests. Accepted lanes copy the trial's model into ``MC``.
+
+    Every operand is loaded before its select (``x = a if c else b`` on two loaded values): a
+    select between array elements stays a branch, and the loop is not vectorised."""
     L = PL.shape[1]
     for lane in range(L):
         state = PL[_STATE, lane]
@@ -890,21 +896,33 @@ def _perfusion_accept(PL, MTL, MC):
         take = init | (trial & good)
         conv = trial & ((good & (decrease <= LM_FTOL * ssr_try))
                         | ((not good) & (lam_bad > LM_LAMBDA_MAX)))
+        b_cur, b_new = PL[_B, lane], PL[_PTB, lane]
+        d_cur, d_new = PL[_DS, lane], PL[_PTD, lane]
+        g0_cur, g0_new = PL[_G0, lane], PL[_EG0, lane]
+        g1_cur, g1_new = PL[_G1, lane], PL[_EG1, lane]
+        h00_cur, h00_new = PL[_H00, lane], PL[_EH00, lane]
+        h01_cur, h01_new = PL[_H01, lane], PL[_EH01, lane]
+        h11_cur, h11_new = PL[_H11, lane], PL[_EH11, lane]
+        PL[_B, lane] = b_new if take else b_cur
+        PL[_DS, lane] = d_new if take else d_cur
+        PL[_G0, lane] = g0_new if take else g0_cur
+        PL[_G1, lane] = g1_new if take else g1_cur
+        PL[_H00, lane] = h00_new if take else h00_cur
+        PL[_H01, lane] = h01_new if take else h01_cur
+        PL[_H11, lane] = h11_new if take else h11_cur
         PL[_ACC, lane] = 1.0 if take else 0.0
-        PL[_B, lane] = PL[_PTB, lane] if take else PL[_B, lane]
-        PL[_DS, lane] = PL[_PTD, lane] if take else PL[_DS, lane]
         PL[_SSR, lane] = ssr_try if take else ssr
-        PL[_G0, lane] = PL[_EG0, lane] if take else PL[_G0, lane]
-        PL[_G1, lane] = PL[_EG1, lane] if take else PL[_G1, lane]
-        PL[_H00, lane] = PL[_EH00, lane] if take else PL[_H00, lane]
-        PL[_H01, lane] = PL[_EH01, lane] if take else PL[_H01, lane]
-        PL[_H11, lane] = PL[_EH11, lane] if take else PL[_H11, lane]
-        PL[_LAM, lane] = (lam_good if good else lam_bad) if trial else lam
-        PL[_NUUP, lane] = (2.0 if good else nuup * 2.0) if trial else nuup
-        PL[_STATE, lane] = P_CONV if conv else (P_RUN if (init | trial) else state)
+        lam_trial = lam_good if good else lam_bad
+        PL[_LAM, lane] = lam_trial if trial else lam
+        nu_trial = 2.0 if good else nuup * 2.0
+        PL[_NUUP, lane] = nu_trial if trial else nuup
+        next_state = P_RUN if (init | trial) else state
+        PL[_STATE, lane] = P_CONV if conv else next_state
     for u in range(MTL.shape[0]):
         for lane in range(L):
-            MC[u, lane] = MTL[u, lane] if PL[_ACC, lane] != 0.0 else MC[u, lane]
+            new = MTL[u, lane]
+            cur = MC[u, lane]
+            MC[u, lane] = new if PL[_ACC, lane] != 0.0 else cur
 
 
 @jit_block
@@ -1351,8 +1369,8 @@ def fit_volume_block(Y, tables, settings, n_chunks, out, status):
     for c in prange(n_chunks):
         start = c * n // n_chunks
         stop = (c + 1) * n // n_chunks
-        s = alloc_scratch(nu, nk, nj, Y.shape[1])
         width = BLOCK if settings.method == METHOD_FULL else SEGMENTED_BLOCK
+        s = alloc_scratch(nu, nk, nj, Y.shape[1], width)
         for v0 in range(start, stop, width):
             nl = min(width, stop - v0)
             if settings.method == METHOD_FULL:
