@@ -243,23 +243,42 @@ def lane_products(YW, M, A):
     lanes use it; inside a tile the loop runs over contiguous grid points and vectorises. (With
     the lanes innermost instead, LLVM unrolls the 16-lane loop into scalar code and vectorises
     the grid loop with gathers and scatters: measured 5.7 ns per voxel and grid point against
-    1.0.) Tiles are addressed through views, whose indices LLVM can prove non-negative.
+    1.0.) Four b-values per pass over a tile, added one after the other (the same additions in
+    the same order as one b-value per pass), so that each sum is loaded and stored a quarter as
+    often: 1.09 -> 0.83 ns per voxel and grid point with 11 b-values, 1.67 -> 1.13 with 18.
+    Tiles are addressed through views, whose indices LLVM can prove non-negative.
     """
     nu, ng = M.shape
     for tile in range((ng + G_TILE - 1) // G_TILE):
         g0 = tile * G_TILE
-        nt = vmin(G_TILE, ng - g0)
+        g1 = g0 + vmin(G_TILE, ng - g0)
         for lane in range(LANES):
-            At = A[lane * ng + g0:lane * ng + g0 + nt]
-            for j in range(nt):
+            At = A[lane * ng + g0:lane * ng + g1]
+            for j in range(g1 - g0):
                 At[j] = 0.0
-        for u in range(nu):
-            Mu = M[u, g0:g0 + nt]
+        u = 0
+        while u + 4 <= nu:
+            M0 = M[u, g0:g1]
+            M1 = M[u + 1, g0:g1]
+            M2 = M[u + 2, g0:g1]
+            M3 = M[u + 3, g0:g1]
+            for lane in range(LANES):
+                y0 = YW[u * LANES + lane]
+                y1 = YW[(u + 1) * LANES + lane]
+                y2 = YW[(u + 2) * LANES + lane]
+                y3 = YW[(u + 3) * LANES + lane]
+                At = A[lane * ng + g0:lane * ng + g1]
+                for j in range(g1 - g0):
+                    At[j] = (((At[j] + y0 * M0[j]) + y1 * M1[j]) + y2 * M2[j]) + y3 * M3[j]
+            u += 4
+        while u < nu:
+            Mu = M[u, g0:g1]
             for lane in range(LANES):
                 y = YW[u * LANES + lane]
-                At = A[lane * ng + g0:lane * ng + g0 + nt]
-                for j in range(nt):
+                At = A[lane * ng + g0:lane * ng + g1]
+                for j in range(g1 - g0):
                     At[j] += y * Mu[j]
+            u += 1
 
 
 @jit_block
