@@ -28,10 +28,10 @@ import math
 from collections import namedtuple
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from . import status as st
-from ._jit import jit_block, jit_parallel, jit_voxel
+from ._jit import FASTMATH_FLAGS, jit_block, jit_parallel, jit_voxel
 from .full import (
     MAX_RESTARTS,
     RESTART_NEIGHBOURHOOD,
@@ -44,31 +44,39 @@ from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
 from .tables import METHOD_FULL
 from .vmath import vexp, vmax, vmin
 from .voxel import (
-    KIND_PERFUSION,
     LM_FTOL,
     LM_LAMBDA0,
     LM_LAMBDA_MAX,
     LM_XTOL,
+    FLOAT32_MAX,
+    PIN_TOL,
     fail_voxel,
     finish_voxel,
     levenberg_marquardt,
 )
 
-#: Voxels per block (the width of every lane-wise array). The full method fills its LM lanes
-#: from the whole block (larger blocks leave fewer lanes idle at the block's end); the segmented
-#: method takes SEGMENTED_BLOCK voxels at a time, because its Newton polish runs in lock-step
-#: until the block's slowest voxel has converged (measured on 3·10⁴ voxels, 1 thread: block /
-#: scalar 1.96 with 32 voxels, 1.86 with 64, 1.74 with 128; full: 1.33, 1.49, 1.53).
+#: Voxels per block (the width of every lane-wise array). Both methods feed their lanes (LM
+#: runs, profile-Newton iterations) from the whole block, so larger blocks leave fewer lanes idle
+#: at the block's end. Segmented, 1 thread, 2·10⁵ voxels at SNR 30 (CPU ns per voxel): blocks
+#: of 128 with 16 Newton lanes 432, with 8 lanes 431, with 32 lanes 462; blocks of 64 with 8
+#: lanes 475; lock-step Newton over blocks of 32 (no lanes) 570.
 BLOCK = 128
-SEGMENTED_BLOCK = 32
+SEGMENTED_BLOCK = 128
 #: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
 LANES = 16
+#: Lanes of the segmented method's profile-Newton engine (at most BLOCK).
+NEWTON_LANES = 16
+#: Lanes of the segmented method's bounded 2-parameter LM (a fifth of the voxels need it).
+PERFUSION_LANES = 8
 
 #: Lane phases of the LM engine.
 IDLE = 0  #: no voxel (none left in the block, or the last one was just written)
 INIT = 1  #: a run just started: the next evaluation is at its start point
 TRIAL = 2  #: the next evaluation is at a trial point
 HELD = 3  #: holds a voxel between runs: its next start is chosen before the next round
+
+#: Pending failure code of a segmented voxel that has none (any value that is no status code).
+GO = 255
 
 Scratch = namedtuple(
     "Scratch",
@@ -83,6 +91,8 @@ Scratch = namedtuple(
         # one voxel's contiguous copies for the scalar helpers
         "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
         "mat", "free",
+        # the segmented method's lane-wise finish: raw samples (n_b, BLOCK), pending status
+        "YR", "FC", "RL", "NL", "PL", "TL", "MC", "MTL",
     ],
 )
 Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
@@ -109,8 +119,9 @@ its sum of squares; ``LP`` (LANES, 4) current point, ``LG`` (LANES, 4) gradient 
 
 
 @jit_voxel
-def alloc_scratch(nu, nk, nj):
-    """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids)."""
+def alloc_scratch(nu, nk, nj, nb):
+    """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids,
+    samples per voxel)."""
     B = BLOCK
     L = LANES
     return Scratch(
@@ -130,15 +141,20 @@ def alloc_scratch(nu, nk, nj):
         np.empty(nu), np.empty(nu), np.empty(nu), np.empty(4), np.empty(4), np.empty(4),
         np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
         np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
+        np.empty((nb, B)), np.empty(B, dtype=np.int64), np.empty((nu, NEWTON_LANES)),
+        np.empty((6, NEWTON_LANES)), np.empty((PL_ROWS, PERFUSION_LANES)),
+        np.empty((nu, PERFUSION_LANES)), np.empty((nu, PERFUSION_LANES)),
+        np.empty((nu, PERFUSION_LANES)),
     )
 
 
 # ------------------------------------------------------------------- lane-wise stages
 @jit_block
-def block_group_means(Y, v0, nl, groups, w, YB, SC, DIST):
+def block_group_means(Y, v0, nl, groups, w, YR, YB, SC, DIST):
     """Group means of voxels ``v0 .. v0 + nl`` of ``Y`` into ``YB`` (n_u, nl), divided by the
     scale ``SC`` (nl,): as :func:`fastivim.kernels.voxel.group_means`, NaN scale when unusable.
-    ``DIST`` (nl,) bool is scratch (non-finite sample seen)."""
+    ``YR`` (n_b, nl) receives the raw samples lane-wise (for :func:`block_finish`); ``DIST``
+    (nl,) bool is scratch (non-finite sample seen)."""
     nu = YB.shape[0]
     for u in range(nu):
         for lane in range(nl):
@@ -149,6 +165,7 @@ def block_group_means(Y, v0, nl, groups, w, YB, SC, DIST):
         g = groups[i]
         for lane in range(nl):
             yi = np.float64(Y[v0 + lane, i])
+            YR[i, lane] = yi
             DIST[lane] = DIST[lane] | (not math.isfinite(yi))
             YB[g, lane] += yi
     for lane in range(nl):
@@ -215,8 +232,8 @@ def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
             ACC[4, lane] = sxy if use else ACC[4, lane]
             n = NUSED[lane]
             first = BFIRST[lane]
-            DIST[lane] = DIST[lane] | (use and n > 0 and x != first)
-            BFIRST[lane] = x if (use and n == 0) else first
+            DIST[lane] = DIST[lane] | (use & (n > 0) & (x != first))
+            BFIRST[lane] = x if (use & (n == 0)) else first
             NUSED[lane] = n + 1 if use else n
     for lane in range(nl):
         s0 = ACC[0, lane]
@@ -227,7 +244,7 @@ def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
         slope = cxy / cxx
         z = ym - slope * xm
         a = vexp(z) if z <= 708.0 else math.inf  # vexp clamps; libm would overflow to inf
-        ok = DIST[lane] and cxx > 0.0 and math.isfinite(a) and math.isfinite(slope)
+        ok = DIST[lane] & (cxx > 0.0) & math.isfinite(a) & math.isfinite(slope)
         A[lane] = a
         D[lane] = -slope
         CODE[lane] = st.OK if ok else st.NUMERICAL_FAILURE
@@ -235,13 +252,14 @@ def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
 
 @jit_block
 def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE, R, Q, BLO,
-                          BHI, DSLO, BEST):
+                          BHI, DSLO, BEST, PP):
     """:func:`fastivim.kernels.segmented.perfusion_start` after the log-linear step.
 
     Clamps ``D``, sets ``CODE`` to ``st.DSTAR_NOT_ABOVE_D`` where D_star has no room, moves
     ``A`` into the range the S0 and f bounds allow (``feasible_intercept``), writes
     the tissue residual ``R`` (n_u, nl), the bounds of B (``BLO``, ``BHI``) and of D_star
-    (``DSLO`` and ``HI[2]``), and the best grid start ``Q`` (2, nl) = (B, D_star).
+    (``DSLO`` and ``HI[2]``), and the best grid start ``Q`` (2, nl) = (B, D_star). ``PP``
+    (nl,) is scratch.
     """
     nu = bu.shape[0]
     for lane in range(nl):
@@ -250,7 +268,7 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
         ds_lo = vmax(LO[2, lane], d * (1.0 + DSTAR_MARGIN))
         DSLO[lane] = ds_lo
         c = CODE[lane]
-        CODE[lane] = st.DSTAR_NOT_ABOVE_D if (c == st.OK and not ds_lo < HI[2, lane]) else c
+        CODE[lane] = st.DSTAR_NOT_ABOVE_D if ((c == st.OK) & (not ds_lo < HI[2, lane])) else c
     for lane in range(nl):  # feasible_intercept
         a_lo = LO[0, lane] * (1.0 - HI[1, lane])
         a_hi = HI[0, lane] * (1.0 - LO[1, lane]) if math.isfinite(HI[0, lane]) else math.inf
@@ -274,13 +292,19 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
     for k in range(dstar_grid.shape[0]):
         g = dstar_grid[k]
         gss = GSS[k]
+        # P = sum_u w ES R, accumulated b-value by b-value (the lane loop innermost, so that
+        # it vectorises; each lane's sum keeps the scalar kernel's order)
         for lane in range(nl):
-            P = 0.0
-            for u in range(nu):
-                P += w[u] * ES[k, u] * R[u, lane]
+            PP[lane] = 0.0
+        for u in range(nu):
+            c = w[u] * ES[k, u]
+            for lane in range(nl):
+                PP[lane] += c * R[u, lane]
+        for lane in range(nl):
+            P = PP[lane]
             B = vmin(vmax(P / gss, BLO[lane]), BHI[lane])
             reduction = 2.0 * B * P - B * B * gss
-            take = (not (g < DSLO[lane] or g > HI[2, lane])) and reduction > BEST[lane]
+            take = (not ((g < DSLO[lane]) | (g > HI[2, lane]))) & (reduction > BEST[lane])
             BEST[lane] = reduction if take else BEST[lane]
             Q[0, lane] = B if take else Q[0, lane]
             Q[1, lane] = g if take else Q[1, lane]
@@ -288,12 +312,12 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
 
 @jit_block
 def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, NEWT, ACC,
-                         WK, PFOK):
-    """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``,
-    all lanes iterating together (a lane that has stopped keeps its state).
+                         WK, PFOK, RL, NL):
+    """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``.
 
+    The iterations run on :data:`NEWTON_LANES` lanes fed from the block (:func:`_newton_lanes`);
     ``PFOK`` gets the success flag; where true, ``Q`` holds the polished (B, D_star) and ``WK``
-    (n_u, nl) the perfusion term ``B exp(-b D_star)``.
+    (n_u, nl) the perfusion term ``B exp(-b D_star)``. ``RL``, ``NL`` are the lanes' scratch.
     """
     nu = bu.shape[0]
     nk = dstar_grid.shape[0]
@@ -304,62 +328,15 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
         b = HI[2, lane]
         for k in range(nk):  # bracket: the grid neighbours of the start
             g = dstar_grid[k]
-            a = g if (g < x and g > a) else a
-            b = g if (g > x and g < b) else b
+            a = g if ((g < x) & (g > a)) else a
+            b = g if ((g > x) & (g < b)) else b
         NEWT[0, lane] = x
         NEWT[1, lane] = a
         NEWT[2, lane] = b
         NEWT[3, lane] = 0.0 if CODE[lane] == st.OK else 2.0
         NEWT[4, lane] = a  # the bracket before any step, for the edge test at the end
         NEWT[5, lane] = b
-    for _ in range(PROFILE_MAXIT):
-        running = 0
-        for lane in range(nl):
-            running += NEWT[3, lane] == 0.0
-        if running == 0:
-            break
-        for k in range(6):
-            for lane in range(nl):
-                ACC[k, lane] = 0.0
-        for u in range(nu):
-            bb = bu[u]
-            wu = w[u]
-            for lane in range(nl):
-                e = vexp(-bb * NEWT[0, lane])
-                we = wu * e
-                ru = R[u, lane]
-                ACC[0, lane] += we * ru
-                ACC[1, lane] += we * e
-                ACC[2, lane] -= we * bb * ru
-                ACC[3, lane] -= 2.0 * we * bb * e
-                ACC[4, lane] += we * bb * bb * ru
-                ACC[5, lane] += 4.0 * we * bb * bb * e
-        for lane in range(nl):
-            P = ACC[0, lane]
-            G = ACC[1, lane]
-            P1 = ACC[2, lane]
-            G1 = ACC[3, lane]
-            P2 = ACC[4, lane]
-            G2 = ACC[5, lane]
-            x = NEWT[0, lane]
-            a = NEWT[1, lane]
-            b = NEWT[2, lane]
-            state = NEWT[3, lane]
-            num = 2.0 * P * P1 * G - P * P * G1
-            dh = num / (G * G)
-            d2h = ((2.0 * P1 * P1 * G + 2.0 * P * P2 * G - P * P * G2) * G - 2.0 * G1 * num) / (
-                G * G * G)
-            a2 = vmax(a, x) if dh > 0.0 else a
-            b2 = b if dh > 0.0 else vmin(b, x)
-            xn = x - dh / d2h if d2h < 0.0 else (b2 if dh > 0.0 else a2)
-            xn = xn if (a2 < xn and xn < b2) else 0.5 * (a2 + b2)
-            live = state == 0.0
-            bad = not (G > 0.0 and P > 0.0)
-            conv = abs(xn - x) <= PROFILE_XTOL * x
-            NEWT[3, lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
-            NEWT[0, lane] = xn if (live and not bad) else x
-            NEWT[1, lane] = a2 if (live and not bad) else a
-            NEWT[2, lane] = b2 if (live and not bad) else b
+    _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL)
     for k in range(2):
         for lane in range(nl):
             ACC[k, lane] = 0.0
@@ -376,9 +353,9 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
         brlo = NEWT[4, lane]
         brhi = NEWT[5, lane]
         span = brhi - brlo
-        inside = not (x - brlo <= 1e-6 * span or brhi - x <= 1e-6 * span)
+        inside = not ((x - brlo <= 1e-6 * span) | (brhi - x <= 1e-6 * span))
         B = ACC[0, lane] / ACC[1, lane]
-        ok = NEWT[3, lane] == 1.0 and inside and BLO[lane] < B and B < BHI[lane]
+        ok = (NEWT[3, lane] == 1.0) & inside & (BLO[lane] < B) & (B < BHI[lane])
         PFOK[lane] = ok
         ACC[2, lane] = B
         Q[0, lane] = B if ok else Q[0, lane]
@@ -386,6 +363,105 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
     for u in range(nu):
         for lane in range(nl):
             WK[u, lane] *= ACC[2, lane]
+
+
+@jit_block
+def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
+    """The profile-Newton iterations of :func:`block_profile_newton` on lanes fed from a task
+    list.
+
+    Each lane iterates one voxel (slot) at a time: x, bracket and state in ``NL`` (6, lanes:
+    x, a, b, state, iterations, slot) and its tissue residual copied into ``RL`` (n_u, lanes).
+    A lane whose voxel has converged, failed or used its ``PROFILE_MAXIT`` iterations writes
+    the voxel's x, bracket and state back to ``NEWT`` (6, nl) and takes the block's next
+    running voxel. In lock-step over the whole block, every voxel waited for the block's
+    slowest (9.0 iterations a block against 4.2 a voxel on average, 2·10⁵ voxels at SNR 30);
+    each voxel's own iterations, and their arithmetic, are those of the scalar kernel.
+    """
+    nu = bu.shape[0]
+    L = RL.shape[1]
+    nxt = 0
+    for lane in range(L):
+        nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
+    while True:
+        active = 0
+        for lane in range(L):
+            active += NL[3, lane] == 0.0
+        if active == 0:
+            break
+        for k in range(6):
+            for lane in range(L):
+                ACC[k, lane] = 0.0
+        for u in range(nu):
+            bb = bu[u]
+            wu = w[u]
+            for lane in range(L):
+                e = vexp(-bb * NL[0, lane])
+                we = wu * e
+                ru = RL[u, lane]
+                ACC[0, lane] += we * ru
+                ACC[1, lane] += we * e
+                ACC[2, lane] -= we * bb * ru
+                ACC[3, lane] -= 2.0 * we * bb * e
+                ACC[4, lane] += we * bb * bb * ru
+                ACC[5, lane] += 4.0 * we * bb * bb * e
+        for lane in range(L):
+            P = ACC[0, lane]
+            G = ACC[1, lane]
+            P1 = ACC[2, lane]
+            G1 = ACC[3, lane]
+            P2 = ACC[4, lane]
+            G2 = ACC[5, lane]
+            x = NL[0, lane]
+            a = NL[1, lane]
+            b = NL[2, lane]
+            state = NL[3, lane]
+            num = 2.0 * P * P1 * G - P * P * G1
+            dh = num / (G * G)
+            d2h = ((2.0 * P1 * P1 * G + 2.0 * P * P2 * G - P * P * G2) * G - 2.0 * G1 * num) / (
+                G * G * G)
+            a2 = vmax(a, x) if dh > 0.0 else a
+            b2 = b if dh > 0.0 else vmin(b, x)
+            xn = x - dh / d2h if d2h < 0.0 else (b2 if dh > 0.0 else a2)
+            xn = xn if ((a2 < xn) & (xn < b2)) else 0.5 * (a2 + b2)
+            live = state == 0.0
+            bad = not ((G > 0.0) & (P > 0.0))
+            conv = abs(xn - x) <= PROFILE_XTOL * x
+            step = live & (not bad)
+            NL[3, lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
+            NL[0, lane] = xn if step else x
+            NL[1, lane] = a2 if step else a
+            NL[2, lane] = b2 if step else b
+            NL[4, lane] += 1.0
+        for lane in range(L):
+            if NL[5, lane] >= 0.0 and (NL[3, lane] != 0.0 or NL[4, lane] >= PROFILE_MAXIT):
+                slot = int(NL[5, lane])
+                for k in range(4):
+                    NEWT[k, slot] = NL[k, lane]
+                nxt = _newton_take(lane, nxt, nl, R, NEWT, RL, NL)
+
+
+@jit_voxel
+def _newton_take(lane, nxt, nl, R, NEWT, RL, NL):
+    """Give ``lane`` the block's next voxel still running (from slot ``nxt`` on), or make it
+    idle (slot -1, state 3) when none is left; return the next slot to look at."""
+    while nxt < nl and NEWT[3, nxt] != 0.0:
+        nxt += 1
+    if nxt >= nl:
+        NL[0, lane] = 1.0  # an idle lane computes on harmless values, never written back
+        NL[3, lane] = 3.0
+        NL[5, lane] = -1.0
+        for u in range(RL.shape[0]):
+            RL[u, lane] = 0.0
+        return nxt
+    for k in range(3):
+        NL[k, lane] = NEWT[k, nxt]
+    NL[3, lane] = 0.0
+    NL[4, lane] = 0.0
+    NL[5, lane] = nxt
+    for u in range(RL.shape[0]):
+        RL[u, lane] = R[u, nxt]
+    return nxt + 1
 
 
 @jit_block
@@ -533,55 +609,366 @@ def lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST):
 @jit_voxel
 def segmented_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the segmented method."""
-    nu = t.bu.shape[0]
     _front(Y, v0, nl, t, settings, s)
     block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
-                         s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK)
+                         s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK, s.RL, s.NL)
+    block_pending_codes(nl, s.SC, s.CODE, s.FC)
+    block_bounded_perfusion(t.bu, t.w, settings.maxit, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
+                            s.PFOK, s.WK, s.FC, s.PL, s.TL, s.MC, s.MTL)
+    block_segmented_estimate(nl, s.A, s.D, s.Q, s.YB, s.R, s.WK, s.FC, s.PB, s.MB)
+    block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC, out,
+                 status)
+
+
+@jit_block
+def block_pending_codes(nl, SC, CODE, FC):
+    """``FC`` (nl,): ``BAD_INPUT`` where the scale is unusable, else the segmented start's
+    failure code, else :data:`GO` (no failure so far)."""
+    for lane in range(nl):
+        c = CODE[lane]
+        FC[lane] = st.BAD_INPUT if not SC[lane] > 0.0 else (c if c != st.OK else GO)
+
+
+# Rows of the perfusion-LM lanes' state ``PL`` (see block_bounded_perfusion).
+_B, _DS, _LOB, _HIB, _LOD, _HID = 0, 1, 2, 3, 4, 5  # current point and its box
+_SSR, _G0, _G1, _H00, _H01, _H11 = 6, 7, 8, 9, 10, 11  # sum of squares, gradient, Hessian
+_LAM, _NUUP, _IT, _TT = 12, 13, 14, 15  # damping, its growth factor, iterations, sum w t²
+_PTB, _PTD, _PRED = 16, 17, 18  # trial (or start) point and its predicted decrease
+_STATE, _SLOT, _ACC = 19, 20, 21  # lane phase, voxel slot, trial accepted
+_ESSR, _EG0, _EG1, _EH00, _EH01, _EH11 = 22, 23, 24, 25, 26, 27  # evaluation at the trial
+PL_ROWS = 28
+#: Phases of a perfusion-LM lane.
+P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0
+
+
+@jit_voxel
+def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK, FC, PL, TL,
+                            MC, MTL):
+    """The scalar kernel's bounded 2-parameter Levenberg–Marquardt (B, D_star on the tissue
+    residual ``R``) for every voxel of the block whose profile Newton gave no interior optimum
+    (``FC == GO`` and not ``PFOK``: B or D_star on a bound, or a misbehaving profile).
+
+    The runs go to :data:`PERFUSION_LANES` lanes fed from the block, one iteration of
+    :func:`fastivim.kernels.voxel.levenberg_marquardt` per lane and round, with its decisions
+    in its order, written lane-wise: :func:`_perfusion_step` (active set, damped 2x2 Cholesky
+    solve, clipped step, predicted decrease, the stopping tests), :func:`_perfusion_evaluate`
+    (model, gradient and exact Hessian at the trial point) and :func:`_perfusion_accept` (gain
+    ratio, Nielsen damping). A voxel's run that converges leaves (B, D_star) in ``Q`` and its
+    perfusion term in ``WK``; one that does not sets ``FC`` to ``NO_CONVERGENCE``.
+    ``PL`` (PL_ROWS, lanes), ``TL``, ``MC``, ``MTL`` (n_u, lanes) are the lanes' scratch.
+    """
+    L = PL.shape[1]
+    nxt = 0
+    for lane in range(L):
+        nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL)
+    while True:
+        active = 0
+        for lane in range(L):
+            active += PL[_STATE, lane] < P_CONV
+        if active == 0:
+            break
+        _perfusion_step(PL, maxit)
+        _perfusion_evaluate(bu, w, TL, PL, MTL)
+        _perfusion_accept(PL, MTL, MC)
+        for lane in range(L):
+            state = PL[_STATE, lane]
+            if state == P_CONV or state == P_FAIL:
+                slot = int(PL[_SLOT, lane])
+                if state == P_CONV:
+                    Q[0, slot] = PL[_B, lane]
+                    Q[1, slot] = PL[_DS, lane]
+                    for u in range(WK.shape[0]):
+                        WK[u, slot] = MC[u, lane]
+                else:
+                    FC[slot] = st.NO_CONVERGENCE
+                nxt = _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL,
+                                      TL)
+
+
+@jit_voxel
+def _perfusion_take(lane, nxt, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, FC, w, PL, TL):
+    """Start ``lane`` on the block's next voxel that needs the bounded fit (from slot ``nxt``
+    on), at its grid start moved into the box, or make it idle; return the next slot."""
+    while nxt < nl and not (FC[nxt] == GO and not PFOK[nxt]):
+        nxt += 1
+    nu = TL.shape[0]
+    if nxt >= nl:
+        PL[_STATE, lane] = P_IDLE
+        PL[_PTB, lane] = 0.0  # harmless values for the idle lane's evaluations
+        PL[_PTD, lane] = 1.0
+        for u in range(nu):
+            TL[u, lane] = 0.0
+        return nxt
+    lob = BLO[nxt]
+    hib = BHI[nxt]
+    lod = DSLO[nxt]
+    hid = HI[2, nxt]
+    PL[_LOB, lane] = lob
+    PL[_HIB, lane] = hib
+    PL[_LOD, lane] = lod
+    PL[_HID, lane] = hid
+    # a start outside the box would freeze there (levenberg_marquardt moves it in, too)
+    PL[_PTB, lane] = vmin(vmax(Q[0, nxt], lob), hib)
+    PL[_PTD, lane] = vmin(vmax(Q[1, nxt], lod), hid)
+    tt = 0.0
+    for u in range(nu):
+        t = R[u, nxt]
+        TL[u, lane] = t
+        tt += w[u] * t * t
+    PL[_TT, lane] = tt
+    PL[_LAM, lane] = LM_LAMBDA0
+    PL[_NUUP, lane] = 2.0
+    PL[_IT, lane] = 0.0
+    PL[_STATE, lane] = P_INIT
+    PL[_SLOT, lane] = nxt
+    return nxt + 1
+
+
+@jit_block
+def _perfusion_step(PL, maxit):
+    """One loop iteration of the bounded LM up to its trial evaluation, for every lane in
+    ``P_RUN`` (others keep their state): the next phase is ``P_TRIAL`` (trial point in
+    ``_PTB``/``_PTD``), ``P_RUN`` again (damped harder, no evaluation), ``P_CONV`` or
+    ``P_FAIL``, decided as in :func:`fastivim.kernels.voxel.levenberg_marquardt`."""
+    for lane in range(PL.shape[1]):
+        run = PL[_STATE, lane] == P_RUN
+        it = PL[_IT, lane]
+        ssr = PL[_SSR, lane]
+        lam = PL[_LAM, lane]
+        nuup = PL[_NUUP, lane]
+        p0 = PL[_B, lane]
+        p1 = PL[_DS, lane]
+        lo0 = PL[_LOB, lane]
+        hi0 = PL[_HIB, lane]
+        lo1 = PL[_LOD, lane]
+        hi1 = PL[_HID, lane]
+        g0 = PL[_G0, lane]
+        g1 = PL[_G1, lane]
+        h00 = PL[_H00, lane]
+        h01 = PL[_H01, lane]
+        h11 = PL[_H11, lane]
+        exhausted = it >= maxit
+        exact = ssr <= 1e-28 * PL[_TT, lane]
+        free0 = not (((p0 <= lo0) & (g0 < 0.0)) | ((p0 >= hi0) & (g0 > 0.0)))
+        free1 = not (((p1 <= lo1) & (g1 < 0.0)) | ((p1 >= hi1) & (g1 > 0.0)))
+        pinned = not (free0 | free1)
+        # solve_damped for n = 2, written out
+        dmax = vmax(vmax(0.0, abs(h00)), abs(h11))
+        floor = 1e-12 * dmax + 1e-300
+        m00 = h00 + lam * vmax(abs(h00), floor) if free0 else 1.0
+        m01 = h01 if (free0 & free1) else 0.0
+        m11 = h11 + lam * vmax(abs(h11), floor) if free1 else 1.0
+        d0 = g0 if free0 else 0.0
+        d1 = g1 if free1 else 0.0
+        ok0 = m00 > 0.0
+        l00 = math.sqrt(m00 if ok0 else 1.0)
+        l10 = m01 * (1.0 / l00)
+        s11 = m11 - l10 * l10
+        solved = ok0 & (s11 > 0.0)
+        l11 = math.sqrt(s11 if s11 > 0.0 else 1.0)
+        y0 = d0 / l00
+        y1 = (d1 - l10 * y0) / l11
+        x1 = y1 / l11
+        x0 = (y0 - l10 * x1) / l00
+        x0 = x0 if free0 else 0.0
+        x1 = x1 if free1 else 0.0
+        v0 = vmin(vmax(p0 + x0, lo0), hi0)
+        v1 = vmin(vmax(p1 + x1, lo1), hi1)
+        s0 = v0 - p0  # the step taken, after clipping to the box
+        s1 = v1 - p1
+        small = ((not abs(v0 - p0) > LM_XTOL * (abs(p0) + LM_XTOL))
+                 & (not abs(v1 - p1) > LM_XTOL * (abs(p1) + LM_XTOL)))
+        q0 = 0.0 + h00 * s0 + h01 * s1
+        q1 = 0.0 + h01 * s0 + h11 * s1
+        pred = 0.0 + s0 * (2.0 * g0 - q0) + s1 * (2.0 * g1 - q1)
+        damp = (not solved) | ((not small) & (not pred > 0.0))
+        damp = damp & (not exact) & (not pinned)  # those tests come first
+        lam2 = lam * nuup
+        # (when damping is due, neither a small step nor a small prediction was reached)
+        conv = exact | pinned | (solved & small) | (
+            (not damp) & (pred <= LM_FTOL * ssr) & (lam <= 1.0))
+        # the tests in the scalar loop's order: the first that holds decides
+        state = P_TRIAL
+        state = P_RUN if damp else state
+        state = P_FAIL if (damp & (lam2 > LM_LAMBDA_MAX)) else state
+        state = P_CONV if conv else state
+        state = P_FAIL if exhausted else state
+        lam_new = lam2 if damp else lam
+        nu_new = nuup * 2.0 if damp else nuup
+        PL[_STATE, lane] = state if run else PL[_STATE, lane]
+        PL[_IT, lane] = it + 1.0 if (run & (not exhausted)) else it
+        PL[_LAM, lane] = lam_new if (run & (not exhausted)) else lam
+        PL[_NUUP, lane] = nu_new if (run & (not exhausted)) else nuup
+        PL[_PTB, lane] = v0 if run else PL[_PTB, lane]
+        PL[_PTD, lane] = v1 if run else PL[_PTD, lane]
+        PL[_PRED, lane] = pred if run else PL[_PRED, lane]
+
+
+@jit_block
+def _perfusion_evaluate(bu, w, TL, PL, MTL):
+    """The perfusion model ``B exp(-b D_star)`` of :func:`fastivim.kernels.voxel.evaluate` at
+    every lane's trial point: model into ``MTL`` (n_u, lanes), sum of squares, gradient half
+    and exact Hessian half into ``PL``'s evaluation rows."""
+    L = PL.shape[1]
+    for k in range(_ESSR, _EH11 + 1):
+        for lane in range(L):
+            PL[k, lane] = 0.0
+    for u in range(bu.shape[0]):
+        b = bu[u]
+        wu = w[u]
+        for lane in range(L):
+            B = PL[_PTB, lane]
+            e1 = vexp(-b * PL[_PTD, lane])
+            mu = B * e1
+            MTL[u, lane] = mu
+            r = TL[u, lane] - mu
+            be1 = b * e1
+            j1 = -B * be1
+            wr = wu * r
+            PL[_ESSR, lane] += wu * r * r
+            PL[_EG0, lane] += e1 * wr
+            PL[_EG1, lane] += j1 * wr
+            PL[_EH00, lane] += wu * e1 * e1
+            PL[_EH01, lane] += wu * e1 * j1 + wr * be1
+            PL[_EH11, lane] += wu * j1 * j1 - wr * B * b * be1
+
+
+@jit_block
+def _perfusion_accept(PL, MTL, MC):
+    """The end of a bounded-LM iteration for every lane just evaluated: a started lane takes
+    its start as the current point; a trial is accepted when the gain ratio exceeds 1e-4
+    (damping relaxed by Nielsen's rule) or rejected (damped harder), with the scalar loop's
+    convergence tests. Accepted lanes copy the trial's model into ``MC``."""
+    L = PL.shape[1]
+    for lane in range(L):
+        state = PL[_STATE, lane]
+        init = state == P_INIT
+        trial = state == P_TRIAL
+        ssr = PL[_SSR, lane]
+        ssr_try = PL[_ESSR, lane]
+        lam = PL[_LAM, lane]
+        nuup = PL[_NUUP, lane]
+        rho = (ssr - ssr_try) / PL[_PRED, lane]
+        good = rho > 1e-4
+        decrease = ssr - ssr_try
+        q = 2.0 * rho - 1.0
+        lam_good = lam * vmax(1.0 / 3.0, 1.0 - q * q * q)
+        lam_bad = lam * nuup
+        take = init | (trial & good)
+        conv = trial & ((good & (decrease <= LM_FTOL * ssr_try))
+                        | ((not good) & (lam_bad > LM_LAMBDA_MAX)))
+        PL[_ACC, lane] = 1.0 if take else 0.0
+        PL[_B, lane] = PL[_PTB, lane] if take else PL[_B, lane]
+        PL[_DS, lane] = PL[_PTD, lane] if take else PL[_DS, lane]
+        PL[_SSR, lane] = ssr_try if take else ssr
+        PL[_G0, lane] = PL[_EG0, lane] if take else PL[_G0, lane]
+        PL[_G1, lane] = PL[_EG1, lane] if take else PL[_G1, lane]
+        PL[_H00, lane] = PL[_EH00, lane] if take else PL[_H00, lane]
+        PL[_H01, lane] = PL[_EH01, lane] if take else PL[_H01, lane]
+        PL[_H11, lane] = PL[_EH11, lane] if take else PL[_H11, lane]
+        PL[_LAM, lane] = (lam_good if good else lam_bad) if trial else lam
+        PL[_NUUP, lane] = (2.0 if good else nuup * 2.0) if trial else nuup
+        PL[_STATE, lane] = P_CONV if conv else (P_RUN if (init | trial) else state)
+    for u in range(MTL.shape[0]):
+        for lane in range(L):
+            MC[u, lane] = MTL[u, lane] if PL[_ACC, lane] != 0.0 else MC[u, lane]
+
+
+@jit_block
+def block_segmented_estimate(nl, A, D, Q, YB, R, WK, FC, PB, MB):
+    """The segmented estimate of every voxel: ``PB`` (4, nl) = (S0, f, D_star, D) from the
+    intercept ``A``, B and D_star in ``Q`` and ``D``; ``MB`` (n_u, nl) its model
+    ``ybar - R + B exp(-b D_star)``; ``FC`` gets ``NUMERICAL_FAILURE`` where S0 is not
+    positive."""
+    for lane in range(nl):
+        B = Q[0, lane]
+        S0 = A[lane] + B
+        fc = FC[lane]
+        FC[lane] = st.NUMERICAL_FAILURE if ((fc == GO) & (not S0 > 0.0)) else fc
+        PB[0, lane] = S0
+        PB[1, lane] = B / S0
+        PB[2, lane] = Q[1, lane]
+        PB[3, lane] = D[lane]
+    for u in range(YB.shape[0]):
+        for lane in range(nl):
+            MB[u, lane] = YB[u, lane] - R[u, lane] + WK[u, lane]
+
+
+@jit_block
+def block_finish(YR, v0, nl, groups, MB, PB, SC, LO, HI, FC, ACC, out, status):
+    """:func:`fastivim.kernels.voxel.finish_voxel` for every voxel of the block at once.
+
+    ``PB`` (4, nl) holds (S0, f, D_star, D) in internal units, ``MB`` (n_u, nl) the fitted
+    scaled model, ``YR`` (n_b, nl) the raw samples, ``FC`` (nl,) each voxel's failure code or
+    :data:`GO`. Writes rows ``v0 .. v0 + nl`` of ``out`` (NaN for a failed voxel) and of
+    ``status``, with the scalar function's arithmetic in the same order (bit-identical
+    values); ``ACC`` (>= 3, nl) is scratch.
+    """
+    nb = YR.shape[0]
+    for i in range(4):
+        for lane in range(nl):
+            p = PB[i, lane]
+            fc = FC[lane]
+            FC[lane] = st.NUMERICAL_FAILURE if ((fc == GO) & (not math.isfinite(p))) else fc
+            PB[i, lane] = vmin(vmax(p, LO[i, lane]), HI[i, lane])
+    for lane in range(nl):
+        fc = FC[lane]
+        big = not abs(PB[0, lane] * SC[lane]) < FLOAT32_MAX  # S0 would be inf in a float32 map
+        FC[lane] = st.NUMERICAL_FAILURE if ((fc == GO) & big) else fc
+        ACC[0, lane] = 0.0
+        ACC[1, lane] = 0.0
+        ACC[2, lane] = 0.0
+    for i in range(nb):
+        for lane in range(nl):
+            ACC[0, lane] += YR[i, lane]
+    for lane in range(nl):
+        ACC[0, lane] /= nb
+    for i in range(nb):
+        g = groups[i]
+        for lane in range(nl):
+            yi = YR[i, lane]
+            r = yi - SC[lane] * MB[g, lane]
+            ACC[1, lane] += r * r
+            d = yi - ACC[0, lane]
+            ACC[2, lane] += d * d
     for lane in range(nl):
         v = v0 + lane
-        if not s.SC[lane] > 0.0:
-            status[v] = fail_voxel(out, v, st.BAD_INPUT)
-            continue
-        code = s.CODE[lane]
-        if code != st.OK:
-            status[v] = fail_voxel(out, v, code)
-            continue
-        if not s.PFOK[lane]:
-            # the optimum is on a bound (of B or D_star) or the profile misbehaves: the scalar
-            # kernel's bounded 2-parameter Levenberg–Marquardt, on this voxel's copies
-            for u in range(nu):
-                s.rv[u] = s.R[u, lane]
-            s.q[0] = s.Q[0, lane]
-            s.q[1] = s.Q[1, lane]
-            s.lo2[0] = s.BLO[lane]
-            s.hi2[0] = s.BHI[lane]
-            s.lo2[1] = s.DSLO[lane]
-            s.hi2[1] = s.HI[2, lane]
-            ssr, converged = levenberg_marquardt(KIND_PERFUSION, 2, s.q, s.lo2, s.hi2, t.bu,
-                                                 t.w, s.rv, settings.maxit, s.work, s.mat,
-                                                 s.free)
-            if not converged:
-                status[v] = fail_voxel(out, v, st.NO_CONVERGENCE)
-                continue
-            B = s.q[0]
-            Ds = s.q[1]
-            for u in range(nu):
-                s.WK[u, lane] = s.work[u]
-        else:
-            B = s.Q[0, lane]
-            Ds = s.Q[1, lane]
-        S0 = s.A[lane] + B
-        if not S0 > 0.0:
-            status[v] = fail_voxel(out, v, st.NUMERICAL_FAILURE)
-            continue
-        s.pv[0] = S0
-        s.pv[1] = B / S0
-        s.pv[2] = Ds
-        s.pv[3] = s.D[lane]
-        for u in range(nu):
-            s.mv[u] = s.YB[u, lane] - s.R[u, lane] + s.WK[u, lane]
-        status[v] = _write(Y, v, lane, t.groups, s.LO, s.HI, s.SC, s.mv, s.pv, s.lov, s.hiv,
-                           out)
+        ok = FC[lane] == GO
+        sc = SC[lane]
+        ssr = ACC[1, lane]
+        sst = ACC[2, lane]
+        p0 = PB[0, lane]
+        p1 = PB[1, lane]
+        p2 = PB[2, lane]
+        p3 = PB[3, lane]
+        r2 = 1.0 - ssr / sst if sst > 0.0 else math.nan
+        rmse = math.sqrt(ssr / nb)
+        out[v, 0] = p0 * sc if ok else math.nan
+        out[v, 1] = p1 if ok else math.nan
+        out[v, 2] = p2 * 1e-3 if ok else math.nan
+        out[v, 3] = p3 * 1e-3 if ok else math.nan
+        out[v, 4] = r2 if ok else math.nan
+        out[v, 5] = rmse if ok else math.nan
+        lo0 = LO[0, lane]
+        hi0 = HI[0, lane]
+        lo1 = LO[1, lane]
+        hi1 = HI[1, lane]
+        lo2 = LO[2, lane]
+        hi2 = HI[2, lane]
+        lo3 = LO[3, lane]
+        hi3 = HI[3, lane]
+        s0_span = hi0 - lo0 if math.isfinite(hi0) else 1.0
+        pin = (_pinned(p0, lo0, hi0, s0_span) | _pinned(p1, lo1, hi1, hi1 - lo1)
+               | _pinned(p2, lo2, hi2, hi2 - lo2) | _pinned(p3, lo3, hi3, hi3 - lo3))
+        code = st.AT_BOUND if pin else st.OK
+        code = st.DSTAR_NOT_ABOVE_D if not p2 - p3 > PIN_TOL * (hi2 - lo2) else code
+        status[v] = code if ok else FC[lane]
+
+
+@njit(fastmath=FASTMATH_FLAGS, error_model="numpy", inline="always")
+def _pinned(v, lo, hi, span):
+    """:func:`fastivim.kernels.voxel.pinned` without branches (always inlined)."""
+    return (v - lo <= PIN_TOL * span) | (math.isfinite(hi) & (hi - v <= PIN_TOL * span))
 
 
 @jit_voxel
@@ -601,12 +988,12 @@ def _write(Y, v, lane, groups, LO, HI, SC, mv, pv, lov, hiv, out):
 @jit_voxel
 def _front(Y, v0, nl, t, settings, s):
     """Stages shared by both methods: group means, bounds, log-linear step, perfusion start."""
-    block_group_means(Y, v0, nl, t.groups, t.w, s.YB, s.SC, s.DIST)
+    block_group_means(Y, v0, nl, t.groups, t.w, s.YR, s.YB, s.SC, s.DIST)
     block_bounds(t.bounds, s.SC, nl, s.LO, s.HI)
     block_loglinear(t.bu, t.w, s.YB, settings.b_min, nl, s.ACC, s.NUSED, s.BFIRST, s.DIST, s.A,
                     s.D, s.CODE)
     block_perfusion_start(t.bu, t.w, s.YB, t.ES, t.GSS, t.dstar_grid, nl, s.LO, s.HI, s.A, s.D,
-                          s.CODE, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.BEST)
+                          s.CODE, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.BEST, s.ACC[5])
 
 
 # -------------------------------------------------------------------- the full method
@@ -1003,7 +1390,7 @@ def fit_volume_block(Y, tables, settings, n_chunks, out, status):
     for c in prange(n_chunks):
         start = c * n // n_chunks
         stop = (c + 1) * n // n_chunks
-        s = alloc_scratch(nu, nk, nj)
+        s = alloc_scratch(nu, nk, nj, Y.shape[1])
         width = BLOCK if settings.method == METHOD_FULL else SEGMENTED_BLOCK
         for v0 in range(start, stop, width):
             nl = min(width, stop - v0)
