@@ -299,3 +299,32 @@ def test_grid_loops_are_vectorised():
     bayes.lane_products(rng.normal(size=nu * L), rng.uniform(0, 1, (nu, ng)), np.empty(ng * L))
     asm = bayes.lane_products.inspect_asm(bayes.lane_products.signatures[-1])
     assert len(packed.findall(asm)) >= 2, "<y, m_g> products"
+
+
+def test_weighted_row_sum_is_eight_scalar_running_sums():
+    # the packed accumulator of _dot8_partials must give the bits of eight scalar running sums
+    # (lane k adds terms k, k + 8, ... in order, products fused), then the fixed-order tree
+    from numba import njit
+
+    from fastivim.kernels import bayes
+    from fastivim.kernels._jit import FASTMATH_FLAGS
+
+    @njit(fastmath=FASTMATH_FLAGS, error_model="numpy")
+    def row_sum(L, i, weights):
+        ng = weights.shape[0]
+        s = np.zeros(8)
+        for g in range(ng - ng % 8):
+            s[g % 8] += weights[g] * np.float64(L[i, g])
+        for g in range(ng - ng % 8, ng):
+            s[0] += weights[g] * np.float64(L[i, g])
+        return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+    @njit
+    def kernel(L, i, weights):
+        return bayes._weighted_row_sum(L, i, weights)
+
+    rng = np.random.default_rng(2)
+    for ng in (1, 7, 8, 9, 63, 64, 1000, 4313):
+        L = (rng.random((3, ng)) ** 4).astype(np.float32)
+        w = rng.random(ng) * 10.0 ** rng.uniform(-9, 0, ng)
+        assert kernel(L, 1, w) == row_sum(L, 1, w), ng
