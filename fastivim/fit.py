@@ -16,6 +16,7 @@ from .kernels import bayes, ensure_fresh_cache, simplified, uncertainty
 from .kernels import status as st
 from .kernels.block import fit_volume_block
 from .kernels.driver import chunk_count, fit_volume
+from .kernels.output import split_columns
 from .kernels.tables import METHOD_FULL, METHOD_SEGMENTED, make_settings, make_tables
 from .model import METHODS as _METHOD_NAMES
 from .model import MODELS, PARAM_NAMES, bounds_array, float32_bounds
@@ -422,19 +423,6 @@ def _run_kernel(Y, method_code, b, bounds, b_threshold, progress, kernel="block"
     return out, status
 
 
-def store_inside_bounds(out: np.ndarray, bounds) -> None:
-    """Round the parameter columns of ``out`` (n_vox, >= 4) float32 inward onto the bounds.
-
-    The kernels keep every estimate inside its float64 bounds, but storing a value fitted on a
-    bound as float32 rounds to the nearest float32, which can lie outside (0.3 becomes
-    0.30000001). This moves such values to the nearest float32 inside; it changes nothing else
-    (a move of at most one float32 ulp), and NaN stays NaN.
-    """
-    lo32, hi32 = float32_bounds(bounds)
-    params = out[:, : len(PARAM_NAMES)]
-    np.clip(params, lo32, hi32, out=params)
-
-
 def _fit_on_one_thread(run, Y, tables, settings, out, status):
     """Run the kernel on the calling thread only: waking the pool costs more than a few hundred
     voxels take (measured: 100 voxels ran at 18k voxels/s on 2 threads, 300k on 1)."""
@@ -593,10 +581,10 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     else:
         out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress, kernel)
         sd = _ls_uncertainty(Y, code, b, b_threshold, out) if uncertainty else None
-    store_inside_bounds(out, bounds)
-    maps = _unflatten(out, OUTPUT_COLUMNS, mask, spatial)
+    maps = _unflatten(_columns_inside_bounds(out, bounds), OUTPUT_COLUMNS, mask, spatial)
     if sd is not None:
-        maps.update(_unflatten(sd, bayes.SD_COLUMNS, mask, spatial))
+        maps.update(_unflatten(_columns_inside_bounds(sd, None), bayes.SD_COLUMNS, mask,
+                               spatial))
     if mask is None:
         status_map = status.reshape(spatial)
     else:
@@ -649,15 +637,35 @@ def _ls_uncertainty(Y, code, b, b_threshold, out):
     return sd
 
 
-def _unflatten(out, names, mask, spatial):
-    """Columns of ``out`` (n_vox, k) as maps of ``spatial`` shape by name (NaN off the mask)."""
+def _columns_inside_bounds(out, bounds):
+    """``out`` (n_vox, k) float32 as ``(k, n_vox)`` contiguous columns, the parameter columns
+    rounded inward onto ``bounds`` (None: no rounding), in one parallel compiled pass
+    (:func:`fastivim.kernels.output.split_columns`).
+
+    The kernels keep every estimate inside its float64 bounds, but storing a value fitted on a
+    bound as float32 rounds to the nearest float32, which can lie outside (0.3 becomes
+    0.30000001). Such values move to the nearest float32 inside; nothing else changes (a move
+    of at most one float32 ulp), and NaN stays NaN.
+    """
+    n, k = out.shape
+    cols = np.empty((k, n), dtype=np.float32)
+    if bounds is None:
+        lo32 = hi32 = np.empty(0, dtype=np.float32)
+    else:
+        lo32, hi32 = float32_bounds(bounds)
+    split_columns(out, lo32, hi32, chunk_count(n), cols)
+    return cols
+
+
+def _unflatten(cols, names, mask, spatial):
+    """Rows of ``cols`` (k, n_vox) as maps of ``spatial`` shape by name (NaN off the mask)."""
     maps = {}
     for k, name in enumerate(names):
         if mask is None:
-            maps[name] = np.ascontiguousarray(out[:, k]).reshape(spatial)
+            maps[name] = cols[k].reshape(spatial)
         else:
             full = np.full(spatial, np.nan, dtype=np.float32)
-            full[mask] = out[:, k]
+            full[mask] = cols[k]
             maps[name] = full
     return maps
 

@@ -170,6 +170,58 @@ def test_hot_loops_are_vectorised():
     assert len(PACKED.findall(asm)) >= 10, "vexp not vectorised"
 
 
+@pytest.mark.jit_only
+@pytest.mark.skipif(not _has_avx2(), reason="CPU without AVX2: LLVM has no 256-bit packed "
+                    "double instructions to use, so vectorisation cannot be checked")
+def test_segmented_lane_stages_are_vectorised():
+    """The segmented method's lane-wise stages compile to packed double arithmetic: the
+    perfusion start's grid, the profile-Newton lanes, the bounded-LM step and evaluation, and
+    the finish. (A builtin ``min``/``max``, a short-circuit ``and``/``or`` or a select on an
+    unloaded array element can each silently turn such a loop scalar.)"""
+    nu, nb, nl, nk = 10, 10, 64, 12
+    rng = np.random.default_rng(0)
+    bu = np.linspace(0, 0.8, nu)
+    w = np.ones(nu)
+    f64 = lambda *shape: rng.uniform(0.1, 1.0, shape)  # noqa: E731
+    code = np.zeros(nl, dtype=np.int64)
+    grid = np.geomspace(3.0, 100.0, nk)
+    asm = {
+        "block_perfusion_start": _asm_of(
+            block.block_perfusion_start, bu, w, f64(nu, nl), f64(nk, nu), f64(nk), grid, nl,
+            f64(4, nl), f64(4, nl), f64(nl), f64(nl), code, f64(nu, nl), f64(2, nl), f64(nl),
+            f64(nl), f64(nl), f64(nl), f64(nl)),
+        "_newton_lanes": _asm_of(
+            block._newton_lanes, bu, w, nl, f64(nu, nl), np.full((6, nl), 2.0),
+            f64(6 * block.NEWTON_LANES), f64(nu, block.NEWTON_LANES),
+            f64(6 * block.NEWTON_LANES)),
+        "_perfusion_step": _asm_of(
+            block._perfusion_step, np.zeros(block.PL_ROWS * block.PERFUSION_LANES), 200),
+        "_perfusion_evaluate": _asm_of(
+            block._perfusion_evaluate, bu, w, f64(nu, block.PERFUSION_LANES),
+            f64(block.PL_ROWS * block.PERFUSION_LANES), f64(nu, block.PERFUSION_LANES)),
+        "block_finish": _asm_of(
+            block.block_finish, f64(nb, nl), 0, nl, np.arange(nb), f64(nu, nl), f64(4, nl),
+            f64(nl), f64(4, nl), f64(4, nl), np.full(nl, block.GO, dtype=np.int64),
+            f64(nl), f64(nl), f64(nl), np.empty((nl, 6), dtype=np.float32),
+            np.empty(nl, dtype=np.uint8)),
+    }
+    for name, text in asm.items():
+        assert len(PACKED.findall(text)) >= 10, f"{name} not vectorised"
+    for name in asm:
+        # no run-time overlap checks ("found.conflict") guard the vector loops: on rows of one
+        # 2-D array they failed on every call, and the scalar copy of the loop ran
+        d = getattr(block, name)
+        ir = d.inspect_llvm(d.signatures[-1])
+        assert "found.conflict" not in ir, f"{name}'s vector loop is guarded by overlap checks"
+    for name in ("block_perfusion_start", "_newton_lanes", "_perfusion_evaluate"):
+        # their exponentials: vexp's floor on a vector type, and no scalar exp call (a libm
+        # exp in a lane loop still leaves other packed arithmetic around it)
+        d = getattr(block, name)
+        ir = d.inspect_llvm(d.signatures[-1])
+        assert re.search(r"@llvm\.floor\.v[48]f64", ir), f"{name}: vexp not vectorised"
+        assert not re.search(r"@(llvm\.exp\.f64|exp)\(", ir), f"{name}: scalar exp in a lane loop"
+
+
 @block.jit_block
 def _vexp_loop(x, y):
     for i in range(x.shape[0]):
