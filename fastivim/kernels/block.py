@@ -44,15 +44,14 @@ from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
 from .tables import METHOD_FULL
 from .vmath import vexp, vmax, vmin
 from .voxel import (
+    FLOAT32_MAX,
     LM_FTOL,
     LM_LAMBDA0,
     LM_LAMBDA_MAX,
     LM_XTOL,
-    FLOAT32_MAX,
     PIN_TOL,
     fail_voxel,
     finish_voxel,
-    levenberg_marquardt,
 )
 
 #: Voxels per block (the width of every lane-wise array) of the full method, and of the
