@@ -178,3 +178,30 @@ def fit_full_scipy(b_values, y, bounds=None, starts=None):
         if s < best_ssr:
             best, best_ssr = params, s
     return best, best_ssr
+
+
+def bayes_posterior(b_values, y, M, logw, par, cvar, sigma, s0_bounds, log_cutoff=30.0):
+    """Posterior mean and SD of one voxel over the grid of the Bayesian method.
+
+    ``M`` (n_u, n_g) is the model at each grid point for the unique b-values (S0 = 1), ``logw``
+    (n_g,) the log prior weights, ``par`` (3, n_g) the grid's (f, D_star, D), ``cvar`` (3, n_g)
+    each cell's own variance. The magnitude bias is removed per sample (``sqrt(max(y² - σ²,
+    0))``); S0 is integrated out under a flat prior (the Gaussian integral peaks at the clipped
+    least-squares scale and has width ``σ / |m_g|``); terms below ``exp(-log_cutoff)`` of the
+    largest are dropped. Returns ``(mean, sd)``, each ``(S0, f, D_star, D)``.
+    """
+    bu, groups = np.unique(np.asarray(b_values, dtype=np.float64), return_inverse=True)
+    w = np.bincount(groups).astype(np.float64)
+    yd = np.sqrt(np.maximum(np.asarray(y, dtype=np.float64) ** 2 - sigma**2, 0.0))
+    ybar = np.bincount(groups, weights=yd) / w
+    nn = w @ (M * M)
+    a = (w * ybar) @ M
+    s = np.clip(a / nn, *s0_bounds)
+    ll = (2 * s * a - s * s * nn) / (2 * sigma**2) - 0.5 * np.log(nn) + logw
+    d = ll - ll.max()
+    p = np.where(d > -log_cutoff, np.exp(d), 0.0)
+    p /= p.sum()
+    mean = np.array([p @ s, p @ par[0], p @ par[1], p @ par[2]])
+    second = np.array([p @ (s * s + sigma**2 / nn), p @ (par[0] ** 2 + cvar[0]),
+                       p @ (par[1] ** 2 + cvar[1]), p @ (par[2] ** 2 + cvar[2])])
+    return mean, np.sqrt(np.maximum(second - mean**2, 0.0))

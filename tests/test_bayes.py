@@ -204,3 +204,127 @@ def test_bayesian_d_star_intervals_cover_at_low_snr(scheme):
     m = ph.mask
     cover = np.mean(np.abs(bay.D_star[m] - ph.D_star[m]) <= 1.96 * bay.D_star_sd[m])
     assert 0.93 <= cover <= 0.995, cover
+
+
+def _posterior_inputs(scheme="clinical11", n=37, seed=0):
+    """Grid tables with a random pruned prior, and ``n`` phantom voxels (one NaN, one zero)."""
+    from fastivim.fit import bounds_array
+    from fastivim.kernels import bayes
+    from fastivim.model import DEFAULT_BOUNDS
+
+    rng = np.random.default_rng(seed)
+    ph = tissue_phantom((24, 24, 1), b_values=B_SCHEMES[scheme], snr=20, seed=seed)
+    t = bayes.make_bayes_tables(ph.b_values, bounds_array(DEFAULT_BOUNDS))
+    weights = rng.dirichlet(np.full(t["nn"].size, 0.3))
+    keep = weights >= 1e-4 * weights.max()
+    tables = (np.ascontiguousarray(t["M"][:, keep]), t["nn"][keep], 1.0 / t["nn"][keep],
+              np.log(weights[keep]) + t["lnorm"][keep],
+              np.ascontiguousarray(t["par"][:, keep]), np.ascontiguousarray(t["cvar"][:, keep]),
+              np.ascontiguousarray(t["edge"][:, keep]))
+    Y = ph.signal[ph.mask][:n].astype(np.float64)
+    Y[7] = np.nan
+    Y[20] = 0.0
+    return ph, t, tables, np.ascontiguousarray(Y), weights[keep]
+
+
+def _posterior(Y, t, tables, sigma, n_chunks=3):
+    from fastivim.kernels import bayes
+
+    n = Y.shape[0]
+    out = np.full((n, 6), np.nan, dtype=np.float32)
+    sd = np.full((n, 4), np.nan, dtype=np.float32)
+    stat = np.zeros(n, dtype=np.uint8)
+    bayes.posterior_volume(Y, t["groups"], t["w"], t["bu"], sigma**2, *tables, 0.0, np.inf,
+                           n_chunks, out, sd, stat)
+    return out, sd, stat
+
+
+def test_posterior_kernel_matches_the_numpy_reference():
+    # the lane-blocked kernel (voxels in blocks of LANES, a partial last block) against a plain
+    # NumPy posterior over the same grid, voxel by voxel
+    from reference import bayes_posterior
+
+    ph, t, tables, Y, weights = _posterior_inputs()
+    sigma = ph.sigma
+    out, sd, stat = _posterior(Y, t, tables, sigma)
+    assert stat[7] == status.BAD_INPUT and stat[20] == status.BAD_INPUT
+    assert np.isnan(out[7]).all() and np.isnan(sd[20]).all()
+    M, par, cvar = tables[0], tables[4], tables[5]
+    checked = 0
+    for v in range(Y.shape[0]):
+        if v in (7, 20):
+            continue
+        mean, sdev = bayes_posterior(ph.b_values, Y[v], M, np.log(weights), par, cvar, sigma,
+                                     (0.0, np.inf))
+        np.testing.assert_allclose(out[v, :4], mean, rtol=1e-6, err_msg=str(v))
+        np.testing.assert_allclose(sd[v], sdev, rtol=1e-5, err_msg=str(v))
+        checked += 1
+    assert checked == Y.shape[0] - 2
+
+
+def test_posterior_of_a_voxel_does_not_depend_on_its_block():
+    # a voxel's lane (its position in its block of LANES), the block's other voxels and the
+    # chunking must not change a single bit of its result
+    ph, t, tables, Y, _ = _posterior_inputs(scheme="osipi18", seed=1)
+    ref = _posterior(Y, t, tables, ph.sigma, n_chunks=1)
+    for shift, chunks in ((5, 1), (1, 4), (0, 7)):
+        got = _posterior(np.ascontiguousarray(Y[shift:]), t, tables, ph.sigma, n_chunks=chunks)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(a, b[shift:])
+
+
+@pytest.mark.jit_only
+def test_grid_loops_are_vectorised():
+    # the posterior's grid loops run vectorised over the lanes: the exp polynomial and the
+    # sums as packed FMAs (a scalar build has the 13-term polynomial as scalar FMAs), the
+    # <y, m_g> products as packed FMAs over grid points
+    import re
+    from pathlib import Path
+
+    from fastivim.kernels import bayes
+
+    if " avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("CPU without AVX2: no 256-bit packed double instructions to look for")
+    packed = re.compile(r"\bvfn?madd\d+pd\s+[^\n]*%[yz]mm")
+    scalar = re.compile(r"\bvfn?madd\d+sd\s")
+    L, ng, nu = bayes.LANES, 300, 11
+    rng = np.random.default_rng(0)
+    v = rng.uniform(0.5, 1.0, ng)
+    par, edge = rng.uniform(0, 1, (3, ng)), np.zeros((3, ng), dtype=np.int8)
+    args = (rng.normal(size=ng * L), rng.normal(size=ng * L), np.zeros(L), v, par, par, edge,
+            np.zeros(ng, dtype=np.bool_), 1.0, np.empty(L), np.empty(bayes.N_SUMS * L))
+    bayes.lane_posterior_sums(*args)
+    asm = bayes.lane_posterior_sums.inspect_asm(bayes.lane_posterior_sums.signatures[-1])
+    assert len(packed.findall(asm)) >= 30 and len(scalar.findall(asm)) < 13, "posterior sums"
+    bayes.lane_products(rng.normal(size=nu * L), rng.uniform(0, 1, (nu, ng)), np.empty(ng * L))
+    asm = bayes.lane_products.inspect_asm(bayes.lane_products.signatures[-1])
+    assert len(packed.findall(asm)) >= 2, "<y, m_g> products"
+
+
+def test_weighted_row_sum_is_eight_scalar_running_sums():
+    # the packed accumulator of _dot8_partials must give the bits of eight scalar running sums
+    # (lane k adds terms k, k + 8, ... in order, products fused), then the fixed-order tree
+    from numba import njit
+
+    from fastivim.kernels import bayes
+    from fastivim.kernels._jit import FASTMATH_FLAGS
+
+    @njit(fastmath=FASTMATH_FLAGS, error_model="numpy")
+    def row_sum(L, i, weights):
+        ng = weights.shape[0]
+        s = np.zeros(8)
+        for g in range(ng - ng % 8):
+            s[g % 8] += weights[g] * np.float64(L[i, g])
+        for g in range(ng - ng % 8, ng):
+            s[0] += weights[g] * np.float64(L[i, g])
+        return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+    @njit
+    def kernel(L, i, weights):
+        return bayes._weighted_row_sum(L, i, weights)
+
+    rng = np.random.default_rng(2)
+    for ng in (1, 7, 8, 9, 63, 64, 1000, 4313):
+        L = (rng.random((3, ng)) ** 4).astype(np.float32)
+        w = rng.random(ng) * 10.0 ** rng.uniform(-9, 0, ng)
+        assert kernel(L, 1, w) == row_sum(L, 1, w), ng

@@ -91,7 +91,7 @@ Scratch = namedtuple(
         "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
         "mat", "free",
         # the segmented method's lane-wise finish: raw samples (n_b, BLOCK), pending status
-        "YR", "FC", "RL", "NL", "PL", "TL", "MC", "MTL",
+        "YR", "FC", "RL", "NL", "NA", "PL", "TL", "MC", "MTL",
     ],
 )
 Scratch.__doc__ = """Scratch of one chunk of voxels, allocated once per chunk.
@@ -150,7 +150,7 @@ def alloc_scratch(nu, nk, nj, nb, width):
         np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
         np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
         np.empty((nb, B)), np.empty(B, dtype=np.int64), np.empty((nu, NEWTON_LANES)),
-        np.empty((6, NEWTON_LANES)), np.empty((PL_ROWS, PERFUSION_LANES)),
+        np.empty(6 * NEWTON_LANES), np.empty(6 * NEWTON_LANES), np.empty(PL_ROWS * PERFUSION_LANES),
         np.empty((nu, PERFUSION_LANES)), np.empty((nu, PERFUSION_LANES)),
         np.empty((nu, PERFUSION_LANES)),
     )
@@ -208,12 +208,17 @@ def block_bounds(bounds, SC, nl, LO, HI):
 
 
 @jit_block
-def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
+def block_loglinear(bu, w, YB, b_min, nl, S0, SX, SY, SXX, SXY, NUSED, BFIRST, DIST, A, D, CODE):
     """:func:`fastivim.kernels.voxel.loglinear_fit` for every voxel: ``A``, ``D`` and
-    ``CODE`` (``st.OK`` or ``st.NUMERICAL_FAILURE``)."""
-    for k in range(5):
-        for lane in range(nl):
-            ACC[k, lane] = 0.0
+    ``CODE`` (``st.OK`` or ``st.NUMERICAL_FAILURE``). ``S0``, ``SX``, ``SY``, ``SXX``, ``SXY``
+    (nl,) hold the weighted sums: separate arrays, because LLVM guards a loop that stores to
+    several rows of one 2-D array with overlap checks that fail at run time (scalar loop)."""
+    for lane in range(nl):
+        S0[lane] = 0.0
+        SX[lane] = 0.0
+        SY[lane] = 0.0
+        SXX[lane] = 0.0
+        SXY[lane] = 0.0
     for lane in range(nl):
         NUSED[lane] = 0
         BFIRST[lane] = -1.0
@@ -228,27 +233,27 @@ def block_loglinear(bu, w, YB, b_min, nl, ACC, NUSED, BFIRST, DIST, A, D, CODE):
             use = y > 0.0
             om = wu * y * y
             ly = math.log(y if use else 1.0)
-            s0 = ACC[0, lane] + om
-            sx = ACC[1, lane] + om * x
-            sy = ACC[2, lane] + om * ly
-            sxx = ACC[3, lane] + om * x * x
-            sxy = ACC[4, lane] + om * x * ly
-            ACC[0, lane] = s0 if use else ACC[0, lane]
-            ACC[1, lane] = sx if use else ACC[1, lane]
-            ACC[2, lane] = sy if use else ACC[2, lane]
-            ACC[3, lane] = sxx if use else ACC[3, lane]
-            ACC[4, lane] = sxy if use else ACC[4, lane]
+            s0 = S0[lane] + om
+            sx = SX[lane] + om * x
+            sy = SY[lane] + om * ly
+            sxx = SXX[lane] + om * x * x
+            sxy = SXY[lane] + om * x * ly
+            S0[lane] = s0 if use else S0[lane]
+            SX[lane] = sx if use else SX[lane]
+            SY[lane] = sy if use else SY[lane]
+            SXX[lane] = sxx if use else SXX[lane]
+            SXY[lane] = sxy if use else SXY[lane]
             n = NUSED[lane]
             first = BFIRST[lane]
             DIST[lane] = DIST[lane] | (use & (n > 0) & (x != first))
             BFIRST[lane] = x if (use & (n == 0)) else first
             NUSED[lane] = n + 1 if use else n
     for lane in range(nl):
-        s0 = ACC[0, lane]
-        xm = ACC[1, lane] / s0
-        ym = ACC[2, lane] / s0
-        cxx = ACC[3, lane] / s0 - xm * xm
-        cxy = ACC[4, lane] / s0 - xm * ym
+        s0 = S0[lane]
+        xm = SX[lane] / s0
+        ym = SY[lane] / s0
+        cxx = SXX[lane] / s0 - xm * xm
+        cxy = SXY[lane] / s0 - xm * ym
         slope = cxy / cxx
         z = ym - slope * xm
         a = vexp(z) if z <= 708.0 else math.inf  # vexp clamps; libm would overflow to inf
@@ -318,68 +323,94 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
             Q[1, lane] = g if take else Q[1, lane]
 
 
-@jit_block
+@jit_voxel
 def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, NEWT, ACC,
-                         WK, PFOK, RL, NL):
+                         WK, PFOK, RL, NL, NA):
     """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``.
 
     The iterations run on :data:`NEWTON_LANES` lanes fed from the block (:func:`_newton_lanes`);
     ``PFOK`` gets the success flag; where true, ``Q`` holds the polished (B, D_star) and ``WK``
-    (n_u, nl) the perfusion term ``B exp(-b D_star)``. ``RL``, ``NL`` are the lanes' scratch.
+    (n_u, nl) the perfusion term ``B exp(-b D_star)``. ``NEWT`` (6, nl) holds each voxel's
+    x, bracket (a, b), state (0 running, 1 converged, 2 failed) and first bracket; ``ACC``,
+    ``RL``, ``NL``, ``NA`` are scratch. The lane-wise stages take rows as separate arrays (see
+    :func:`block_loglinear`).
     """
-    nu = bu.shape[0]
+    _newton_brackets(dstar_grid, nl, Q[1], DSLO, HI[2], CODE, NEWT[0], NEWT[1], NEWT[2],
+                     NEWT[3], NEWT[4], NEWT[5])
+    _newton_lanes(bu, w, nl, R, NEWT, NA, RL, NL)
+    _newton_finish(bu, w, nl, R, NEWT[0], NEWT[3], NEWT[4], NEWT[5], BLO, BHI, Q[0], Q[1], PFOK,
+                   WK, ACC[0], ACC[1], ACC[2])
+
+
+@jit_block
+def _newton_brackets(dstar_grid, nl, QD, DSLO, HID, CODE, X, A, B, S, A0, B0):
+    """Each voxel's Newton start: x at the grid start ``QD``, the bracket (``A``, ``B``, and
+    its copy ``A0``, ``B0`` for the edge test at the end) between the grid neighbours of x
+    inside ``[DSLO, HID]``, the state ``S`` 0 (running) where ``CODE`` is OK, else 2."""
     nk = dstar_grid.shape[0]
-    # NEWT rows: x, bracket a, b, state (0 running, 1 converged, 2 failed), first a, first b
     for lane in range(nl):
-        x = Q[1, lane]
+        x = QD[lane]
         a = DSLO[lane]
-        b = HI[2, lane]
+        b = HID[lane]
         for k in range(nk):  # bracket: the grid neighbours of the start
             g = dstar_grid[k]
             a = g if ((g < x) & (g > a)) else a
             b = g if ((g > x) & (g < b)) else b
-        NEWT[0, lane] = x
-        NEWT[1, lane] = a
-        NEWT[2, lane] = b
-        NEWT[3, lane] = 0.0 if CODE[lane] == st.OK else 2.0
-        NEWT[4, lane] = a  # the bracket before any step, for the edge test at the end
-        NEWT[5, lane] = b
-    _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL)
-    for k in range(2):
-        for lane in range(nl):
-            ACC[k, lane] = 0.0
+        X[lane] = x
+        A[lane] = a
+        B[lane] = b
+        S[lane] = 0.0 if CODE[lane] == st.OK else 2.0
+        A0[lane] = a
+        B0[lane] = b
+
+
+@jit_block
+def _newton_finish(bu, w, nl, R, X, S, A0, B0, BLO, BHI, QB, QD, PFOK, WK, P, G, BB):
+    """The end of :func:`segmented.profile_newton` for every voxel: success (converged, x
+    inside its first bracket, B inside its bounds) into ``PFOK``; where true, (B, x) into
+    ``QB``, ``QD``; ``WK`` (n_u, nl) the perfusion term at x. ``P``, ``G``, ``BB`` scratch."""
+    nu = bu.shape[0]
+    for lane in range(nl):
+        P[lane] = 0.0
+        G[lane] = 0.0
     for u in range(nu):
         bb = bu[u]
         wu = w[u]
         for lane in range(nl):
-            e = vexp(-bb * NEWT[0, lane])
+            e = vexp(-bb * X[lane])
             WK[u, lane] = e
-            ACC[0, lane] += wu * e * R[u, lane]
-            ACC[1, lane] += wu * e * e
+            P[lane] += wu * e * R[u, lane]
+            G[lane] += wu * e * e
     for lane in range(nl):
-        x = NEWT[0, lane]
-        brlo = NEWT[4, lane]
-        brhi = NEWT[5, lane]
+        x = X[lane]
+        brlo = A0[lane]
+        brhi = B0[lane]
         span = brhi - brlo
         inside = not ((x - brlo <= 1e-6 * span) | (brhi - x <= 1e-6 * span))
-        B = ACC[0, lane] / ACC[1, lane]
-        ok = (NEWT[3, lane] == 1.0) & inside & (BLO[lane] < B) & (B < BHI[lane])
+        B = P[lane] / G[lane]
+        ok = (S[lane] == 1.0) & inside & (BLO[lane] < B) & (B < BHI[lane])
         PFOK[lane] = ok
-        ACC[2, lane] = B
-        Q[0, lane] = B if ok else Q[0, lane]
-        Q[1, lane] = x if ok else Q[1, lane]
+        BB[lane] = B
+        qb = QB[lane]
+        qd = QD[lane]
+        QB[lane] = B if ok else qb
+        QD[lane] = x if ok else qd
     for u in range(nu):
         for lane in range(nl):
-            WK[u, lane] *= ACC[2, lane]
+            WK[u, lane] *= BB[lane]
 
 
 @jit_block
-def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
+def _newton_lanes(bu, w, nl, R, NEWT, NA, RL, NL):
     """The profile-Newton iterations of :func:`block_profile_newton` on lanes fed from a task
     list.
 
-    Each lane iterates one voxel (slot) at a time: x, bracket and state in ``NL`` (6, lanes:
-    x, a, b, state, iterations, slot) and its tissue residual copied into ``RL`` (n_u, lanes).
+    Each lane iterates one voxel (slot) at a time: x, bracket and state in ``NL`` (6 rows of
+    :data:`NEWTON_LANES`, flat: x, a, b, state, iterations, slot), its sums in ``NA`` (6 rows,
+    flat) and its tissue residual copied into ``RL`` (n_u, lanes). The state is flat, row ``k``
+    at ``k * NEWTON_LANES``, with the lane count a compile-time constant: LLVM then sees that
+    the rows do not overlap, where for rows of a 2-D array (a run-time row length) it adds
+    overlap checks that fail at run time and runs the scalar copy of the loop.
     A lane whose voxel has converged, failed or used its ``PROFILE_MAXIT`` iterations writes
     the voxel's x, bracket and state back to ``NEWT`` (6, nl) and takes the block's next
     running voxel. In lock-step over the whole block, every voxel waited for the block's
@@ -387,73 +418,73 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
     each voxel's own iterations, and their arithmetic, are those of the scalar kernel.
     """
     nu = bu.shape[0]
-    L = RL.shape[1]
+    W = NEWTON_LANES
     nxt = 0
-    for lane in range(L):  # every lane starts empty: the refill below gives it a voxel
-        NL[3, lane] = 1.0
-        NL[4, lane] = 0.0
-        NL[5, lane] = -1.0
+    for lane in range(W):  # every lane starts empty: the refill below gives it a voxel
+        NL[3 * W + lane] = 1.0
+        NL[4 * W + lane] = 0.0
+        NL[5 * W + lane] = -1.0
     while True:
         # lanes whose voxel ended write it back and take the block's next running voxel;
         # written here, not in a helper: a call that passes arrays costs atomic reference
         # counting (~100 ns a call with these arguments, even when numba inlines it)
-        for lane in range(L):
-            state = NL[3, lane]
-            if state == 3.0 or (state == 0.0 and NL[4, lane] < PROFILE_MAXIT):
+        for lane in range(W):
+            state = NL[3 * W + lane]
+            if state == 3.0 or (state == 0.0 and NL[4 * W + lane] < PROFILE_MAXIT):
                 continue  # idle, or still iterating
-            slot = int(NL[5, lane])
+            slot = int(NL[5 * W + lane])
             if slot >= 0:
                 for k in range(4):
-                    NEWT[k, slot] = NL[k, lane]
+                    NEWT[k, slot] = NL[k * W + lane]
             while nxt < nl and NEWT[3, nxt] != 0.0:
                 nxt += 1
             if nxt >= nl:  # none left: idle, computing on harmless values never written back
-                NL[0, lane] = 1.0
-                NL[3, lane] = 3.0
-                NL[5, lane] = -1.0
+                NL[0 * W + lane] = 1.0
+                NL[3 * W + lane] = 3.0
+                NL[5 * W + lane] = -1.0
                 for u in range(nu):
                     RL[u, lane] = 0.0
             else:
                 for k in range(3):
-                    NL[k, lane] = NEWT[k, nxt]
-                NL[3, lane] = 0.0
-                NL[4, lane] = 0.0
-                NL[5, lane] = nxt
+                    NL[k * W + lane] = NEWT[k, nxt]
+                NL[3 * W + lane] = 0.0
+                NL[4 * W + lane] = 0.0
+                NL[5 * W + lane] = nxt
                 for u in range(nu):
                     RL[u, lane] = R[u, nxt]
                 nxt += 1
         active = 0
-        for lane in range(L):
-            active += NL[3, lane] == 0.0
+        for lane in range(W):
+            active += NL[3 * W + lane] == 0.0
         if active == 0:
             break
         for k in range(6):
-            for lane in range(L):
-                ACC[k, lane] = 0.0
+            for lane in range(W):
+                NA[k * W + lane] = 0.0
         for u in range(nu):
             bb = bu[u]
             wu = w[u]
-            for lane in range(L):
-                e = vexp(-bb * NL[0, lane])
+            for lane in range(W):
+                e = vexp(-bb * NL[0 * W + lane])
                 we = wu * e
                 ru = RL[u, lane]
-                ACC[0, lane] += we * ru
-                ACC[1, lane] += we * e
-                ACC[2, lane] -= we * bb * ru
-                ACC[3, lane] -= 2.0 * we * bb * e
-                ACC[4, lane] += we * bb * bb * ru
-                ACC[5, lane] += 4.0 * we * bb * bb * e
-        for lane in range(L):
-            P = ACC[0, lane]
-            G = ACC[1, lane]
-            P1 = ACC[2, lane]
-            G1 = ACC[3, lane]
-            P2 = ACC[4, lane]
-            G2 = ACC[5, lane]
-            x = NL[0, lane]
-            a = NL[1, lane]
-            b = NL[2, lane]
-            state = NL[3, lane]
+                NA[0 * W + lane] += we * ru
+                NA[1 * W + lane] += we * e
+                NA[2 * W + lane] -= we * bb * ru
+                NA[3 * W + lane] -= 2.0 * we * bb * e
+                NA[4 * W + lane] += we * bb * bb * ru
+                NA[5 * W + lane] += 4.0 * we * bb * bb * e
+        for lane in range(W):
+            P = NA[0 * W + lane]
+            G = NA[1 * W + lane]
+            P1 = NA[2 * W + lane]
+            G1 = NA[3 * W + lane]
+            P2 = NA[4 * W + lane]
+            G2 = NA[5 * W + lane]
+            x = NL[0 * W + lane]
+            a = NL[1 * W + lane]
+            b = NL[2 * W + lane]
+            state = NL[3 * W + lane]
             num = 2.0 * P * P1 * G - P * P * G1
             dh = num / (G * G)
             d2h = ((2.0 * P1 * P1 * G + 2.0 * P * P2 * G - P * P * G2) * G - 2.0 * G1 * num) / (
@@ -466,11 +497,11 @@ def _newton_lanes(bu, w, nl, R, NEWT, ACC, RL, NL):
             bad = not ((G > 0.0) & (P > 0.0))
             conv = abs(xn - x) <= PROFILE_XTOL * x
             step = live & (not bad)
-            NL[3, lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
-            NL[0, lane] = xn if step else x
-            NL[1, lane] = a2 if step else a
-            NL[2, lane] = b2 if step else b
-            NL[4, lane] += 1.0
+            NL[3 * W + lane] = (2.0 if bad else (1.0 if conv else 0.0)) if live else state
+            NL[0 * W + lane] = xn if step else x
+            NL[1 * W + lane] = a2 if step else a
+            NL[2 * W + lane] = b2 if step else b
+            NL[4 * W + lane] += 1.0
 
 
 @jit_block
@@ -646,13 +677,13 @@ def segmented_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= SEGMENTED_BLOCK) with the segmented method."""
     _front(Y, v0, nl, t, settings, s)
     block_profile_newton(t.bu, t.w, t.dstar_grid, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
-                         s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK, s.RL, s.NL)
+                         s.CODE, s.NEWT, s.ACC, s.WK, s.PFOK, s.RL, s.NL, s.NA)
     block_pending_codes(nl, s.SC, s.CODE, s.FC)
     block_bounded_perfusion(t.bu, t.w, settings.maxit, nl, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.HI,
                             s.PFOK, s.WK, s.FC, s.PL, s.TL, s.MC, s.MTL)
     block_segmented_estimate(nl, s.A, s.D, s.Q, s.YB, s.R, s.WK, s.FC, s.PB, s.MB)
-    block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC, out,
-                 status)
+    block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC[0], s.ACC[1],
+                 s.ACC[2], out, status)
 
 
 @jit_block
@@ -690,25 +721,27 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
     (model, gradient and exact Hessian at the trial point) and :func:`_perfusion_accept` (gain
     ratio, Nielsen damping). A voxel's run that converges leaves (B, D_star) in ``Q`` and its
     perfusion term in ``WK``; one that does not sets ``FC`` to ``NO_CONVERGENCE``.
-    ``PL`` (PL_ROWS, lanes), ``TL``, ``MC``, ``MTL`` (n_u, lanes) are the lanes' scratch.
+    ``PL`` (PL_ROWS rows of PERFUSION_LANES, flat: row ``k`` at ``k * PERFUSION_LANES``, so
+    that LLVM sees its rows do not overlap, as in :func:`_newton_lanes`), ``TL``, ``MC``,
+    ``MTL`` (n_u, lanes) are the lanes' scratch.
     """
-    L = PL.shape[1]
+    W = PERFUSION_LANES
     nu = TL.shape[0]
     nxt = 0
-    for lane in range(L):  # every lane starts empty: the refill below gives it a voxel
-        PL[_STATE, lane] = P_EMPTY
+    for lane in range(W):  # every lane starts empty: the refill below gives it a voxel
+        PL[_STATE * W + lane] = P_EMPTY
     while True:
         # lanes whose run ended leave its answer and take the block's next voxel that needs
         # the bounded fit (written here, not in a helper: see _newton_lanes)
-        for lane in range(L):
-            state = PL[_STATE, lane]
+        for lane in range(W):
+            state = PL[_STATE * W + lane]
             if state != P_CONV and state != P_FAIL and state != P_EMPTY:
                 continue
             if state != P_EMPTY:
-                slot = int(PL[_SLOT, lane])
+                slot = int(PL[_SLOT * W + lane])
                 if state == P_CONV:
-                    Q[0, slot] = PL[_B, lane]
-                    Q[1, slot] = PL[_DS, lane]
+                    Q[0, slot] = PL[_B * W + lane]
+                    Q[1, slot] = PL[_DS * W + lane]
                     for u in range(nu):
                         WK[u, slot] = MC[u, lane]
                 else:
@@ -716,9 +749,9 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
             while nxt < nl and not (FC[nxt] == GO and not PFOK[nxt]):
                 nxt += 1
             if nxt >= nl:  # none left: idle, evaluating harmless values
-                PL[_STATE, lane] = P_IDLE
-                PL[_PTB, lane] = 0.0
-                PL[_PTD, lane] = 1.0
+                PL[_STATE * W + lane] = P_IDLE
+                PL[_PTB * W + lane] = 0.0
+                PL[_PTD * W + lane] = 1.0
                 for u in range(nu):
                     TL[u, lane] = 0.0
                 continue
@@ -726,28 +759,28 @@ def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK
             hib = BHI[nxt]
             lod = DSLO[nxt]
             hid = HI[2, nxt]
-            PL[_LOB, lane] = lob
-            PL[_HIB, lane] = hib
-            PL[_LOD, lane] = lod
-            PL[_HID, lane] = hid
+            PL[_LOB * W + lane] = lob
+            PL[_HIB * W + lane] = hib
+            PL[_LOD * W + lane] = lod
+            PL[_HID * W + lane] = hid
             # a start outside the box would freeze there (levenberg_marquardt moves it in)
-            PL[_PTB, lane] = vmin(vmax(Q[0, nxt], lob), hib)
-            PL[_PTD, lane] = vmin(vmax(Q[1, nxt], lod), hid)
+            PL[_PTB * W + lane] = vmin(vmax(Q[0, nxt], lob), hib)
+            PL[_PTD * W + lane] = vmin(vmax(Q[1, nxt], lod), hid)
             tt = 0.0
             for u in range(nu):
                 t = R[u, nxt]
                 TL[u, lane] = t
                 tt += w[u] * t * t
-            PL[_TT, lane] = tt
-            PL[_LAM, lane] = LM_LAMBDA0
-            PL[_NUUP, lane] = 2.0
-            PL[_IT, lane] = 0.0
-            PL[_STATE, lane] = P_INIT
-            PL[_SLOT, lane] = nxt
+            PL[_TT * W + lane] = tt
+            PL[_LAM * W + lane] = LM_LAMBDA0
+            PL[_NUUP * W + lane] = 2.0
+            PL[_IT * W + lane] = 0.0
+            PL[_STATE * W + lane] = P_INIT
+            PL[_SLOT * W + lane] = nxt
             nxt += 1
         active = 0
-        for lane in range(L):
-            active += PL[_STATE, lane] < P_CONV
+        for lane in range(W):
+            active += PL[_STATE * W + lane] < P_CONV
         if active == 0:
             break
         _perfusion_step(PL, maxit)
@@ -761,25 +794,26 @@ def _perfusion_step(PL, maxit):
     ``P_RUN`` (others keep their state): the next phase is ``P_TRIAL`` (trial point in
     ``_PTB``/``_PTD``), ``P_RUN`` again (damped harder, no evaluation), ``P_CONV`` or
     ``P_FAIL``, decided as in :func:`fastivim.kernels.voxel.levenberg_marquardt`."""
-    for lane in range(PL.shape[1]):
-        run = PL[_STATE, lane] == P_RUN
-        it = PL[_IT, lane]
-        ssr = PL[_SSR, lane]
-        lam = PL[_LAM, lane]
-        nuup = PL[_NUUP, lane]
-        p0 = PL[_B, lane]
-        p1 = PL[_DS, lane]
-        lo0 = PL[_LOB, lane]
-        hi0 = PL[_HIB, lane]
-        lo1 = PL[_LOD, lane]
-        hi1 = PL[_HID, lane]
-        g0 = PL[_G0, lane]
-        g1 = PL[_G1, lane]
-        h00 = PL[_H00, lane]
-        h01 = PL[_H01, lane]
-        h11 = PL[_H11, lane]
+    W = PERFUSION_LANES
+    for lane in range(W):
+        run = PL[_STATE * W + lane] == P_RUN
+        it = PL[_IT * W + lane]
+        ssr = PL[_SSR * W + lane]
+        lam = PL[_LAM * W + lane]
+        nuup = PL[_NUUP * W + lane]
+        p0 = PL[_B * W + lane]
+        p1 = PL[_DS * W + lane]
+        lo0 = PL[_LOB * W + lane]
+        hi0 = PL[_HIB * W + lane]
+        lo1 = PL[_LOD * W + lane]
+        hi1 = PL[_HID * W + lane]
+        g0 = PL[_G0 * W + lane]
+        g1 = PL[_G1 * W + lane]
+        h00 = PL[_H00 * W + lane]
+        h01 = PL[_H01 * W + lane]
+        h11 = PL[_H11 * W + lane]
         exhausted = it >= maxit
-        exact = ssr <= 1e-28 * PL[_TT, lane]
+        exact = ssr <= 1e-28 * PL[_TT * W + lane]
         free0 = not (((p0 <= lo0) & (g0 < 0.0)) | ((p0 >= hi0) & (g0 > 0.0)))
         free1 = not (((p1 <= lo1) & (g1 < 0.0)) | ((p1 >= hi1) & (g1 > 0.0)))
         pinned = not (free0 | free1)
@@ -827,17 +861,17 @@ def _perfusion_step(PL, maxit):
         lam_new = lam2 if damp else lam
         nu_new = nuup * 2.0 if damp else nuup
         go = run & (not exhausted)
-        old_state = PL[_STATE, lane]
-        old_ptb = PL[_PTB, lane]
-        old_ptd = PL[_PTD, lane]
-        old_pred = PL[_PRED, lane]
-        PL[_STATE, lane] = state if run else old_state
-        PL[_IT, lane] = it + 1.0 if go else it
-        PL[_LAM, lane] = lam_new if go else lam
-        PL[_NUUP, lane] = nu_new if go else nuup
-        PL[_PTB, lane] = v0 if run else old_ptb
-        PL[_PTD, lane] = v1 if run else old_ptd
-        PL[_PRED, lane] = pred if run else old_pred
+        old_state = PL[_STATE * W + lane]
+        old_ptb = PL[_PTB * W + lane]
+        old_ptd = PL[_PTD * W + lane]
+        old_pred = PL[_PRED * W + lane]
+        PL[_STATE * W + lane] = state if run else old_state
+        PL[_IT * W + lane] = it + 1.0 if go else it
+        PL[_LAM * W + lane] = lam_new if go else lam
+        PL[_NUUP * W + lane] = nu_new if go else nuup
+        PL[_PTB * W + lane] = v0 if run else old_ptb
+        PL[_PTD * W + lane] = v1 if run else old_ptd
+        PL[_PRED * W + lane] = pred if run else old_pred
 
 
 @jit_block
@@ -845,28 +879,28 @@ def _perfusion_evaluate(bu, w, TL, PL, MTL):
     """The perfusion model ``B exp(-b D_star)`` of :func:`fastivim.kernels.voxel.evaluate` at
     every lane's trial point: model into ``MTL`` (n_u, lanes), sum of squares, gradient half
     and exact Hessian half into ``PL``'s evaluation rows."""
-    L = PL.shape[1]
+    W = PERFUSION_LANES
     for k in range(_ESSR, _EH11 + 1):
-        for lane in range(L):
-            PL[k, lane] = 0.0
+        for lane in range(W):
+            PL[k * W + lane] = 0.0
     for u in range(bu.shape[0]):
         b = bu[u]
         wu = w[u]
-        for lane in range(L):
-            B = PL[_PTB, lane]
-            e1 = vexp(-b * PL[_PTD, lane])
+        for lane in range(W):
+            B = PL[_PTB * W + lane]
+            e1 = vexp(-b * PL[_PTD * W + lane])
             mu = B * e1
             MTL[u, lane] = mu
             r = TL[u, lane] - mu
             be1 = b * e1
             j1 = -B * be1
             wr = wu * r
-            PL[_ESSR, lane] += wu * r * r
-            PL[_EG0, lane] += e1 * wr
-            PL[_EG1, lane] += j1 * wr
-            PL[_EH00, lane] += wu * e1 * e1
-            PL[_EH01, lane] += wu * e1 * j1 + wr * be1
-            PL[_EH11, lane] += wu * j1 * j1 - wr * B * b * be1
+            PL[_ESSR * W + lane] += wu * r * r
+            PL[_EG0 * W + lane] += e1 * wr
+            PL[_EG1 * W + lane] += j1 * wr
+            PL[_EH00 * W + lane] += wu * e1 * e1
+            PL[_EH01 * W + lane] += wu * e1 * j1 + wr * be1
+            PL[_EH11 * W + lane] += wu * j1 * j1 - wr * B * b * be1
 
 
 @jit_block
@@ -878,16 +912,16 @@ def _perfusion_accept(PL, MTL, MC):
 
     Every operand is loaded before its select (``x = a if c else b`` on two loaded values): a
     select between array elements stays a branch, and the loop is not vectorised."""
-    L = PL.shape[1]
-    for lane in range(L):
-        state = PL[_STATE, lane]
+    W = PERFUSION_LANES
+    for lane in range(W):
+        state = PL[_STATE * W + lane]
         init = state == P_INIT
         trial = state == P_TRIAL
-        ssr = PL[_SSR, lane]
-        ssr_try = PL[_ESSR, lane]
-        lam = PL[_LAM, lane]
-        nuup = PL[_NUUP, lane]
-        rho = (ssr - ssr_try) / PL[_PRED, lane]
+        ssr = PL[_SSR * W + lane]
+        ssr_try = PL[_ESSR * W + lane]
+        lam = PL[_LAM * W + lane]
+        nuup = PL[_NUUP * W + lane]
+        rho = (ssr - ssr_try) / PL[_PRED * W + lane]
         good = rho > 1e-4
         decrease = ssr - ssr_try
         q = 2.0 * rho - 1.0
@@ -896,33 +930,33 @@ def _perfusion_accept(PL, MTL, MC):
         take = init | (trial & good)
         conv = trial & ((good & (decrease <= LM_FTOL * ssr_try))
                         | ((not good) & (lam_bad > LM_LAMBDA_MAX)))
-        b_cur, b_new = PL[_B, lane], PL[_PTB, lane]
-        d_cur, d_new = PL[_DS, lane], PL[_PTD, lane]
-        g0_cur, g0_new = PL[_G0, lane], PL[_EG0, lane]
-        g1_cur, g1_new = PL[_G1, lane], PL[_EG1, lane]
-        h00_cur, h00_new = PL[_H00, lane], PL[_EH00, lane]
-        h01_cur, h01_new = PL[_H01, lane], PL[_EH01, lane]
-        h11_cur, h11_new = PL[_H11, lane], PL[_EH11, lane]
-        PL[_B, lane] = b_new if take else b_cur
-        PL[_DS, lane] = d_new if take else d_cur
-        PL[_G0, lane] = g0_new if take else g0_cur
-        PL[_G1, lane] = g1_new if take else g1_cur
-        PL[_H00, lane] = h00_new if take else h00_cur
-        PL[_H01, lane] = h01_new if take else h01_cur
-        PL[_H11, lane] = h11_new if take else h11_cur
-        PL[_ACC, lane] = 1.0 if take else 0.0
-        PL[_SSR, lane] = ssr_try if take else ssr
+        b_cur, b_new = PL[_B * W + lane], PL[_PTB * W + lane]
+        d_cur, d_new = PL[_DS * W + lane], PL[_PTD * W + lane]
+        g0_cur, g0_new = PL[_G0 * W + lane], PL[_EG0 * W + lane]
+        g1_cur, g1_new = PL[_G1 * W + lane], PL[_EG1 * W + lane]
+        h00_cur, h00_new = PL[_H00 * W + lane], PL[_EH00 * W + lane]
+        h01_cur, h01_new = PL[_H01 * W + lane], PL[_EH01 * W + lane]
+        h11_cur, h11_new = PL[_H11 * W + lane], PL[_EH11 * W + lane]
+        PL[_B * W + lane] = b_new if take else b_cur
+        PL[_DS * W + lane] = d_new if take else d_cur
+        PL[_G0 * W + lane] = g0_new if take else g0_cur
+        PL[_G1 * W + lane] = g1_new if take else g1_cur
+        PL[_H00 * W + lane] = h00_new if take else h00_cur
+        PL[_H01 * W + lane] = h01_new if take else h01_cur
+        PL[_H11 * W + lane] = h11_new if take else h11_cur
+        PL[_ACC * W + lane] = 1.0 if take else 0.0
+        PL[_SSR * W + lane] = ssr_try if take else ssr
         lam_trial = lam_good if good else lam_bad
-        PL[_LAM, lane] = lam_trial if trial else lam
+        PL[_LAM * W + lane] = lam_trial if trial else lam
         nu_trial = 2.0 if good else nuup * 2.0
-        PL[_NUUP, lane] = nu_trial if trial else nuup
+        PL[_NUUP * W + lane] = nu_trial if trial else nuup
         next_state = P_RUN if (init | trial) else state
-        PL[_STATE, lane] = P_CONV if conv else next_state
+        PL[_STATE * W + lane] = P_CONV if conv else next_state
     for u in range(MTL.shape[0]):
-        for lane in range(L):
+        for lane in range(W):
             new = MTL[u, lane]
             cur = MC[u, lane]
-            MC[u, lane] = new if PL[_ACC, lane] != 0.0 else cur
+            MC[u, lane] = new if PL[_ACC * W + lane] != 0.0 else cur
 
 
 @jit_block
@@ -946,14 +980,15 @@ def block_segmented_estimate(nl, A, D, Q, YB, R, WK, FC, PB, MB):
 
 
 @jit_block
-def block_finish(YR, v0, nl, groups, MB, PB, SC, LO, HI, FC, ACC, out, status):
+def block_finish(YR, v0, nl, groups, MB, PB, SC, LO, HI, FC, MEAN, SSR, SST, out, status):
     """:func:`fastivim.kernels.voxel.finish_voxel` for every voxel of the block at once.
 
     ``PB`` (4, nl) holds (S0, f, D_star, D) in internal units, ``MB`` (n_u, nl) the fitted
     scaled model, ``YR`` (n_b, nl) the raw samples, ``FC`` (nl,) each voxel's failure code or
     :data:`GO`. Writes rows ``v0 .. v0 + nl`` of ``out`` (NaN for a failed voxel) and of
     ``status``, with the scalar function's arithmetic in the same order (bit-identical
-    values); ``ACC`` (>= 3, nl) is scratch.
+    values); ``MEAN``, ``SSR``, ``SST`` (nl,) are scratch (three arrays, not rows of one: LLVM
+    guards a loop that stores to two rows of one array with overlap checks that fail).
     """
     nb = YR.shape[0]
     for i in range(4):
@@ -966,28 +1001,28 @@ def block_finish(YR, v0, nl, groups, MB, PB, SC, LO, HI, FC, ACC, out, status):
         fc = FC[lane]
         big = not abs(PB[0, lane] * SC[lane]) < FLOAT32_MAX  # S0 would be inf in a float32 map
         FC[lane] = st.NUMERICAL_FAILURE if ((fc == GO) & big) else fc
-        ACC[0, lane] = 0.0
-        ACC[1, lane] = 0.0
-        ACC[2, lane] = 0.0
+        MEAN[lane] = 0.0
+        SSR[lane] = 0.0
+        SST[lane] = 0.0
     for i in range(nb):
         for lane in range(nl):
-            ACC[0, lane] += YR[i, lane]
+            MEAN[lane] += YR[i, lane]
     for lane in range(nl):
-        ACC[0, lane] /= nb
+        MEAN[lane] /= nb
     for i in range(nb):
         g = groups[i]
         for lane in range(nl):
             yi = YR[i, lane]
             r = yi - SC[lane] * MB[g, lane]
-            ACC[1, lane] += r * r
-            d = yi - ACC[0, lane]
-            ACC[2, lane] += d * d
+            SSR[lane] += r * r
+            d = yi - MEAN[lane]
+            SST[lane] += d * d
     for lane in range(nl):
         v = v0 + lane
         ok = FC[lane] == GO
         sc = SC[lane]
-        ssr = ACC[1, lane]
-        sst = ACC[2, lane]
+        ssr = SSR[lane]
+        sst = SST[lane]
         p0 = PB[0, lane]
         p1 = PB[1, lane]
         p2 = PB[2, lane]
@@ -1041,8 +1076,8 @@ def _front(Y, v0, nl, t, settings, s):
     """Stages shared by both methods: group means, bounds, log-linear step, perfusion start."""
     block_group_means(Y, v0, nl, t.groups, t.w, s.YR, s.YB, s.SC, s.DIST)
     block_bounds(t.bounds, s.SC, nl, s.LO, s.HI)
-    block_loglinear(t.bu, t.w, s.YB, settings.b_min, nl, s.ACC, s.NUSED, s.BFIRST, s.DIST, s.A,
-                    s.D, s.CODE)
+    block_loglinear(t.bu, t.w, s.YB, settings.b_min, nl, s.ACC[0], s.ACC[1], s.ACC[2], s.ACC[3],
+                    s.ACC[4], s.NUSED, s.BFIRST, s.DIST, s.A, s.D, s.CODE)
     block_perfusion_start(t.bu, t.w, s.YB, t.ES, t.GSS, t.dstar_grid, nl, s.LO, s.HI, s.A, s.D,
                           s.CODE, s.R, s.Q, s.BLO, s.BHI, s.DSLO, s.BEST, s.ACC[5])
 
@@ -1171,8 +1206,8 @@ def full_block(Y, v0, nl, t, settings, s, out, status):
                s.STAGE, s.RS, s.NR, s.EP, s.YL, s.MT, s.GT, s.HT, s.ST, s.LP, s.LG, s.LH,
                s.LMOD, s.LPT, s.LLO, s.LHI, s.LSSR, s.LTT, s.LLAM, s.LNUF, s.LPRED, s.LIT,
                s.LPH, s.LEND, s.LSTEP, s.LTAKE, s.LACC, s.LSLOT)
-    block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC, out,
-                 status)
+    block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC[0], s.ACC[1],
+                 s.ACC[2], out, status)
 
 
 @jit_voxel

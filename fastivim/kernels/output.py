@@ -7,7 +7,6 @@ as much as the segmented kernel itself on two threads. Here the split and the fl
 rounding are one pass over the rows, split across threads.
 """
 
-import numpy as np
 from numba import prange
 
 from ._jit import jit_parallel
