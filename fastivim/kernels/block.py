@@ -50,7 +50,6 @@ from .voxel import (
     LM_LAMBDA_MAX,
     LM_XTOL,
     PIN_TOL,
-    finish_voxel,
 )
 
 #: Voxels per block (the width of every lane-wise array) of the full method, and of the
@@ -87,9 +86,8 @@ Scratch = namedtuple(
         "EP", "YL", "MT", "GT", "HT", "ST", "LP", "LG", "LH", "LMOD", "LPT", "LLO", "LHI",
         "LSSR", "LTT", "LLAM", "LNUF", "LPRED", "LIT", "LPH", "LEND", "LSTEP", "LTAKE", "LACC",
         "LSLOT",
-        # one voxel's contiguous copies for the scalar helpers
-        "yv", "rv", "mv", "pv", "lov", "hiv", "q", "lo2", "hi2", "psv", "prof", "e2", "work",
-        "mat", "free",
+        # the restart profile of one voxel
+        "prof", "e2",
         # the segmented method's lane-wise finish: raw samples (n_b, BLOCK), pending status
         "YR", "FC", "RL", "NL", "NA", "PL", "TL", "MC", "MTL",
     ],
@@ -146,9 +144,7 @@ def alloc_scratch(nu, nk, nj, nb, width):
         np.empty((4, L)), np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L),
         np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L),
         np.empty(L, dtype=np.int64),
-        np.empty(nu), np.empty(nu), np.empty(nu), np.empty(4), np.empty(4), np.empty(4),
-        np.empty(2), np.empty(2), np.empty(2), np.empty(nk), np.empty((4, nk)), np.empty(nu),
-        np.empty(2 * nu + 16), np.empty((3, 4, 4)), np.empty(4, dtype=np.bool_),
+        np.empty((4, nk)), np.empty(nu),
         np.empty((nb, B)), np.empty(B, dtype=np.int64), np.empty((nu, NEWTON_LANES)),
         np.empty(6 * NEWTON_LANES), np.empty(6 * NEWTON_LANES), np.empty(PL_ROWS * PERFUSION_LANES),
         np.empty((nu, PERFUSION_LANES)), np.empty((nu, PERFUSION_LANES)),
@@ -1055,20 +1051,6 @@ def block_finish(YR, v0, nl, groups, MB, PB, SC, LO, HI, FC, MEAN, SSR, SST, out
 def _pinned(v, lo, hi, span):
     """:func:`fastivim.kernels.voxel.pinned` without branches (always inlined)."""
     return (v - lo <= PIN_TOL * span) | (math.isfinite(hi) & (hi - v <= PIN_TOL * span))
-
-
-@jit_voxel
-def _write(Y, v, lane, groups, LO, HI, SC, mv, pv, lov, hiv, out):
-    """Write voxel ``v`` (slot ``lane``) from ``pv`` (4,) and ``mv`` (n_u,) through the scalar
-    :func:`fastivim.kernels.voxel.finish_voxel`; return its status.
-
-    Called once per voxel, so it takes only the arrays it needs: passing the Scratch tuple
-    costs numba a reference-count call per array on entry and on exit.
-    """
-    for i in range(4):
-        lov[i] = LO[i, lane]
-        hiv[i] = HI[i, lane]
-    return finish_voxel(Y, v, groups, mv, pv, SC[lane], lov, hiv, out)
 
 
 @jit_voxel
