@@ -17,11 +17,22 @@ Each voxel makes the same decisions as in the scalar kernel, in the same floatin
 only ``exp`` differs (by an ulp or two), so sums of squares agree to ~1e-12 except where two
 starting points tie to within rounding (tests/test_block.py measures the agreement).
 
-Levenberg–Marquardt runs differ in length from voxel to voxel, so the ``full`` method feeds
-them to :data:`LANES` lanes that advance in lock-step: each lockstep round evaluates the model,
-gradient and Hessian of every lane at once (vectorised), then each lane's own (scalar) LM logic
-takes its step. A lane whose run has ended takes the voxel's next start, or the block's next
-voxel (a task list), so a slow voxel never holds the others.
+Iterative work differs in length from voxel to voxel, so it runs on lanes fed from the block
+(a task list), and a lane whose run has ended takes the next one: a slow voxel never holds the
+others. The ``full`` method's Levenberg–Marquardt runs go to :data:`LANES` lanes: each round
+evaluates the model, gradient and Hessian of every lane at once, then takes every lane's step
+and accept/reject lane-wise (:mod:`fastivim.kernels.lm_lanes`); a lane whose run has ended
+takes the voxel's next start, or the block's next voxel. The ``segmented`` method's profile
+Newton runs on :data:`NEWTON_LANES` lanes, and its bounded 2-parameter LM (voxels whose optimum
+is on a bound) on :data:`PERFUSION_LANES`. Both methods finish voxels lane-wise
+(:func:`block_finish`).
+
+Two more things keep the lane loops vectorised. A numba call that passes arrays pays atomic
+reference counting on entry and exit (~100 ns with a dozen arrays, even when numba inlines
+it), so per-lane work is written out in the loops, not in helpers. And a loop that stores to
+several rows of one 2-D array gets run-time overlap checks from LLVM that fail, so the scalar
+copy of the loop runs: lane state is kept in separate arrays, or flat with the compile-time
+lane count as row length (tests/test_block.py checks the IR for such checks).
 """
 
 import math
