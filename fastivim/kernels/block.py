@@ -49,6 +49,7 @@ from .full import (
     RESTART_SLACK,
     SEPARATION,
     mark_restarts,
+    pop_best_restart,
 )
 from .lm_lanes import CONVERGED, HELD, IDLE, INIT, RUNNING, TRIAL, lanes_accept, lanes_step
 from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
@@ -1111,13 +1112,9 @@ def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS
     mark_restarts(prof, dstar_grid, ssr, Ds_fit)
     n = 0
     for _ in range(MAX_RESTARTS):
-        kbest = -1
-        for k in range(nk):  # the most promising remaining candidate first
-            if prof[3, k] > 0.0 and (kbest < 0 or prof[0, k] < prof[0, kbest]):
-                kbest = k
+        kbest = pop_best_restart(prof)
         if kbest < 0:
             break
-        prof[3, kbest] = 0.0
         RS[n, 0, slot] = prof[1, kbest]
         RS[n, 1, slot] = prof[2, kbest]
         RS[n, 2, slot] = dstar_grid[kbest]

@@ -268,18 +268,13 @@ def fit_full_voxel(ybar, bu, w, b_min, lo, hi, ES, ED, GSS, PAIR, dstar_grid, d_
         return st.NO_CONVERGENCE
     # 4: other basins along D_star
     dstar_profile(ybar, bu, w, lo, hi, ES, GSS, dstar_grid, PS, tt, p[3], prof, r)
-    nk = dstar_grid.shape[0]
     D_fit = p[3]
     Ds_fit = p[2]
     mark_restarts(prof, dstar_grid, ssr, Ds_fit)
     for _ in range(MAX_RESTARTS):
-        kbest = -1
-        for k in range(nk):  # the most promising remaining candidate first
-            if prof[3, k] > 0.0 and (kbest < 0 or prof[0, k] < prof[0, kbest]):
-                kbest = k
+        kbest = pop_best_restart(prof)
         if kbest < 0:
             break
-        prof[3, kbest] = 0.0
         p_try[0] = prof[1, kbest]
         p_try[1] = prof[2, kbest]
         p_try[2] = dstar_grid[kbest]
@@ -287,6 +282,21 @@ def fit_full_voxel(ybar, bu, w, b_min, lo, hi, ES, ED, GSS, PAIR, dstar_grid, d_
         ssr, found = _refine(p_try, p, model, ssr, found, lo, hi, bu, w, ybar, maxit, work, mat,
                              free)
     return st.OK
+
+
+@jit_voxel
+def pop_best_restart(prof):
+    """The most promising restart candidate left in ``prof`` (4, n_k) from
+    :func:`mark_restarts`: among the grid points marked in row 3, the one with the lowest
+    profile sum of squares (row 0), unmarked before it is returned; -1 when none is left.
+    Both the scalar and the block kernel take their restarts in this order."""
+    kbest = -1
+    for k in range(prof.shape[1]):
+        if prof[3, k] > 0.0 and (kbest < 0 or prof[0, k] < prof[0, kbest]):
+            kbest = k
+    if kbest >= 0:
+        prof[3, kbest] = 0.0
+    return kbest
 
 
 @jit_voxel
