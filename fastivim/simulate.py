@@ -257,3 +257,206 @@ def tissue_phantom(shape, b_values=B_SCHEMES["osipi18"], snr=30.0, seed=0,
     return TissuePhantom(signal=signal, b_values=b, mask=mask,
                          snr=float("inf") if noise_free else float(snr), sigma=sigma,
                          labels=labels, tissues=tuple(OSIPI_TISSUES), **maps)
+
+
+# ------------------------------------------------------------------------- lesion phantom
+#: Values of the small lesions of :func:`lesion_phantom` (f, D_star mm²/s, D mm²/s): tumour-like,
+#: more perfused and more restricted than the organs around them.
+LESION_VALUES = (0.28, 0.045, 0.8e-3)
+
+#: Voxel size (mm) of :func:`lesion_phantom` by default: abdominal DWI is anisotropic.
+LESION_VOXEL_SIZE = (1.5, 1.5, 4.0)
+
+#: Organs a lesion may sit in (muscle, the body's fill, is left out).
+LESION_ORGANS = ("liver", "spleen", "kidney cortex", "pancreas", "stomach wall")
+
+#: Width (voxels, in-plane) of the ring of the same organ around a lesion that the lesion's
+#: contrast is measured against (and that must lie inside the organ for a lesion to be placed).
+LESION_RING = 2
+
+
+@dataclass
+class LesionPhantom(TissuePhantom):
+    """A :class:`TissuePhantom` with smooth within-organ variation and small lesions.
+
+    ``lesions`` (int16, ``shape``) is 0 outside lesions and ``k`` inside lesion ``k``
+    (1-based); ``rings`` (int16) marks the :data:`LESION_RING`-voxel ring of the same organ
+    around lesion ``k``; ``voxel_size`` is the voxel size in mm (one per spatial axis).
+    Lesion voxels keep their organ's label in ``labels``.
+    """
+
+    lesions: np.ndarray = None
+    rings: np.ndarray = None
+    voxel_size: tuple = ()
+
+
+def smooth_field(shape, voxel_size, length_mm, rng):
+    """A smooth random field on ``shape`` scaled to [-1, 1]: white noise low-pass filtered with
+    a Gaussian of standard deviation ``length_mm`` (in mm, through ``voxel_size``) by FFT."""
+    white = rng.standard_normal(shape)
+    spectrum = np.fft.rfftn(white)
+    k2 = np.zeros(spectrum.shape)
+    for ax, (n, size) in enumerate(zip(shape, voxel_size, strict=True)):
+        freq = np.fft.rfftfreq(n, d=size) if ax == len(shape) - 1 else np.fft.fftfreq(n, d=size)
+        view = [1] * len(shape)
+        view[ax] = freq.size
+        k2 = k2 + (2 * np.pi * freq.reshape(view)) ** 2
+    field = np.fft.irfftn(spectrum * np.exp(-0.5 * k2 * length_mm**2), s=shape)
+    field -= field.mean()
+    peak = np.abs(field).max()
+    return field / peak if peak > 0 else field
+
+
+def _place_lesions(labels, voxel_size, n_lesions, sizes, rng):
+    """Lesion and ring maps (int16): up to ``n_lesions`` ellipsoids, ``sizes`` (lo, hi) voxels
+    across in-plane (the same mm extent through-plane, at least one slice), each with its
+    :data:`LESION_RING`-voxel ring wholly inside one organ of :data:`LESION_ORGANS` and apart
+    from the other lesions and rings."""
+    shape = labels.shape
+    lesions = np.zeros(shape, dtype=np.int16)
+    rings = np.zeros(shape, dtype=np.int16)
+    taken = np.zeros(shape, dtype=bool)
+    names = list(OSIPI_TISSUES)
+    # one organ after the other, so that lesions are not all in the largest organ
+    organs = [np.argwhere(labels == names.index(n) + 1) for n in LESION_ORGANS]
+    organs = [c for c in organs if c.size]
+    if not organs:
+        return lesions, rings
+    nz = shape[2] if len(shape) > 2 else 1
+    grid = np.indices(shape)
+    k = 0
+    for attempt in range(50 * n_lesions):
+        if k == n_lesions:
+            break
+        candidates = organs[attempt % len(organs)]
+        c = candidates[rng.integers(len(candidates))]
+        across = int(rng.integers(sizes[0], sizes[1] + 1))
+        r = across / 2.0
+        rz = max(r * voxel_size[0] / voxel_size[2], 0.5) if len(shape) > 2 else 1.0
+        # voxel centres within the ellipsoid; even sizes centre between voxels
+        off = 0.5 if across % 2 == 0 else 0.0
+        d2 = ((grid[0] - c[0] + off) / r) ** 2 + ((grid[1] - c[1] + off) / r) ** 2
+        if len(shape) > 2:
+            d2 = d2 + ((grid[2] - c[2]) / rz) ** 2 if nz > 1 else d2
+        lesion = d2 < 1.0
+        if lesion.sum() < 2:
+            continue
+        ring = _dilate_inplane(lesion, LESION_RING) & ~lesion
+        zone = lesion | ring
+        organ = labels[tuple(c)]
+        if not np.all(labels[zone] == organ) or taken[_dilate_inplane(zone, 1)].any():
+            continue
+        k += 1
+        lesions[lesion] = k
+        rings[ring] = k
+        taken |= zone
+    return lesions, rings
+
+
+def _dilate_inplane(m, n):
+    """``m`` dilated by ``n`` voxels along the first two axes (a square structuring element)."""
+    out = m.copy()
+    for _ in range(n):
+        grown = out.copy()
+        for ax in (0, 1):
+            if m.shape[ax] > 1:
+                grown[(slice(None),) * ax + (slice(1, None),)] |= out[(slice(None),) * ax
+                                                                     + (slice(None, -1),)]
+                grown[(slice(None),) * ax + (slice(None, -1),)] |= out[(slice(None),) * ax
+                                                                      + (slice(1, None),)]
+        out = grown  # axis 1 grows the axis-0 result: a square element (diagonals too)
+    return out
+
+
+def lesion_phantom(shape, b_values=B_SCHEMES["clinical11"], snr=20.0, seed=0,
+                   voxel_size=LESION_VOXEL_SIZE, smooth=TISSUE_VARIATION, jitter=0.04,
+                   length_mm=20.0, n_lesions=18, lesion_sizes=(2, 5)) -> LesionPhantom:
+    """An abdomen-like phantom that is not made of uniform blocks, with small lesions.
+
+    The organs of :func:`tissue_phantom` (OSIPI TF2.4 values). Each of S0, f, D_star and D is
+    its organ's value times ``(1 + smooth * F) * (1 + jitter * N(0, 1))``: ``F`` a smooth random
+    field in [-1, 1] (Gaussian low-pass of white noise, ``length_mm`` standard deviation in mm,
+    one field per parameter), the second factor a voxel's own jitter (clipped to ±3 SD). Then up
+    to ``n_lesions`` lesions, ``lesion_sizes`` voxels across in-plane, inside organs with
+    :data:`LESION_VALUES` (times the jitter), and Rician noise.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape (2-D or 3-D); the organ layout lies in the first two axes.
+    b_values : array_like (n_b,)
+        s/mm².
+    snr : float or None
+        ``S0_TISSUE / sigma``; ``None``/``inf`` for noise-free signals.
+    seed : int
+        Seed of the NumPy generator: same seed, same phantom.
+    voxel_size : tuple of float
+        mm per voxel along each spatial axis (the smooth field's length and the lesions'
+        through-plane extent are in mm).
+    smooth, jitter : float
+        Amplitude of the smooth within-organ variation and SD of the voxel jitter (relative).
+    length_mm : float
+        Length scale of the smooth variation, mm.
+    n_lesions : int
+        Lesions to place (fewer when the organs have no room).
+    lesion_sizes : (int, int)
+        Smallest and largest in-plane diameter, voxels.
+
+    Returns
+    -------
+    LesionPhantom
+    """
+    from .model import DEFAULT_BOUNDS
+
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"lesion_phantom needs a 2-D or 3-D shape, got {shape}")
+    voxel_size = tuple(float(v) for v in voxel_size)[:len(shape)]
+    b = np.asarray(b_values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    labels = _tissue_labels(shape)
+    mask = labels > 0
+    lesions, rings = _place_lesions(labels, voxel_size, n_lesions, lesion_sizes, rng)
+    table = np.array([(1.0, 0.0, 0.0, 0.0)] + [(S0_TISSUE,) + v for v in OSIPI_TISSUES.values()])
+    lesion_values = (None,) + LESION_VALUES
+    maps = {}
+    for k, name in enumerate(("S0", "f", "D_star", "D")):
+        field = smooth_field(shape, voxel_size, length_mm, rng)
+        noise = 1.0 + jitter * np.clip(rng.standard_normal(shape), -3.0, 3.0)
+        base = table[labels, k]
+        if k > 0:
+            base = np.where(lesions > 0, lesion_values[k], base)
+            value = np.where(lesions > 0, base * noise, base * (1.0 + smooth * field) * noise)
+            lo, hi = DEFAULT_BOUNDS[name]
+            value = np.where(mask, np.clip(value, lo, hi), 0.0)
+        else:
+            value = np.where(mask, base * (1.0 + smooth * field) * noise, 0.0)
+        maps[name] = value
+    clean = ivim_signal(b, maps["S0"], maps["f"], maps["D_star"], maps["D"])
+    noise_free = snr is None or not np.isfinite(snr)
+    sigma = 0.0 if noise_free else S0_TISSUE / float(snr)
+    signal = add_rician_noise(clean, sigma, rng).astype(np.float32)
+    return LesionPhantom(signal=signal, b_values=b, mask=mask,
+                         snr=float("inf") if noise_free else float(snr), sigma=sigma,
+                         labels=labels, tissues=tuple(OSIPI_TISSUES), lesions=lesions,
+                         rings=rings, voxel_size=voxel_size, **maps)
+
+
+def lesion_contrast(estimate, truth, phantom) -> np.ndarray:
+    """Share of each lesion's true contrast that a map keeps: (n_lesions,) float64.
+
+    Contrast is the mean inside the lesion minus the mean over its ring (the
+    :data:`LESION_RING`-voxel ring of the same organ around it), for the map and for the truth;
+    the share is their ratio (1 = kept, 0 = erased). A non-finite estimate in the lesion or
+    ring makes that lesion's share NaN.
+    """
+    est = np.asarray(estimate, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    n = int(phantom.lesions.max())
+    out = np.empty(n)
+    for k in range(1, n + 1):
+        les = phantom.lesions == k
+        ring = phantom.rings == k
+        t = tru[les].mean() - tru[ring].mean()
+        out[k - 1] = (est[les].mean() - est[ring].mean()) / t
+    return out
