@@ -1,0 +1,215 @@
+"""The spatial method's Python side: grid and prior (shared with ``bayesian``), the
+neighbourhood in mm, the within-tissue variation learned from the data, and the two kernel
+passes of :mod:`fastivim.kernels.spatial`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .kernels import bayes, spatial
+from .kernels import status as st
+from .kernels.driver import chunk_count
+from .model import bounds_array
+
+#: Neighbourhood radius, mm: every voxel whose centre lies within it (1.5 x 1.5 x 4 mm voxels:
+#: 3 voxels in-plane, the adjacent slices' 5 nearest).
+RADIUS_MM = 4.5
+
+#: Bandwidth of the adaptive weights ``exp(-d² / BANDWIDTH)``, ``d²`` the statistical distance
+#: (summed over f, log D_star, log D) between two voxels' prior posteriors.
+BANDWIDTH = 3.0
+
+#: f's within-tissue variation is relative: its variance is ``tau² (fbar² + F_FLOOR²)``.
+F_FLOOR = 0.02
+
+#: Median of a chi-squared variable with one degree of freedom.
+CHI2_1_MEDIAN = 0.45493642311957283
+
+#: At most this many voxels (with their nearest neighbours) enter the estimate of the variation.
+TAU_PAIRS = 20000
+
+#: Least within-tissue variation (relative SD) assumed.
+TAU_FLOOR = 0.0
+
+
+def neighbourhood(voxel_size, radius_mm=RADIUS_MM):
+    """Offsets (K, 3) int64 of the voxels within ``radius_mm`` of a voxel (itself excluded),
+    their distance class (K,) int64 (offsets at the same distance share one), and the distance
+    (mm) of each class.
+
+    ``voxel_size`` gives mm per axis (1 to 3 values; missing axes have no neighbours)."""
+    vs = [float(v) for v in voxel_size] + [math.inf] * (3 - len(voxel_size))
+    reach = [int(math.floor(radius_mm / v)) if math.isfinite(v) else 0 for v in vs]
+    offs, dist = [], []
+    for i in range(-reach[0], reach[0] + 1):
+        for j in range(-reach[1], reach[1] + 1):
+            for k in range(-reach[2], reach[2] + 1):
+                if i == j == k == 0:
+                    continue
+                d = math.sqrt(sum((o * v) ** 2 for o, v in zip((i, j, k), vs, strict=True)
+                                  if o))
+                if d <= radius_mm + 1e-9:
+                    offs.append((i, j, k))
+                    dist.append(round(d, 6))
+    classes = sorted(set(dist))
+    oclass = np.array([classes.index(d) for d in dist], dtype=np.int64)
+    return (np.array(offs, dtype=np.int64).reshape(-1, 3), oclass,
+            np.array(classes, dtype=np.float64))
+
+
+def learn_variation(out1, sd1, ok, coords, vidx, offsets):
+    """Within-tissue variation ``tau²`` (3,) of f (relative to ``f² + F_FLOOR²``), D_star and D
+    (relative) from the pass-1 estimates of adjacent voxel pairs.
+
+    For two voxels of one tissue the difference of their estimates has variance ``sd_u² + sd_v²
+    + 2 tau² s`` (``s`` the squared scale); ``tau²`` is set so that the median of ``diff² /
+    (sd_u² + sd_v² + 2 tau² s)`` is the chi-squared median, a robust moment equation (organ
+    edges and lesions, a minority of the pairs, move it little) whose solution is the median of
+    ``(diff² / 0.455 - sd_u² - sd_v²) / (2 s)``, floored at :data:`TAU_FLOOR`². Pairs: each
+    voxel (every ``k``-th, at most :data:`TAU_PAIRS`) and its nearest neighbours.
+    """
+    tau2 = np.full(3, TAU_FLOOR**2)
+    rows = np.flatnonzero(ok)
+    if rows.size == 0:
+        return tau2
+    rows = rows[::max(1, rows.size // TAU_PAIRS)]
+    shape = np.array(vidx.shape)
+    dist = np.abs(offsets).sum(axis=1)
+    ts = [[], [], []]
+    for o in offsets[(dist == 1) & (np.sum(offsets, axis=1) > 0)]:
+        cc = coords[rows] + o
+        inside = np.all((cc >= 0) & (cc < shape), axis=1)
+        u = np.full(rows.size, -1)
+        u[inside] = vidx[tuple(cc[inside].T)]
+        good = u >= 0
+        good[good] = ok[u[good]]
+        v, u = rows[good], u[good]
+        for j in range(3):
+            a = out1[u, j + 1].astype(np.float64)
+            b = out1[v, j + 1].astype(np.float64)
+            sa = sd1[u, j + 1].astype(np.float64)
+            sb = sd1[v, j + 1].astype(np.float64)
+            scale2 = (0.25 * (a + b) ** 2 + F_FLOOR**2) if j == 0 else a * b
+            ts[j].append(((a - b) ** 2 / CHI2_1_MEDIAN - sa**2 - sb**2) / (2.0 * scale2))
+    for j in range(3):
+        if ts[j]:
+            tau2[j] = max(float(np.median(np.concatenate(ts[j]))), TAU_FLOOR**2)
+    return tau2
+
+
+def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed,
+                radius_mm=RADIUS_MM, bandwidth=BANDWIDTH):
+    """Spatial fit of the mask's voxels ``Y`` (n_vox, n_b, mask order) of a volume.
+
+    Returns ``out`` (n_vox, 6), ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra result
+    fields (``prior``, ``noise_sigma``).
+    """
+    from . import fit as _fit
+
+    n = Y.shape[0]
+    out = np.full((n, 6), np.nan, dtype=np.float32)
+    sd = np.full((n, 4), np.nan, dtype=np.float32)
+    status = np.full(n, st.NUMERICAL_FAILURE, dtype=np.uint8)
+    none = {"prior": None, "noise_sigma": None}
+    if n == 0:
+        return out, status, sd, none
+    barr = bounds_array(bounds)
+    t = bayes.make_bayes_tables(b, barr)
+    rows = _fit._subsample(n, seed)
+    sigma2 = _fit._noise_variance(Y, rows, b, bounds, b_threshold)
+    if not math.isfinite(sigma2):
+        status[:] = np.where(_fit._usable_rows(Y, t["groups"], t["w"]), st.NUMERICAL_FAILURE,
+                             st.BAD_INPUT)
+        return out, status, sd, none
+    s0_bounds = (float(barr[0, 0]), float(barr[0, 1]))
+    weights = _fit._learn_prior(Y, rows, t, sigma2, s0_bounds)
+    prior = "empirical" if weights is not None else "weak"
+    if weights is None:
+        weights = np.full(t["nn"].size, 1.0 / t["nn"].size)
+    keep = weights >= _fit.PRIOR_PRUNE * weights.max()
+    M = np.ascontiguousarray(t["M"][:, keep])
+    nn = t["nn"][keep]
+    # pass 1: each voxel's own posterior (the bayesian method's)
+    out1 = np.empty((n, 6), dtype=np.float32)
+    sd1 = np.empty((n, 4), dtype=np.float32)
+    status1 = np.empty(n, dtype=np.uint8)
+    bayes.posterior_volume(Y, t["groups"], t["w"], t["bu"], sigma2, M, nn, 1.0 / nn,
+                           np.log(weights[keep]) + t["lnorm"][keep],
+                           np.ascontiguousarray(t["par"][:, keep]),
+                           np.ascontiguousarray(t["cvar"][:, keep]),
+                           np.ascontiguousarray(t["edge"][:, keep]), *s0_bounds, chunk_count(n),
+                           out1, sd1, status1)
+    ok = np.isfinite(out1[:, :4]).all(axis=1) & (sd1[:, 1:] > 0).all(axis=1)
+    YB = np.empty((n, t["w"].size))
+    spatial.weighted_means(Y, t["groups"], t["w"], sigma2, chunk_count(n), YB)
+    # the neighbourhood in mm and the within-tissue variation
+    shape3 = tuple(spatial_shape) + (1,) * (3 - len(spatial_shape))
+    vidx = np.full(shape3, -1, dtype=np.int64)
+    m3 = np.ones(shape3, dtype=bool) if mask is None else np.asarray(mask).reshape(shape3)
+    vidx[m3] = np.arange(n)
+    coords = np.ascontiguousarray(np.argwhere(m3).astype(np.int64))
+    offsets, _, _ = neighbourhood(voxel_size, radius_mm)
+    tau2 = learn_variation(out1, sd1, ok, coords, vidx, offsets)
+    # pass 2: the posterior of each voxel's local tissue
+    tb = spatial_tables(t, weights, barr)
+    nsum = np.empty(n, dtype=np.float32)
+    spatial.spatial_posterior(Y, YB, t["groups"], t["bu"], sigma2, tb, out1, sd1, ok, coords,
+                              vidx, offsets, 1.0 / bandwidth, tau2, F_FLOOR**2, chunk_count(n),
+                              out, sd, status, nsum)
+    return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2),
+                             "_tau2": tau2, "_nsum": nsum}
+
+
+#: The fine D grid of the second pass has this many points per step of the Bayesian grid's.
+D_REFINE = 4
+
+#: Prior weights of (D, D_star) pairs below this share of the largest are raised to it, so that
+#: the pooled likelihood can reach any pair with D_star >= 2 D.
+PRIOR_FLOOR = 1e-6
+
+
+def spatial_tables(t, weights, barr):
+    """:class:`fastivim.kernels.spatial.SpatialTables` from the Bayesian grid tables ``t``
+    (:func:`fastivim.kernels.bayes.make_bayes_tables`), its learned ``weights`` (n_g,) and the
+    bounds ``barr`` (4, 2)."""
+    par = t["par"]
+    bu, w = t["bu"], t["w"]
+    dc = np.unique(par[2])
+    ds = np.unique(par[1])
+    # the prior summed over f, on the (D, D_star) grid
+    W = np.zeros((dc.size, ds.size))
+    np.add.at(W, (np.searchsorted(dc, par[2]), np.searchsorted(ds, par[1])), weights)
+    lstep = math.log(dc[1] / dc[0]) if dc.size > 1 else 0.1
+    n_fine = (dc.size - 1) * D_REFINE + 1
+    logd = math.log(dc[0]) + (lstep / D_REFINE) * np.arange(n_fine)
+    dF = np.exp(logd)
+    Wf = np.empty((n_fine, ds.size))
+    for k in range(ds.size):
+        Wf[:, k] = np.interp(logd, np.log(dc), W[:, k])
+    Wf = np.maximum(Wf, PRIOR_FLOOR * Wf.max())
+    LP = np.log(Wf)
+    LP[ds[None, :] < bayes.DSTAR_OVER_D * dF[:, None]] = -np.inf
+    ED = np.exp(-np.outer(dF, bu))
+    ES = np.exp(-np.outer(ds, bu))
+    h = lstep / D_REFINE
+    hs = math.log(ds[1] / ds[0]) if ds.size > 1 else 0.0
+    return spatial.SpatialTables(
+        dF=dF, dvar=(dF * (math.exp(h / 2) - math.exp(-h / 2))) ** 2 / 12.0,
+        logd0=float(logd[0]), dstep=float(h), ED=np.ascontiguousarray(ED), GDD=(ED * ED) @ w,
+        ds=ds, dsvar=(ds * (math.exp(hs / 2) - math.exp(-hs / 2))) ** 2 / 12.0,
+        ES=np.ascontiguousarray(ES), GSS=(ES * ES) @ w, GSD=np.ascontiguousarray((ED * w) @ ES.T),
+        LP=np.ascontiguousarray(LP), f_lo=float(barr[1, 0]), f_hi=float(barr[1, 1]),
+        ds_lo_is_bound=bool(barr[2, 0] >= bayes.GRID_FLOOR_DSTAR),
+        d_lo_is_bound=bool(barr[3, 0] >= bayes.GRID_FLOOR_D))
+
+
+def _feature_cell_variance(par):
+    """Cell variance (3,) of (f, log D_star, log D) on the full grid (``h² / 12``)."""
+    out = np.empty(3)
+    for j, logged in ((0, False), (1, True), (2, True)):
+        v = np.unique(par[j])
+        v = np.log(v) if logged else v
+        out[j] = (np.diff(v).min() ** 2 / 12.0) if v.size > 1 else 0.0
+    return out
