@@ -31,7 +31,7 @@ CHI2_1_MEDIAN = 0.45493642311957283
 TAU_PAIRS = 20000
 
 #: Least within-tissue variation (relative SD) assumed.
-TAU_FLOOR = 0.0
+TAU_FLOOR = 0.05
 
 
 def neighbourhood(voxel_size, radius_mm=RADIUS_MM):
@@ -100,7 +100,7 @@ def learn_variation(out1, sd1, ok, coords, vidx, offsets):
 
 
 def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed,
-                radius_mm=RADIUS_MM, bandwidth=BANDWIDTH):
+                radius_mm=RADIUS_MM, bandwidth=BANDWIDTH, rounds=1):
     """Spatial fit of the mask's voxels ``Y`` (n_vox, n_b, mask order) of a volume.
 
     Returns ``out`` (n_vox, 6), ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra result
@@ -155,15 +155,27 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
     # pass 2: the posterior of each voxel's local tissue
     tb = spatial_tables(t, weights, barr)
     nsum = np.empty(n, dtype=np.float32)
-    spatial.spatial_posterior(Y, YB, t["groups"], t["bu"], sigma2, tb, out1, sd1, ok, coords,
-                              vidx, offsets, 1.0 / bandwidth, tau2, F_FLOOR**2, chunk_count(n),
-                              out, sd, status, nsum)
+    for r in range(rounds):
+        if r:  # the next round's weights compare the previous round's estimates
+            out1, sd1 = out.copy(), sd.copy()
+            ok = ok & (status != st.BAD_INPUT) & np.isfinite(out1[:, :4]).all(axis=1)
+        spatial.spatial_posterior(Y, YB, t["groups"], t["bu"], sigma2, tb, out1, sd1, ok,
+                                  coords, vidx, offsets, 1.0 / bandwidth, tau2, F_FLOOR**2,
+                                  chunk_count(n), out, sd, status, nsum)
     return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2),
                              "_tau2": tau2, "_nsum": nsum}
 
 
 #: The fine D grid of the second pass has this many points per step of the Bayesian grid's.
 D_REFINE = 4
+
+#: The D_star grid of the second pass has this many points per step of the Bayesian grid's.
+DSTAR_REFINE = 2
+
+#: The second pass's prior is the learned one to this power: a neighbourhood's pooled
+#: likelihood is much sharper than one voxel's, and a flatter prior lets it speak where the
+#: learned prior, fitted to single voxels' noise, has little mass (a small organ, a lesion).
+PRIOR_POWER = 1.0
 
 #: Prior weights of (D, D_star) pairs below this share of the largest are raised to it, so that
 #: the pooled likelihood can reach any pair with D_star >= 2 D.
@@ -182,24 +194,36 @@ def spatial_tables(t, weights, barr):
     W = np.zeros((dc.size, ds.size))
     np.add.at(W, (np.searchsorted(dc, par[2]), np.searchsorted(ds, par[1])), weights)
     lstep = math.log(dc[1] / dc[0]) if dc.size > 1 else 0.1
-    n_fine = (dc.size - 1) * D_REFINE + 1
-    logd = math.log(dc[0]) + (lstep / D_REFINE) * np.arange(n_fine)
+    logd = math.log(dc[0]) + (lstep / D_REFINE) * np.arange((dc.size - 1) * D_REFINE + 1)
     dF = np.exp(logd)
-    Wf = np.empty((n_fine, ds.size))
+    hs = math.log(ds[1] / ds[0]) / DSTAR_REFINE if ds.size > 1 else 0.0
+    logds = math.log(ds[0]) + hs * np.arange((ds.size - 1) * DSTAR_REFINE + 1)
+    Wd = np.empty((dF.size, ds.size))
     for k in range(ds.size):
-        Wf[:, k] = np.interp(logd, np.log(dc), W[:, k])
+        Wd[:, k] = np.interp(logd, np.log(dc), W[:, k])
+    Wf = np.empty((dF.size, logds.size))
+    for j in range(dF.size):
+        Wf[j] = np.interp(logds, np.log(ds), Wd[j])
+    ds = np.exp(logds)
     Wf = np.maximum(Wf, PRIOR_FLOOR * Wf.max())
-    LP = np.log(Wf)
-    LP[ds[None, :] < bayes.DSTAR_OVER_D * dF[:, None]] = -np.inf
+    LP = PRIOR_POWER * np.log(Wf / Wf.max())
     ED = np.exp(-np.outer(dF, bu))
     ES = np.exp(-np.outer(ds, bu))
+    g11 = ((ED * ED) @ w)[:, None]
+    g22 = ((ES * ES) @ w)[None, :]
+    g12 = (ED * w) @ ES.T
+    det = g11 * g22 - g12**2
+    bad = (ds[None, :] < bayes.DSTAR_OVER_D * dF[:, None]) | (det <= 1e-9 * g11 * g22)
+    LP[bad] = -np.inf
+    det = np.where(bad, 1.0, det)
+    GI = np.stack([g22 / det + 0 * g12, -g12 / det, g11 / det + 0 * g12, -0.5 * np.log(det)],
+                  axis=-1)
     h = lstep / D_REFINE
-    hs = math.log(ds[1] / ds[0]) if ds.size > 1 else 0.0
     return spatial.SpatialTables(
         dF=dF, dvar=(dF * (math.exp(h / 2) - math.exp(-h / 2))) ** 2 / 12.0,
-        logd0=float(logd[0]), dstep=float(h), ED=np.ascontiguousarray(ED), GDD=(ED * ED) @ w,
+        logd0=float(logd[0]), dstep=float(h), ED=np.ascontiguousarray(ED),
         ds=ds, dsvar=(ds * (math.exp(hs / 2) - math.exp(-hs / 2))) ** 2 / 12.0,
-        ES=np.ascontiguousarray(ES), GSS=(ES * ES) @ w, GSD=np.ascontiguousarray((ED * w) @ ES.T),
+        ES=np.ascontiguousarray(ES), GI=np.ascontiguousarray(GI),
         LP=np.ascontiguousarray(LP), f_lo=float(barr[1, 0]), f_hi=float(barr[1, 1]),
         ds_lo_is_bound=bool(barr[2, 0] >= bayes.GRID_FLOOR_DSTAR),
         d_lo_is_bound=bool(barr[3, 0] >= bayes.GRID_FLOOR_D))

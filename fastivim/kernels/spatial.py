@@ -34,13 +34,12 @@ import numpy as np
 from numba import prange
 
 from . import status as st
-from ._jit import jit_block, jit_parallel, jit_voxel
+from ._jit import jit_parallel, jit_voxel
 from .bayes import EDGE_MASS, LOG_CUTOFF, _raw_fit_measures, debiased_means
 from .voxel import fail_voxel_sd
 
-
 SpatialTables = namedtuple("SpatialTables", [
-    "dF", "dvar", "logd0", "dstep", "ED", "GDD", "ds", "dsvar", "ES", "GSS", "GSD", "LP",
+    "dF", "dvar", "logd0", "dstep", "ED", "ds", "dsvar", "ES", "GI", "LP",
     "f_lo", "f_hi", "ds_lo_is_bound", "d_lo_is_bound"])
 SpatialTables.__doc__ = """Voxel-independent tables of the second pass (:func:`spatial_posterior`).
 
@@ -49,13 +48,13 @@ Fields
 dF : (n_j,) float64
     Fine log-spaced D grid (mm²/s), ``logd0`` its first value's log and ``dstep`` its log step;
     ``dvar`` (n_j,) each cell's own variance.
-ED : (n_j, n_u) float64; GDD : (n_j,) float64
-    ``exp(-b D_j)`` and its weighted squared norm ``sum_u w_u ED²``.
-ds : (n_k,) float64; dsvar, GSS : (n_k,) float64; ES : (n_k, n_u) float64
-    The D_star grid (that of :mod:`fastivim.kernels.bayes`), cell variances, ``exp(-b D*_k)``
-    and its weighted squared norm.
-GSD : (n_j, n_k) float64
-    ``sum_u w_u ED[j, u] ES[k, u]``.
+ED : (n_j, n_u) float64
+    ``exp(-b D_j)``.
+ds : (n_k,) float64; dsvar : (n_k,) float64; ES : (n_k, n_u) float64
+    The D_star grid (the Bayesian grid's, refined), cell variances, ``exp(-b D*_k)``.
+GI : (n_j, n_k, 4) float64
+    Per pair the inverse of the weighted Gram matrix ``G`` of ``ED[j]`` and ``ES[k]``
+    (entries 11, 12, 22) and ``-0.5 log det G``.
 LP : (n_j, n_k) float64
     Log prior of each (D_j, D*_k): the learned grid prior summed over f, interpolated linearly
     in log D; ``-inf`` where D*_k < 2 D_j or the prior has no support.
@@ -170,15 +169,20 @@ INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
 
 @jit_voxel
-def local_posterior(YP, WB, nu, j0, j1, tb, inv2s2, AS, L, MF, VF, Z):
+def local_posterior(YP, WB, nu, j0, j1, tb, sig2, inv2s2, AS, L, MF, VF, Z):
     """Posterior sums of the pooled likelihood over the fine D grid rows ``j0 .. j1`` (all
     D_star values), with f integrated analytically, into ``Z`` (13,): normaliser, first and
     second moments of f, D_star, D, then the mass at the lower / upper end of D_star and D.
 
-    For fixed (D_j, D_star_k) the pooled log-likelihood ``(2 <Ybar, m>_w - Wbar |m|²_w) /
-    (2 sigma²)`` is a quadratic in f, since ``m = E_j + f (E*_k - E_j)``: a Gaussian in f,
-    truncated to the f bounds (:func:`_truncated_normal`), whose integral times the prior
-    ``tb.LP[j, k]`` weighs the pair. ``YP`` (n_u,) the pooled ``w_u S0_u ybar_u``, ``WB`` the
+    For fixed (D_j, D_star_k) the model with a free scale ``c`` (the neighbourhood's S0
+    relative to the pass-1 S0 its signals were scaled by: a bias of pass 1's S0 would
+    otherwise become a bias of f) is linear in the amplitudes ``alpha = c (1 - f)`` and ``beta
+    = c f`` of ``E_j`` and ``E*_k``, so the pooled log-likelihood ``(2 <Ybar, m>_w - Wbar
+    |m|²_w) / (2 sigma²)`` is Gaussian in them and integrates in closed form (``-0.5 log det
+    G``, ``G`` the 2 x 2 Gram matrix of ``E_j, E*_k``); f's mean and variance follow by the
+    delta method, truncated to the f bounds (:func:`_truncated_normal`). That integral times
+    the prior ``tb.LP[j, k]`` weighs the pair. ``YP`` (n_u,) the pooled ``w_u S0_u ybar_u``,
+    ``WB`` the
     pooled ``S0²``; ``AS`` (n_k,), ``L``, ``MF``, ``VF`` (n_j * n_k) scratch.
     """
     nk = tb.ES.shape[0]
@@ -188,25 +192,35 @@ def local_posterior(YP, WB, nu, j0, j1, tb, inv2s2, AS, L, MF, VF, Z):
             t += YP[u] * tb.ES[k, u]
         AS[k] = t
     mx = -math.inf
+    inv_wb = 1.0 / WB
     for j in range(j0, j1):
         aj = 0.0
         for u in range(nu):
             aj += YP[u] * tb.ED[j, u]
-        gjj = tb.GDD[j]
-        c0 = (2.0 * aj - WB * gjj) * inv2s2
         for k in range(nk):
             i = (j - j0) * nk + k
             lp = tb.LP[j, k]
-            q = tb.GSS[k] - 2.0 * tb.GSD[j, k] + gjj
-            if lp == -math.inf or not q > 0.0:
+            if lp == -math.inf:
                 L[i] = -math.inf
                 continue
-            c1 = 2.0 * ((AS[k] - aj) - WB * (tb.GSD[j, k] - gjj)) * inv2s2
-            c2 = WB * q * inv2s2
-            mu = 0.5 * c1 / c2
-            sf = math.sqrt(0.5 / c2)
-            lz, m, v = _truncated_normal(mu, sf, tb.f_lo, tb.f_hi)
-            L[i] = c0 + 0.25 * c1 * c1 / c2 + math.log(sf) + lz + lp
+            g11 = tb.GI[j, k, 0]
+            g12 = tb.GI[j, k, 1]
+            g22 = tb.GI[j, k, 2]
+            ak = AS[k]
+            # (alpha, beta) = G^-1 (a_j, a*_k) / Wbar: the amplitudes of E_j and E*_k
+            al = (g11 * aj + g12 * ak) * inv_wb
+            be = (g12 * aj + g22 * ak) * inv_wb
+            tot = al + be
+            if not tot > 0.0:
+                L[i] = -math.inf
+                continue
+            # f = beta / (alpha + beta) by the delta method; cov(alpha, beta) = sigma² G^-1 / Wbar
+            r2 = 1.0 / (tot * tot)
+            da = -be * r2
+            db = al * r2
+            vf = (da * da * g11 + 2.0 * da * db * g12 + db * db * g22) * inv_wb * sig2
+            lz, m, v = _truncated_normal(be / tot, math.sqrt(vf), tb.f_lo, tb.f_hi)
+            L[i] = (al * aj + be * ak) * inv2s2 + tb.GI[j, k, 3] + lz + lp
             MF[i] = m
             VF[i] = v
             mx = max(mx, L[i])
@@ -328,7 +342,7 @@ def spatial_posterior(Y, YB, groups, bu, sigma2, tb, out1, sd1, ok, coords, vidx
             if ok[v]:
                 pool_neighbours(YB, v, out1, sd1, ok, coords, vidx, offsets, hinv, YP)
                 j0, j1 = _window(out1, sd1, v, tb)
-                local_posterior(YP, YP[nu], nu, j0, j1, tb, inv2s2, AS, L, MF, VF, Z)
+                local_posterior(YP, YP[nu], nu, j0, j1, tb, sigma2, inv2s2, AS, L, MF, VF, Z)
                 nsum[v] = YP[nu + 1]
             status[v] = finish_spatial(Y, v, groups, bu, out1, sd1, ok, Z, tb, tau2, f0sq,
                                        out, sd)
