@@ -251,7 +251,8 @@ def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | N
         return None  # an input changed since (an edited .bval, a new mask...): refit
     model = record.get("model", "ivim")
     # the uncertainty maps are part of a complete run when it was asked for them
-    with_sd = bool(record.get("uncertainty")) or record.get("method") == "bayesian"
+    with_sd = (bool(record.get("uncertainty"))
+               or record.get("method") in ("bayesian", "spatial"))
     expected = [m for m in MAPS if m.produced_by(model) and (with_sd or not m.optional)]
     layout = _layout(series, deriv_dir)
     if not all(p.is_file() for p in layout.map_files(expected)):

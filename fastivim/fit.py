@@ -274,7 +274,7 @@ def check_fit_sampling(b: np.ndarray, options) -> float:
         The reason, in one line.
     """
     b_threshold = _check_threshold(b, options.b_threshold, options.method, options.model)
-    if options.uncertainty and options.method != "bayesian":
+    if options.uncertainty and options.method not in ("bayesian", "spatial"):
         if options.model == "simplified":
             n_used, k = int(np.sum((b == 0) | (b >= b_threshold))), 3
         else:
@@ -383,7 +383,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD,
 
 
 def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
-             b_threshold=B_THRESHOLD, progress=False, seed=0, uncertainty=False, model="ivim"):
+             b_threshold=B_THRESHOLD, progress=False, seed=0, uncertainty=False, model="ivim",
+             voxel_sizes=None):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -396,13 +397,17 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         b-values in s/mm², any order, repeats allowed; at least 4 distinct.
     mask : array_like of bool, shape signal.shape[:-1], optional
         Voxels to fit; None fits every voxel.
-    method : {"segmented", "full", "bayesian"}
+    method : {"segmented", "full", "bayesian", "spatial"}
         Two-step fit with D from the high-b samples, all four parameters together (both least
         squares), or grid empirical Bayes: a prior over (D, D_star, f) learned from the
         volume by EM on a subsample, then each voxel's posterior mean as the map and its
         posterior SD as ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see
         :mod:`fastivim.kernels.bayes`). With fewer than ``MIN_EM_VOXELS`` usable voxels the
         Bayesian fit uses a weak prior (uniform over the grid) and says so in ``prior``.
+        ``spatial``: the Bayesian posterior of each voxel's local tissue, pooling the signals
+        of the neighbours within a few mm whose own posteriors are alike (lesions and organ
+        edges are kept); needs a 2-D or 3-D volume and takes ``voxel_sizes`` (see
+        :mod:`fastivim.kernels.spatial`); always gives the SD maps.
     bounds : dict, optional
         ``{"S0"|"f"|"D_star"|"D": (lower, upper)}`` over the defaults; D_star > D always.
     b_threshold : float
@@ -423,7 +428,12 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         b_threshold`` (osipy's simplified model, for 3-5 b-value protocols where D_star cannot
         be fitted; samples with 0 < b < b_threshold are not used). Needs b = 0 and 2 distinct
         b-values >= b_threshold; ``segmented`` and ``full`` give the same least-squares fit
-        (``bayesian`` is refused). The result's ``D_star`` (and ``D_star_sd``) is None.
+        (``bayesian`` and ``spatial`` are refused). The result's ``D_star`` (and
+        ``D_star_sd``) is None.
+    voxel_sizes : sequence of float, optional
+        ``spatial`` only: voxel size along each spatial axis, mm (a NIfTI header's zooms);
+        None: 1 mm isotropic. The neighbourhood is a radius in mm, so anisotropic voxels
+        (1.5 x 1.5 x 4 mm) reach fewer neighbours through-plane than in-plane.
 
     Returns
     -------
@@ -441,11 +451,11 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         # any non-zero voxel is in; NaN is out (as for mask files read by fastivim.io)
         mask = np.nan_to_num(mask, nan=0.0) != 0 if mask.dtype.kind == "f" else mask.astype(bool)
     return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed,
-                uncertainty, model)
+                uncertainty, model, voxel_sizes=voxel_sizes)
 
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0,
-         uncertainty=False, model="ivim", kernel="block", volume=True):
+         uncertainty=False, model="ivim", kernel="block", volume=True, voxel_sizes=None):
     """Validate, flatten, run the registered method, and build the result.
 
     ``volume`` is False for :func:`fit_voxels` (rows without geometry): then a method that
@@ -462,7 +472,8 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     request = FitRequest(b=b, bounds=dict(opts.bounds), b_threshold=check_fit_sampling(b, opts),
                          seed=opts.seed, uncertainty=opts.uncertainty, model=opts.model,
                          progress=progress, kernel=kernel, mask=mask,
-                         spatial=spatial if volume else None)
+                         spatial=spatial if volume else None,
+                         voxel_sizes=None if voxel_sizes is None else tuple(voxel_sizes))
     n_b = signal.shape[-1]
     if mask is None:
         Y = _as_kernel_matrix(signal.reshape(-1, n_b))

@@ -181,6 +181,7 @@ METHODS = {
     "segmented": "D from the high-b samples first, then D_star and f",
     "full": "all four parameters together (bounded Levenberg-Marquardt, multi-start)",
     "bayesian": "grid empirical Bayes: prior learned from the volume, posterior mean and SD",
+    "spatial": "bayesian with evidence pooled from similar neighbouring voxels (needs a volume)",
 }
 
 #: Signal models. Every map of :data:`MAPS` names the models that produce it. ``ivim`` is the

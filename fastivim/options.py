@@ -110,9 +110,9 @@ class FitOptions:
         object.__setattr__(self, "b_threshold", b_threshold)
         for key in ("model", "uncertainty", "seed"):
             object.__setattr__(self, key, check_value(key, getattr(self, key)))
-        if self.model == "simplified" and self.method == "bayesian":
-            raise ConflictError("the bayesian method fits the ivim model only; use method "
-                                "segmented or full with model simplified")
+        if self.model == "simplified" and self.method in ("bayesian", "spatial"):
+            raise ConflictError(f"the {self.method} method fits the ivim model only; use "
+                                f"method segmented or full with model simplified")
         try:
             object.__setattr__(self, "bounds", _frozen_bounds(self.bounds))
         except ValueError as exc:

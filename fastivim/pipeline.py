@@ -250,6 +250,13 @@ def check_inputs_are_not_outputs(dwi, options: RunOptions, layouts) -> None:
                                   f"by an output; write the outputs elsewhere (-o DIR)")
 
 
+def voxel_sizes(img) -> tuple:
+    """Voxel size (mm) along each of the three spatial axes: the lengths of the affine's first
+    three columns (what the spatial method's neighbourhood in mm is measured in)."""
+    a = np.asarray(img.affine, dtype=np.float64)[:3, :3]
+    return tuple(float(v) for v in np.sqrt((a * a).sum(axis=0)))
+
+
 def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
     """Fit one 4D image and write its outputs; return the run record.
 
@@ -302,7 +309,8 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         result = fit_ivim(inputs.dwi.data, inputs.dwi.b_values, mask=inputs.mask,
                           method=fit.method, bounds=fit.bounds, b_threshold=fit.b_threshold,
                           model=fit.model, uncertainty=fit.uncertainty, seed=fit.seed,
-                          progress=not options.quiet and inputs.n_fit >= PROGRESS_MIN_VOXELS)
+                          progress=not options.quiet and inputs.n_fit >= PROGRESS_MIN_VOXELS,
+                          voxel_sizes=voxel_sizes(inputs.dwi.img))
         t_fit = time.perf_counter()
         timings = {"read": inputs.dwi.read_seconds,
                    "mask": t_inputs - t_start - inputs.dwi.read_seconds,

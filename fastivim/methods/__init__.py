@@ -15,6 +15,7 @@ method         module                          needs      SD maps
 segmented      :mod:`.segmented`               voxels     with ``uncertainty=True``
 full           :mod:`.full`                    voxels     with ``uncertainty=True``
 bayesian       :mod:`.bayesian`                voxels     always (posterior SD)
+spatial        :mod:`.spatial`                 volume     always (posterior SD + variation)
 =============  ==============================  =========  ===================================
 
 The ``simplified`` model is not a method: :mod:`.simplified` fits it for ``segmented`` and
@@ -130,9 +131,9 @@ class Method:
 
 
 def _registry() -> dict:
-    from . import bayesian, full, segmented
+    from . import bayesian, full, segmented, spatial
 
-    methods = (segmented.METHOD, full.METHOD, bayesian.METHOD)
+    methods = (segmented.METHOD, full.METHOD, bayesian.METHOD, spatial.METHOD)
     return {m.name: m for m in methods}
 
 

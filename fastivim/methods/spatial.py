@@ -1,6 +1,11 @@
-"""The spatial method's Python side: grid and prior (shared with ``bayesian``), the
-neighbourhood in mm, the within-tissue variation learned from the data, and the two kernel
-passes of :mod:`fastivim.kernels.spatial`."""
+"""The ``spatial`` method: each voxel's local tissue from its adaptive neighbourhood.
+
+Kernels in :mod:`fastivim.kernels.spatial` (method and equations there). This module holds
+the Python side: the noise, grid and prior (those of :mod:`.bayesian`), pass 1 (the per-voxel
+posterior of ``bayesian``), the neighbourhood in mm from the voxel sizes, the within-tissue
+variation, the second pass's tables, and the second pass. It needs a volume: the mask, the
+spatial shape (2-D or 3-D) and the voxel sizes. Deterministic for a seed on any thread count.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,12 @@ import math
 
 import numpy as np
 
-from .kernels import bayes, spatial
-from .kernels import status as st
-from .kernels.driver import chunk_count
-from .model import bounds_array
+from ..kernels import bayes, spatial
+from ..kernels import status as st
+from ..kernels.driver import chunk_count
+from ..model import bounds_array
+from . import Method, MethodOutput
+from .bayesian import PRIOR_PRUNE, _learn_prior, _noise_variance, _subsample, _usable_rows
 
 #: Neighbourhood radius, mm: every voxel whose centre lies within it (1.5 x 1.5 x 4 mm voxels:
 #: 3 voxels in-plane, the adjacent slices' 5 nearest).
@@ -106,8 +113,6 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
     Returns ``out`` (n_vox, 6), ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra result
     fields (``prior``, ``noise_sigma``).
     """
-    from . import fit as _fit
-
     n = Y.shape[0]
     out = np.full((n, 6), np.nan, dtype=np.float32)
     sd = np.full((n, 4), np.nan, dtype=np.float32)
@@ -117,18 +122,18 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
         return out, status, sd, none
     barr = bounds_array(bounds)
     t = bayes.make_bayes_tables(b, barr)
-    rows = _fit._subsample(n, seed)
-    sigma2 = _fit._noise_variance(Y, rows, b, bounds, b_threshold)
+    rows = _subsample(n, seed)
+    sigma2 = _noise_variance(Y, rows, b, bounds, b_threshold)
     if not math.isfinite(sigma2):
-        status[:] = np.where(_fit._usable_rows(Y, t["groups"], t["w"]), st.NUMERICAL_FAILURE,
+        status[:] = np.where(_usable_rows(Y, t["groups"], t["w"]), st.NUMERICAL_FAILURE,
                              st.BAD_INPUT)
         return out, status, sd, none
     s0_bounds = (float(barr[0, 0]), float(barr[0, 1]))
-    weights = _fit._learn_prior(Y, rows, t, sigma2, s0_bounds)
+    weights = _learn_prior(Y, rows, t, sigma2, s0_bounds)
     prior = "empirical" if weights is not None else "weak"
     if weights is None:
         weights = np.full(t["nn"].size, 1.0 / t["nn"].size)
-    keep = weights >= _fit.PRIOR_PRUNE * weights.max()
+    keep = weights >= PRIOR_PRUNE * weights.max()
     M = np.ascontiguousarray(t["M"][:, keep])
     nn = t["nn"][keep]
     # pass 1: each voxel's own posterior (the bayesian method's)
@@ -237,3 +242,41 @@ def _feature_cell_variance(par):
         v = np.log(v) if logged else v
         out[j] = (np.diff(v).min() ** 2 / 12.0) if v.size > 1 else 0.0
     return out
+
+
+#: Voxel size (mm) assumed along each axis when the caller gives none.
+DEFAULT_VOXEL_SIZE = 1.0
+
+
+def check_volume(spatial_shape, voxel_sizes):
+    """The voxel sizes (mm, one per spatial axis) of a volume fit; ValueError when the spatial
+    shape is not 2-D or 3-D or the sizes are not positive finite numbers, one per axis."""
+    nd = len(spatial_shape)
+    if nd not in (2, 3):
+        raise ValueError(f"method 'spatial' needs a 2-D or 3-D volume (signal of shape "
+                         f"(X, Y[, Z], n_b)), got spatial shape {tuple(spatial_shape)}")
+    if voxel_sizes is None:
+        return (DEFAULT_VOXEL_SIZE,) * nd
+    try:
+        vs = tuple(float(v) for v in voxel_sizes)
+    except (TypeError, ValueError):
+        raise ValueError(f"voxel_sizes must be numbers (mm), got {voxel_sizes!r}") from None
+    if len(vs) < nd or not all(math.isfinite(v) and v > 0 for v in vs[:nd]):
+        raise ValueError(f"voxel_sizes must give a positive size in mm for each of the "
+                         f"{nd} spatial axes, got {voxel_sizes!r}")
+    return vs[:nd]
+
+
+def run(Y, req):
+    """``run(Y, request)`` of the registry: the spatial maps and SDs of the mask's voxels."""
+    if req.spatial is None:
+        raise ValueError("method 'spatial' needs a volume")
+    voxel_sizes = check_volume(req.spatial, req.voxel_sizes)
+    out, status, sd, extra = run_spatial(Y, req.mask, req.spatial, voxel_sizes, req.b,
+                                         req.bounds, req.b_threshold, req.seed)
+    return MethodOutput(out, status, sd, {"prior": extra["prior"],
+                                          "noise_sigma": extra["noise_sigma"]})
+
+
+METHOD = Method(name="spatial", needs="volume", run=run, sd="always", models=("ivim",),
+                extra_fields=("prior", "noise_sigma"))
