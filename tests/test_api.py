@@ -17,7 +17,7 @@ def test_public_names():
     for name in ("fit_ivim", "fit_voxels", "ivim_signal", "simulate", "STATUS_MEANINGS",
                  "DEFAULT_BOUNDS", "PARAM_NAMES", "METHODS", "IVIMResult", "resolve_bounds"):
         assert hasattr(fastivim, name), name
-    assert set(fastivim.METHODS) == {"segmented", "full", "bayesian"}
+    assert set(fastivim.METHODS) == {"segmented", "full", "bayesian", "spatial"}
     assert callable(fastivim.simulate.phantom)
 
 

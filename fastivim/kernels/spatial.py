@@ -147,7 +147,7 @@ def _truncated_normal(mu, s, lo, hi):
     that of the untruncated density's integral (1 when the interval holds it all)."""
     a = (lo - mu) / s
     b = (hi - mu) / s
-    if a < -8.0 and b > 8.0:
+    if a < -6.0 and b > 6.0:  # the interval holds all but 2e-9 of the mass
         return 0.0, mu, s * s
     if a > 6.0:  # the mass lies far below the interval: it piles up at its lower end
         return -0.5 * a * a - math.log(a * SQRT_2PI), lo + s / a, (s / a) ** 2
@@ -308,7 +308,7 @@ def _window(out1, sd1, v, tb):
 
 #: Half-width of the window of fine D values around pass 1's D, in pass-1 SDs of log D, and
 #: at least (log units).
-WINDOW_SD = 4.0
+WINDOW_SD = 3.0
 WINDOW_MIN = 0.15
 
 

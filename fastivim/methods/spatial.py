@@ -175,7 +175,7 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
 D_REFINE = 4
 
 #: The D_star grid of the second pass has this many points per step of the Bayesian grid's.
-DSTAR_REFINE = 2
+DSTAR_REFINE = 1
 
 #: The second pass's prior is the learned one to this power: a neighbourhood's pooled
 #: likelihood is much sharper than one voxel's, and a flatter prior lets it speak where the
