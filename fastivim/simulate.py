@@ -267,8 +267,9 @@ LESION_VALUES = (0.28, 0.045, 0.8e-3)
 #: Voxel size (mm) of :func:`lesion_phantom` by default: abdominal DWI is anisotropic.
 LESION_VOXEL_SIZE = (1.5, 1.5, 4.0)
 
-#: Organs a lesion may sit in (muscle, the body's fill, is left out).
-LESION_ORGANS = ("liver", "spleen", "kidney cortex", "pancreas", "stomach wall")
+#: Organs a lesion may sit in: muscle (the body's fill) is left out, and so are the stomach
+#: wall and the oesophagus, whose f (0.30, 0.32) leaves a lesion no f contrast to keep.
+LESION_ORGANS = ("liver", "spleen", "kidney cortex", "pancreas")
 
 #: Width (voxels, in-plane) of the ring of the same organ around a lesion that the lesion's
 #: contrast is measured against (and that must lie inside the organ for a lesion to be placed).
@@ -301,7 +302,8 @@ def smooth_field(shape, voxel_size, length_mm, rng):
         view = [1] * len(shape)
         view[ax] = freq.size
         k2 = k2 + (2 * np.pi * freq.reshape(view)) ** 2
-    field = np.fft.irfftn(spectrum * np.exp(-0.5 * k2 * length_mm**2), s=shape)
+    field = np.fft.irfftn(spectrum * np.exp(-0.5 * k2 * length_mm**2), s=shape,
+                          axes=tuple(range(len(shape))))
     field -= field.mean()
     peak = np.abs(field).max()
     return field / peak if peak > 0 else field

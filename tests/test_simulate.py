@@ -49,3 +49,28 @@ def test_noise_free_signal_is_the_model_and_noise_is_rician():
     # background: magnitude of pure complex noise, a Rayleigh variable of mean sigma*sqrt(pi/2)
     bg = noisy.signal[~noisy.mask].astype(np.float64)
     assert bg.mean() == pytest.approx(noisy.sigma * np.sqrt(np.pi / 2), rel=0.03)
+
+
+def test_lesion_phantom_has_varying_organs_lesions_and_rings():
+    from fastivim.simulate import LESION_VALUES, OSIPI_TISSUES, lesion_contrast, lesion_phantom
+
+    ph = lesion_phantom((64, 64, 3), snr=None, seed=1, voxel_size=(1.5, 1.5, 4.0))
+    assert ph.voxel_size == (1.5, 1.5, 4.0) and ph.lesions.max() >= 5
+    names = list(OSIPI_TISSUES)
+    for k in range(1, ph.lesions.max() + 1):
+        les, ring = ph.lesions == k, ph.rings == k
+        organ = ph.labels[les]
+        assert np.all(organ == organ[0]) and np.all(ph.labels[ring] == organ[0])
+        assert not np.any(les & ring)
+        across = np.ptp(np.argwhere(les)[:, :2], axis=0).max() + 1
+        assert 2 <= across <= 5
+        for p, v in zip(("f", "D_star", "D"), LESION_VALUES, strict=True):
+            assert np.all(np.abs(ph.truth()[p][les] / v - 1) <= 0.12 + 1e-9), p
+    # organs vary smoothly (±10%) plus jitter, and are not uniform blocks
+    liver = (ph.labels == names.index("liver") + 1) & (ph.lesions == 0)
+    rel = ph.D[liver] / OSIPI_TISSUES["liver"][2] - 1
+    assert 0.03 < rel.std() < 0.1 and np.abs(rel).max() < 0.1 + 3 * 0.04 * 1.1 + 0.02
+    # noise-free: a map equal to the truth keeps every lesion's contrast exactly
+    np.testing.assert_allclose(lesion_contrast(ph.f, ph.f, ph), 1.0)
+    again = lesion_phantom((64, 64, 3), snr=None, seed=1, voxel_size=(1.5, 1.5, 4.0))
+    np.testing.assert_array_equal(again.D, ph.D)
