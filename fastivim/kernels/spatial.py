@@ -67,9 +67,10 @@ ds_lo_is_bound, d_lo_is_bound : bool
 
 @jit_parallel
 def weighted_means(Y, groups, w, sigma2, n_chunks, YB):
-    """``YB[v, u] = w_u * ybar_u`` (n_vox, n_u) float64: each row's Rician-debiased group means
-    (:func:`fastivim.kernels.bayes.debiased_means`) times the group sizes, the quantity the
-    neighbourhoods pool (0 where a sample is not finite)."""
+    """``YB[v, u] = w_u * ybar_u`` (n_vox, n_u + 1) float64: each row's Rician-debiased group
+    means (:func:`fastivim.kernels.bayes.debiased_means`) times the group sizes, the quantity
+    the neighbourhoods pool, then ``sum_u w_u ybar_u²`` (for the pooled residual); 0 where a
+    sample is not finite."""
     n = Y.shape[0]
     nu = w.shape[0]
     n_chunks = max(1, min(n, n_chunks))
@@ -78,8 +79,11 @@ def weighted_means(Y, groups, w, sigma2, n_chunks, YB):
         for v in range(c * n // n_chunks, (c + 1) * n // n_chunks):
             raw = debiased_means(Y, v, groups, w, sigma2, ybar)
             good = math.isfinite(raw)
+            yy = 0.0
             for u in range(nu):
                 YB[v, u] = w[u] * ybar[u] if good else 0.0
+                yy += w[u] * ybar[u] * ybar[u]
+            YB[v, nu] = yy if good else 0.0
 
 
 @jit_voxel
@@ -101,17 +105,17 @@ def _distance2(out, sd, u, v):
 
 @jit_voxel
 def pool_neighbours(YB, v, out, sd, ok, coords, vidx, offsets, hinv, YP):
-    """Pool the neighbourhood of voxel row ``v`` into ``YP`` (n_u + 2): ``sum_u w_uv S0_u
-    YB[u]`` (``YB`` of :func:`weighted_means`), then ``Wbar = sum_u w_uv S0_u²`` and the sum of
-    the weights (the voxel itself counts with weight 1).
+    """Pool the neighbourhood of voxel row ``v`` into ``YP`` (n_u + 3): ``sum_u w_uv S0_u
+    YB[u]`` (``YB`` of :func:`weighted_means`), then ``Wbar = sum_u w_uv S0_u²``, the sum of
+    the weights (the voxel itself counts with weight 1) and ``sum_u w_uv sum_b w_b ybar_ub²``.
 
     ``out``/``sd`` are the pass-1 posterior means and SDs, ``ok`` (n_vox,) whether a row may
     be pooled, ``coords`` (n_vox, 3) each row's voxel index, ``vidx`` (X, Y, Z) each voxel's
     row (-1 outside the mask), ``offsets`` (K, 3) the neighbourhood (itself excluded), ``hinv``
     the inverse bandwidth of the weights ``exp(-d² hinv)``.
     """
-    nu = YB.shape[1]
-    for k in range(nu + 2):
+    nu = YB.shape[1] - 1
+    for k in range(nu + 3):
         YP[k] = 0.0
     nx, ny, nz = vidx.shape
     x0 = coords[v, 0]
@@ -139,6 +143,7 @@ def pool_neighbours(YB, v, out, sd, ok, coords, vidx, offsets, hinv, YP):
             YP[j] += ws * YB[u, j]
         YP[nu] += ws * s0
         YP[nu + 1] += wt
+        YP[nu + 2] += wt * YB[u, nu]
 
 
 @jit_voxel
@@ -254,11 +259,32 @@ def local_posterior(YP, WB, nu, j0, j1, tb, sig2, inv2s2, AS, L, MF, VF, Z):
 
 
 @jit_voxel
-def finish_spatial(Y, v, groups, bu, out1, sd1, ok, Z, tb, tau2, f0sq, out, sd):
+def _dispersion(YP, nu, bu, w, f, Ds, D, sigma2):
+    """The pooled residual over its expectation, at least 1: ``phi = RSS / (sigma² (n_u
+    sum_u w_uv - 4))``, ``RSS = sum_u w_uv sum_b w_b (ybar_ub - c S0_u m_b)²`` at the posterior
+    mean's model ``m`` with the best common scale ``c``. Neighbours that differ from the voxel
+    by more than the noise (an edge the weights did not cut, a gradient) raise it."""
+    a = 0.0
+    nn = 0.0
+    for u in range(nu):
+        m = f * math.exp(-bu[u] * Ds) + (1.0 - f) * math.exp(-bu[u] * D)
+        a += YP[u] * m
+        nn += w[u] * m * m
+    wb = YP[nu]
+    rss = YP[nu + 2] - a * a / (wb * nn) if wb * nn > 0.0 else 0.0
+    dof = nu * YP[nu + 1] - 4.0
+    if not dof > 1.0:
+        return 1.0
+    return max(rss / (sigma2 * dof), 1.0)
+
+
+@jit_voxel
+def finish_spatial(Y, v, groups, bu, out1, sd1, ok, Z, tb, tau2, f0sq, phi, out, sd):
     """Write voxel row ``v``'s spatial estimate and SD from the sums ``Z`` of
     :func:`local_posterior`; S0 and its SD are pass 1's (the voxel's own). The SD of f, D_star,
     D adds the within-tissue variation ``tau2`` (3,): relative for D_star and D, relative to
-    ``f² + f0sq`` for f. Returns the status."""
+    ``f² + f0sq`` for f, to the posterior variance times the dispersion ``phi``
+    (:func:`_dispersion`). Returns the status."""
     if not ok[v]:
         return fail_voxel_sd(out, sd, v, st.BAD_INPUT if math.isnan(out1[v, 0])
                              else st.NUMERICAL_FAILURE)
@@ -274,9 +300,9 @@ def finish_spatial(Y, v, groups, bu, out1, sd1, ok, Z, tb, tau2, f0sq, out, sd):
     out[v, 2] = Ds
     out[v, 3] = D
     sd[v, 0] = sd1[v, 0]
-    vf = max(Z[2] * z - f * f, 0.0) + tau2[0] * (f * f + f0sq)
-    vds = max(Z[4] * z - Ds * Ds, 0.0) + tau2[1] * Ds * Ds
-    vd = max(Z[6] * z - D * D, 0.0) + tau2[2] * D * D
+    vf = phi * max(Z[2] * z - f * f, 0.0) + tau2[0] * (f * f + f0sq)
+    vds = phi * max(Z[4] * z - Ds * Ds, 0.0) + tau2[1] * Ds * Ds
+    vd = phi * max(Z[6] * z - D * D, 0.0) + tau2[2] * D * D
     sd[v, 1] = math.sqrt(vf)
     sd[v, 2] = math.sqrt(vds)
     sd[v, 3] = math.sqrt(vd)
@@ -313,7 +339,7 @@ WINDOW_MIN = 0.15
 
 
 @jit_parallel
-def spatial_posterior(Y, YB, groups, bu, sigma2, tb, out1, sd1, ok, coords, vidx, offsets,
+def spatial_posterior(Y, YB, groups, w, bu, sigma2, tb, out1, sd1, ok, coords, vidx, offsets,
                       hinv, tau2, f0sq, n_chunks, out, sd, status, nsum):
     """Pass 2: the spatial posterior mean (``out``, (n_vox, 6) float32 as the least-squares
     kernels) and SD (``sd``, (n_vox, 4) float32) of every row of ``Y`` (n_vox, n_b) (``YB`` its
@@ -325,13 +351,13 @@ def spatial_posterior(Y, YB, groups, bu, sigma2, tb, out1, sd1, ok, coords, vidx
     :func:`pool_neighbours`, ``tau2``/``f0sq`` those of :func:`finish_spatial`.
     """
     n = Y.shape[0]
-    nu = YB.shape[1]
+    nu = YB.shape[1] - 1
     nk = tb.ES.shape[0]
     nj = tb.dF.shape[0]
     inv2s2 = 0.5 / sigma2
     n_chunks = max(1, min(n, n_chunks))
     for c in prange(n_chunks):
-        YP = np.empty(nu + 2)
+        YP = np.empty(nu + 3)
         AS = np.empty(nk)
         L = np.empty(nj * nk)
         MF = np.empty(nj * nk)
@@ -344,5 +370,8 @@ def spatial_posterior(Y, YB, groups, bu, sigma2, tb, out1, sd1, ok, coords, vidx
                 j0, j1 = _window(out1, sd1, v, tb)
                 local_posterior(YP, YP[nu], nu, j0, j1, tb, sigma2, inv2s2, AS, L, MF, VF, Z)
                 nsum[v] = YP[nu + 1]
+                phi = _dispersion(YP, nu, bu, w, Z[1] / Z[0], Z[3] / Z[0], Z[5] / Z[0], sigma2)
+            else:
+                phi = 1.0
             status[v] = finish_spatial(Y, v, groups, bu, out1, sd1, ok, Z, tb, tau2, f0sq,
-                                       out, sd)
+                                       phi, out, sd)

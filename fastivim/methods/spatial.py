@@ -147,7 +147,7 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
                            np.ascontiguousarray(t["edge"][:, keep]), *s0_bounds, chunk_count(n),
                            out1, sd1, status1)
     ok = np.isfinite(out1[:, :4]).all(axis=1) & (sd1[:, 1:] > 0).all(axis=1)
-    YB = np.empty((n, t["w"].size))
+    YB = np.empty((n, t["w"].size + 1))
     spatial.weighted_means(Y, t["groups"], t["w"], sigma2, chunk_count(n), YB)
     # the neighbourhood in mm and the within-tissue variation
     shape3 = tuple(spatial_shape) + (1,) * (3 - len(spatial_shape))
@@ -164,7 +164,7 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
         if r:  # the next round's weights compare the previous round's estimates
             out1, sd1 = out.copy(), sd.copy()
             ok = ok & (status != st.BAD_INPUT) & np.isfinite(out1[:, :4]).all(axis=1)
-        spatial.spatial_posterior(Y, YB, t["groups"], t["bu"], sigma2, tb, out1, sd1, ok,
+        spatial.spatial_posterior(Y, YB, t["groups"], t["w"], t["bu"], sigma2, tb, out1, sd1, ok,
                                   coords, vidx, offsets, 1.0 / bandwidth, tau2, F_FLOOR**2,
                                   chunk_count(n), out, sd, status, nsum)
     return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2),
