@@ -37,8 +37,13 @@ CHI2_1_MEDIAN = 0.45493642311957283
 #: At most this many voxels (with their nearest neighbours) enter the estimate of the variation.
 TAU_PAIRS = 20000
 
-#: Least within-tissue variation (relative SD) assumed.
-TAU_FLOOR = 0.05
+#: Least within-tissue variation (relative SD) assumed for f, D_star and D: a voxel differs from
+#: its neighbourhood's tissue by at least this much even where the noise hides it (at SNR
+#: 20-30 it always does: the data-driven estimate falls below it). f varies more than D
+#: between voxels of one tissue (perfusion is heterogeneous), and f's variation also stands for
+#: the neighbours of a similar tissue that no voxel's data can tell apart (an organ's edge
+#: against muscle), whose f the pooled estimate takes in.
+TAU_FLOOR = np.array([0.10, 0.10, 0.05])
 
 
 def neighbourhood(voxel_size, radius_mm=RADIUS_MM):
@@ -77,7 +82,7 @@ def learn_variation(out1, sd1, ok, coords, vidx, offsets):
     ``(diff² / 0.455 - sd_u² - sd_v²) / (2 s)``, floored at :data:`TAU_FLOOR`². Pairs: each
     voxel (every ``k``-th, at most :data:`TAU_PAIRS`) and its nearest neighbours.
     """
-    tau2 = np.full(3, TAU_FLOOR**2)
+    tau2 = TAU_FLOOR**2
     rows = np.flatnonzero(ok)
     if rows.size == 0:
         return tau2
@@ -102,7 +107,7 @@ def learn_variation(out1, sd1, ok, coords, vidx, offsets):
             ts[j].append(((a - b) ** 2 / CHI2_1_MEDIAN - sa**2 - sb**2) / (2.0 * scale2))
     for j in range(3):
         if ts[j]:
-            tau2[j] = max(float(np.median(np.concatenate(ts[j]))), TAU_FLOOR**2)
+            tau2[j] = max(float(np.median(np.concatenate(ts[j]))), TAU_FLOOR[j] ** 2)
     return tau2
 
 
