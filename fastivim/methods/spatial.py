@@ -34,6 +34,13 @@ F_FLOOR = 0.02
 #: Median of a chi-squared variable with one degree of freedom.
 CHI2_1_MEDIAN = 0.45493642311957283
 
+#: Rounds of pass 2 (propagation-separation): the second round's weights compare the first
+#: round's pooled estimates, whose SDs are several times smaller than one voxel's, so that
+#: voxels of a small lesion, which one voxel's posterior does not tell from the organ around
+#: it, stop pooling with the organ (lesion contrast kept at clinical11 SNR 20 on a 144 x 144 x 2
+#: lesion phantom: f 0.76 -> 0.83, D 0.74 -> 0.77; pooled RMSE within 0.01).
+ROUNDS = 2
+
 #: At most this many voxels (with their nearest neighbours) enter the estimate of the variation.
 TAU_PAIRS = 20000
 
@@ -112,7 +119,7 @@ def learn_variation(out1, sd1, ok, coords, vidx, offsets):
 
 
 def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed,
-                radius_mm=RADIUS_MM, bandwidth=BANDWIDTH, rounds=1):
+                radius_mm=RADIUS_MM, bandwidth=BANDWIDTH, rounds=None):
     """Spatial fit of the mask's voxels ``Y`` (n_vox, n_b, mask order) of a volume.
 
     Returns ``out`` (n_vox, 6), ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra result
@@ -165,7 +172,7 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
     # pass 2: the posterior of each voxel's local tissue
     tb = spatial_tables(t, weights, barr)
     nsum = np.empty(n, dtype=np.float32)
-    for r in range(rounds):
+    for r in range(ROUNDS if rounds is None else rounds):
         if r:  # the next round's weights compare the previous round's estimates
             out1, sd1 = out.copy(), sd.copy()
             ok = ok & (status != st.BAD_INPUT) & np.isfinite(out1[:, :4]).all(axis=1)
