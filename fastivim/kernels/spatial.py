@@ -1,30 +1,34 @@
 """Spatial IVIM estimator: the posterior of a voxel's local tissue from its adaptive neighbourhood.
 
-Two grid passes over the voxels, on the Bayesian method's pruned grid and lane machinery
-(:mod:`fastivim.kernels.bayes`):
+Two passes over the voxels:
 
 1. the per-voxel posterior of :func:`fastivim.kernels.bayes.posterior_volume` (mean and SD of
-   S0, f, D_star, D under the prior learned from the volume);
+   S0, f, D_star, D under the prior learned from the volume), run by the caller;
 2. :func:`spatial_posterior`: for voxel ``v``, the neighbours ``u`` within a radius in mm (and
-   ``v`` itself) pool their signals, each with a weight ``w_uv`` that falls with the
-   statistical distance between the two voxels' pass-1 posteriors (adaptive weights, Polzehl &
-   Spokoiny 2006, doi:10.1007/s00440-005-0464-1): voxels of another tissue, a lesion's
-   surroundings or the lesion seen from outside, give no evidence. With each neighbour's S0
-   fixed at its pass-1 mean, the Gaussian log-likelihood of the neighbourhood at grid point
-   ``g`` (model ``m_g``, S0 = 1) needs two pooled statistics only,
+   ``v`` itself) pool their signals, each with a weight ``w_uv`` that is 1 up to half the
+   bandwidth and falls to 0 at the bandwidth of the statistical distance between the two
+   voxels' pass-1 posteriors (adaptive weights with the propagation-separation kernel, Polzehl
+   & Spokoiny 2006, doi:10.1007/s00440-005-0464-1): voxels of another tissue give no evidence,
+   so organ edges and lesions are not blurred. Each neighbour's Rician-debiased group means are
+   scaled by its pass-1 S0, and a common scale ``c`` is left free, so that the neighbourhood's
+   Gaussian log-likelihood at ``(D_j, D*_k)`` with amplitudes ``alpha = c (1 - f)``, ``beta =
+   c f`` needs only the pooled statistics
 
-       ``ll_g = (2 <Ybar, m_g>_w - Wbar |m_g|²_w) / (2 sigma²)``,
-       ``Ybar = sum_u w_uv S0_u ybar_u``,  ``Wbar = sum_u w_uv S0_u²``
+       ``Ybar = sum_u w_uv S0_u w_b ybar_ub``,  ``Wbar = sum_u w_uv S0_u²``
 
-   (``ybar_u`` the Rician-debiased group means), so the second pass costs one grid pass like
-   the first, whatever the number of neighbours. The posterior over the grid (prior times that
-   likelihood) is that of the local tissue's parameters; its mean is the map. The voxel's own
-   parameters differ from its neighbourhood's by within-tissue variation that no single voxel's
-   data resolve at clinical SNR; the reported SD adds it (``tau``, relative, given by the
-   caller) to the posterior variance, so that the interval covers the voxel's own value.
+   and is Gaussian in ``(alpha, beta)``: it integrates in closed form, f's mean and variance
+   follow by the delta method (:func:`local_posterior`). The pairs ``(D_j, D*_k)`` lie on a grid
+   4 times finer in D than the Bayesian method's (a window around pass 1's D) times its D_star
+   grid, weighted by the learned prior summed over f. Its posterior mean is the map: the
+   parameters of the voxel's local tissue. The reported SD adds to the posterior variance
+   (times the pooled residual's dispersion, at least 1) a within-tissue variation ``tau``
+   (relative), because a voxel differs from its neighbourhood's tissue by more than no single
+   voxel's data can resolve at clinical SNR.
 
-Deterministic whatever the thread count: each voxel's row is written by one thread and depends
-only on its own and its neighbours' rows, summed in a fixed order.
+The cost per voxel is one pass over ~40 neighbours' pooled statistics and a few hundred
+(D, D_star) pairs, whatever the number of b-values; deterministic whatever the thread count:
+each voxel's row is written by one thread and depends only on its own and its neighbours' rows,
+summed in a fixed order.
 """
 
 import math
@@ -112,7 +116,7 @@ def pool_neighbours(YB, v, out, sd, ok, coords, vidx, offsets, hinv, YP):
     ``out``/``sd`` are the pass-1 posterior means and SDs, ``ok`` (n_vox,) whether a row may
     be pooled, ``coords`` (n_vox, 3) each row's voxel index, ``vidx`` (X, Y, Z) each voxel's
     row (-1 outside the mask), ``offsets`` (K, 3) the neighbourhood (itself excluded), ``hinv``
-    the inverse bandwidth of the weights ``exp(-d² hinv)``.
+    the inverse bandwidth of the weights ``min(1, 2 (1 - d² hinv))`` (0 when negative).
     """
     nu = YB.shape[1] - 1
     for k in range(nu + 3):
@@ -134,8 +138,10 @@ def pool_neighbours(YB, v, out, sd, ok, coords, vidx, offsets, hinv, YP):
             u = vidx[x, y, z]
             if u < 0 or not ok[u]:
                 continue
-            wt = math.exp(-_distance2(out, sd, u, v) * hinv)
-            if wt < 1e-4:
+            # the propagation-separation kernel: full weight up to half the bandwidth, then
+            # falling linearly to 0 at the bandwidth
+            wt = min(1.0, 2.0 * (1.0 - _distance2(out, sd, u, v) * hinv))
+            if not wt > 0.0:
                 continue
         s0 = np.float64(out[u, 0])
         ws = wt * s0
