@@ -91,29 +91,25 @@ def weighted_means(Y, groups, w, sigma2, n_chunks, YB):
 
 
 @jit_voxel
-def _distance2(out, sd, u, v):
-    """Statistical distance between the pass-1 posteriors of rows ``u`` and ``v``: over f (linear),
-    D_star and D (log), the squared difference of the means over the sum of the variances."""
+def _distance2(FS, u, v):
+    """Statistical distance between the pass-1 posteriors of rows ``u`` and ``v``: over f and
+    log D_star, log D, the squared difference of the means over the sum of the variances
+    (``FS`` of :func:`spatial_posterior`)."""
     d2 = 0.0
-    df = np.float64(out[u, 1]) - np.float64(out[v, 1])
-    d2 += df * df / (np.float64(sd[u, 1]) ** 2 + np.float64(sd[v, 1]) ** 2)
-    for j in (2, 3):
-        mu = np.float64(out[u, j])
-        mv = np.float64(out[v, j])
-        ru = np.float64(sd[u, j]) / mu
-        rv = np.float64(sd[v, j]) / mv
-        dl = math.log(mu / mv)
-        d2 += dl * dl / (ru * ru + rv * rv)
+    for j in range(3):
+        dm = FS[u, j] - FS[v, j]
+        d2 += dm * dm / (FS[u, 3 + j] + FS[v, 3 + j])
     return d2
 
 
 @jit_voxel
-def pool_neighbours(YB, v, out, sd, ok, coords, vidx, offsets, hinv, YP):
+def pool_neighbours(YB, v, out, FS, ok, coords, vidx, offsets, hinv, YP):
     """Pool the neighbourhood of voxel row ``v`` into ``YP`` (n_u + 3): ``sum_u w_uv S0_u
     YB[u]`` (``YB`` of :func:`weighted_means`), then ``Wbar = sum_u w_uv S0_u²``, the sum of
     the weights (the voxel itself counts with weight 1) and ``sum_u w_uv sum_b w_b ybar_ub²``.
 
-    ``out``/``sd`` are the pass-1 posterior means and SDs, ``ok`` (n_vox,) whether a row may
+    ``out`` holds the pass-1 posterior means (S0 in column 0), ``FS`` their features for the
+    distance (:func:`_distance2`), ``ok`` (n_vox,) whether a row may
     be pooled, ``coords`` (n_vox, 3) each row's voxel index, ``vidx`` (X, Y, Z) each voxel's
     row (-1 outside the mask), ``offsets`` (K, 3) the neighbourhood (itself excluded), ``hinv``
     the inverse bandwidth of the weights ``min(1, 2 (1 - d² hinv))`` (0 when negative).
@@ -140,7 +136,7 @@ def pool_neighbours(YB, v, out, sd, ok, coords, vidx, offsets, hinv, YP):
                 continue
             # the propagation-separation kernel: full weight up to half the bandwidth, then
             # falling linearly to 0 at the bandwidth
-            wt = min(1.0, 2.0 * (1.0 - _distance2(out, sd, u, v) * hinv))
+            wt = min(1.0, 2.0 * (1.0 - _distance2(FS, u, v) * hinv))
             if not wt > 0.0:
                 continue
         s0 = np.float64(out[u, 0])
@@ -345,16 +341,18 @@ WINDOW_MIN = 0.15
 
 
 @jit_parallel
-def spatial_posterior(Y, YB, groups, w, bu, sigma2, tb, out1, sd1, ok, coords, vidx, offsets,
-                      hinv, tau2, f0sq, n_chunks, out, sd, status, nsum):
+def spatial_posterior(Y, YB, groups, w, bu, sigma2, tb, out1, sd1, FS, ok, coords, vidx,
+                      offsets, hinv, tau2, f0sq, n_chunks, out, sd, status, nsum):
     """Pass 2: the spatial posterior mean (``out``, (n_vox, 6) float32 as the least-squares
     kernels) and SD (``sd``, (n_vox, 4) float32) of every row of ``Y`` (n_vox, n_b) (``YB`` its
     :func:`weighted_means`), its ``status`` (n_vox,) uint8 and ``nsum`` (n_vox,) float32, the
     sum of the pooling weights.
 
-    ``tb`` the :class:`SpatialTables`; ``out1``/``sd1`` (float32) pass 1's results and ``ok``
-    (n_vox,) where they are usable; the neighbourhood arguments are those of
-    :func:`pool_neighbours`, ``tau2``/``f0sq`` those of :func:`finish_spatial`.
+    ``tb`` the :class:`SpatialTables`; ``out1``/``sd1`` (float32) pass 1's results, ``FS``
+    (n_vox, 6) float64 their f, log D_star, log D and those features' variances (``(sd /
+    value)²`` for the logs), ``ok`` (n_vox,) where they are usable; the neighbourhood
+    arguments are those of :func:`pool_neighbours`, ``tau2``/``f0sq`` those of
+    :func:`finish_spatial`.
     """
     n = Y.shape[0]
     nu = YB.shape[1] - 1
@@ -372,7 +370,7 @@ def spatial_posterior(Y, YB, groups, w, bu, sigma2, tb, out1, sd1, ok, coords, v
         for v in range(c * n // n_chunks, (c + 1) * n // n_chunks):
             nsum[v] = 0.0
             if ok[v]:
-                pool_neighbours(YB, v, out1, sd1, ok, coords, vidx, offsets, hinv, YP)
+                pool_neighbours(YB, v, out1, FS, ok, coords, vidx, offsets, hinv, YP)
                 j0, j1 = _window(out1, sd1, v, tb)
                 local_posterior(YP, YP[nu], nu, j0, j1, tb, sigma2, inv2s2, AS, L, MF, VF, Z)
                 nsum[v] = YP[nu + 1]

@@ -182,7 +182,8 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
         if r:  # the next round's weights compare the previous round's estimates
             out1, sd1 = out.copy(), sd.copy()
             ok = ok & (status != st.BAD_INPUT) & np.isfinite(out1[:, :4]).all(axis=1)
-        spatial.spatial_posterior(Y, YB, t["groups"], t["w"], t["bu"], sigma2, tb, out1, sd1, ok,
+        spatial.spatial_posterior(Y, YB, t["groups"], t["w"], t["bu"], sigma2, tb, out1, sd1,
+                                  distance_features(out1, sd1, ok), ok,
                                   coords, vidx, offsets, 1.0 / bandwidth, tau2, F_FLOOR**2,
                                   chunk_count(n), out, sd, status, nsum)
     return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2),
@@ -252,14 +253,18 @@ def spatial_tables(t, weights, barr):
         d_lo_is_bound=bool(barr[3, 0] >= bayes.GRID_FLOOR_D))
 
 
-def _feature_cell_variance(par):
-    """Cell variance (3,) of (f, log D_star, log D) on the full grid (``h² / 12``)."""
-    out = np.empty(3)
-    for j, logged in ((0, False), (1, True), (2, True)):
-        v = np.unique(par[j])
-        v = np.log(v) if logged else v
-        out[j] = (np.diff(v).min() ** 2 / 12.0) if v.size > 1 else 0.0
-    return out
+def distance_features(out1, sd1, ok):
+    """(n_vox, 6) float64: f, log D_star, log D of the pass-1 means and the variances of those
+    features (``sd²`` for f, ``(sd / value)²`` for the logs), what the adaptive weights compare;
+    rows that are not ``ok`` hold 1 (they are never read)."""
+    FS = np.ones((out1.shape[0], 6))
+    m = out1[ok, 1:4].astype(np.float64)
+    s = sd1[ok, 1:4].astype(np.float64)
+    FS[ok, 0] = m[:, 0]
+    FS[ok, 3] = s[:, 0] ** 2
+    FS[ok, 1:3] = np.log(m[:, 1:])
+    FS[ok, 4:6] = (s[:, 1:] / m[:, 1:]) ** 2
+    return FS
 
 
 #: Voxel size (mm) assumed along each axis when the caller gives none.
