@@ -72,12 +72,13 @@ class FitOptions:
         ``{name: (lower, upper)}`` for every parameter (missing keys take
         :data:`fastivim.DEFAULT_BOUNDS`; see :func:`fastivim.resolve_bounds`).
     model : str
-        A name of :data:`fastivim.model.MODELS`; ``simplified`` does not go with ``bayesian``.
+        A name of :data:`fastivim.model.MODELS`; ``simplified`` does not go with ``bayesian``
+        or ``spatial``.
     uncertainty : bool
         Also compute the one-SD maps ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (``bayesian``
-        always does).
+        and ``spatial`` always do).
     seed : int
-        Seed of the ``bayesian`` method's EM subsample (>= 0).
+        Seed of the EM subsample of the ``bayesian`` and ``spatial`` methods (>= 0).
     """
 
     method: str = _opt("segmented", "method",
@@ -92,9 +93,10 @@ class FitOptions:
                                        "b_threshold), for protocols with too few b-values for "
                                        "D_star")
     uncertainty: bool = _opt(False, "bool", "also write the one-SD uncertainty maps D_sd, "
-                                            "D_star_sd, f_sd, S0_sd (bayesian always does)")
-    seed: int = _opt(0, "count", "seed of the bayesian method's EM subsample (same seed, same "
-                                 "maps)")
+                                            "D_star_sd, f_sd, S0_sd (bayesian and spatial "
+                                            "always do)")
+    seed: int = _opt(0, "count", "seed of the EM subsample of the bayesian and spatial methods "
+                                 "(same seed, same maps)")
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -72,7 +72,7 @@ model_opt = from_table("--model", key="model", type=click.Choice(list(MODELS)))
 #: ``--uncertainty``: also write the one-SD maps (``D_sd.nii.gz``...).
 uncertainty_opt = from_table("--uncertainty", key="uncertainty", is_flag=True)
 
-#: ``--seed N`` of the bayesian method's EM subsample.
+#: ``--seed N`` of the EM subsample of the bayesian and spatial methods.
 seed_opt = from_table("--seed", key="seed", type=click.IntRange(min=0), metavar="N")
 
 #: ``--b-threshold B`` (s/mm²).
