@@ -1,7 +1,8 @@
 """The spatial method: lesions kept, accuracy and calibration against the truth of a lesion
 phantom, volumes of every shape (a single slice, anisotropic voxels, holes, the field of
 view's edge), refusals, determinism on any thread count, and the CLI with the affine's voxel
-sizes."""
+sizes. Tests that fit volumes are ``jit_only``: without the JIT (``make test-nojit``) each fit
+would take minutes."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def _same(a, b):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), name)
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_spatial_beats_least_squares_and_bayesian_on_the_truth(ph, fits):
     body = ph.mask
     for p, target in (("f", 0.35), ("D_star", 0.45), ("D", 0.5)):
@@ -56,6 +58,7 @@ def test_spatial_beats_least_squares_and_bayesian_on_the_truth(ph, fits):
         assert _rmse(fits["spatial"], ph, p, body) < _rmse(fits["bayesian"], ph, p, body), p
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_a_lesion_is_not_erased(ph, fits):
     assert ph.lesions.max() >= 5
     for p in ("f", "D"):
@@ -65,6 +68,7 @@ def test_a_lesion_is_not_erased(ph, fits):
         assert kept.min() > 0.2, (p, kept)  # no lesion is smoothed away
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_intervals_cover_the_truth_and_sds_are_always_given(ph, fits):
     res = fits["spatial"]
     assert res.method == "spatial" and res.prior == "empirical"
@@ -108,6 +112,7 @@ def test_simplified_model_refuses_spatial(ph):
                           model="simplified")
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_bitwise_identical_across_thread_counts_calls_and_seeds(ph):
     sub = (slice(8, 56), slice(8, 56), slice(0, 2))
     signal, mask = ph.signal[sub], ph.mask[sub]
@@ -127,6 +132,7 @@ def test_bitwise_identical_across_thread_counts_calls_and_seeds(ph):
     _same(two, again)
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_a_single_slice_is_a_2d_volume(ph):
     sl = ph.signal[:, :, 1]
     m = ph.mask[:, :, 1]
@@ -159,6 +165,7 @@ def test_neighbourhood_is_a_radius_in_mm():
     assert len(sp.neighbourhood((1.5, 1.5), 4.5)[0]) == 28  # a 2-D volume
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_anisotropic_voxels_change_the_neighbourhood(ph):
     sub = (slice(8, 56), slice(8, 56), slice(None))
     signal, mask = ph.signal[sub], ph.mask[sub]
@@ -176,6 +183,7 @@ def test_anisotropic_voxels_change_the_neighbourhood(ph):
     assert not np.array_equal(apart.f, aniso.f)
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_a_mask_with_holes_ignores_what_lies_outside(ph):
     sub = (slice(8, 56), slice(8, 56), slice(None))
     signal = ph.signal[sub].copy()
@@ -191,6 +199,7 @@ def test_a_mask_with_holes_ignores_what_lies_outside(ph):
     _same(res, again)
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_voxels_at_the_edge_of_the_field_of_view():
     """A tissue that fills the field of view: the corner and edge voxels (fewer neighbours)
     are fitted, and about as well as the interior ones."""
@@ -209,6 +218,7 @@ def test_voxels_at_the_edge_of_the_field_of_view():
     assert np.median(err[edge]) < 2.0 * np.median(err[~edge]) + 0.02
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_a_voxel_with_bad_samples_fails_alone(ph):
     sub = (slice(8, 56), slice(8, 56), slice(0, 2))
     signal = ph.signal[sub].copy()
@@ -222,6 +232,7 @@ def test_a_voxel_with_bad_samples_fails_alone(ph):
     assert np.all(np.isfinite(res.f[others]))
 
 
+@pytest.mark.jit_only  # whole-volume fits: minutes each without the JIT
 def test_cli_run_spatial_takes_the_voxel_sizes_from_the_affine(tmp_path, monkeypatch):
     small = lesion_phantom((32, 32, 2), b_values=B_SCHEMES["clinical11"], snr=25, seed=5,
                            voxel_size=VOX)
