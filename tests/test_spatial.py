@@ -252,3 +252,21 @@ def test_cli_run_spatial_takes_the_voxel_sizes_from_the_affine(tmp_path, monkeyp
     assert rec["method"] == "spatial" and rec["prior"] == "empirical"
     iso = fastivim.fit_ivim(small.signal, small.b_values, method="spatial")
     assert not np.array_equal(iso.f, want.f)  # 1 mm voxels would have pooled other voxels
+
+
+@pytest.mark.jit_only
+def test_blocks_and_progress_bar_give_the_same_bits(ph, monkeypatch, capsys):
+    """The volume runs in row blocks (Ctrl-C and the progress bar are honoured between them):
+    a voxel's result must not depend on the block it falls in."""
+    from fastivim.methods import _blocks
+
+    sub = (slice(8, 56), slice(8, 56), slice(None))
+    signal, mask = ph.signal[sub], ph.mask[sub]
+    whole = fastivim.fit_ivim(signal, ph.b_values, mask=mask, method="spatial", voxel_sizes=VOX)
+    monkeypatch.setattr(_blocks, "PROGRESS_CHUNK", 997)
+    monkeypatch.setattr(_blocks, "MAX_BLOCK", 997)
+    assert mask.sum() > 3 * 997
+    blocks = fastivim.fit_ivim(signal, ph.b_values, mask=mask, method="spatial",
+                               voxel_sizes=VOX, progress=True)
+    _same(whole, blocks)
+    assert "vox" in capsys.readouterr().err  # the bar was drawn

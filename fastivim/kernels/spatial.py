@@ -342,7 +342,7 @@ WINDOW_MIN = 0.15
 
 @jit_parallel
 def spatial_posterior(Y, YB, groups, w, bu, sigma2, tb, out1, sd1, FS, ok, coords, vidx,
-                      offsets, hinv, tau2, f0sq, n_chunks, out, sd, status, nsum):
+                      offsets, hinv, tau2, f0sq, r0, r1, n_chunks, out, sd, status, nsum):
     """Pass 2: the spatial posterior mean (``out``, (n_vox, 6) float32 as the least-squares
     kernels) and SD (``sd``, (n_vox, 4) float32) of every row of ``Y`` (n_vox, n_b) (``YB`` its
     :func:`weighted_means`), its ``status`` (n_vox,) uint8 and ``nsum`` (n_vox,) float32, the
@@ -352,9 +352,11 @@ def spatial_posterior(Y, YB, groups, w, bu, sigma2, tb, out1, sd1, FS, ok, coord
     (n_vox, 6) float64 their f, log D_star, log D and those features' variances (``(sd /
     value)²`` for the logs), ``ok`` (n_vox,) where they are usable; the neighbourhood
     arguments are those of :func:`pool_neighbours`, ``tau2``/``f0sq`` those of
-    :func:`finish_spatial`.
+    :func:`finish_spatial`. Only rows ``r0 .. r1`` are written (the caller runs the volume in
+    blocks, so that Ctrl-C and the progress bar are honoured); a row's result does not depend on
+    the block it falls in.
     """
-    n = Y.shape[0]
+    n = r1 - r0
     nu = YB.shape[1] - 1
     nk = tb.ES.shape[0]
     nj = tb.dF.shape[0]
@@ -367,7 +369,7 @@ def spatial_posterior(Y, YB, groups, w, bu, sigma2, tb, out1, sd1, FS, ok, coord
         MF = np.empty(nj * nk)
         VF = np.empty(nj * nk)
         Z = np.empty(13)
-        for v in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+        for v in range(r0 + c * n // n_chunks, r0 + (c + 1) * n // n_chunks):
             nsum[v] = 0.0
             if ok[v]:
                 pool_neighbours(YB, v, out1, FS, ok, coords, vidx, offsets, hinv, YP)

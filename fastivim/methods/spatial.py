@@ -18,6 +18,7 @@ from ..kernels import status as st
 from ..kernels.driver import chunk_count
 from ..model import bounds_array
 from . import Method, MethodOutput
+from ._blocks import run_in_blocks
 from .bayesian import PRIOR_PRUNE, _learn_prior, _noise_variance, _subsample, _usable_rows
 
 #: Neighbourhood radius, mm: every voxel whose centre lies within it (1.5 x 1.5 x 4 mm voxels:
@@ -125,7 +126,7 @@ def learn_variation(out1, sd1, ok, coords, vidx, offsets):
 
 
 def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed,
-                radius_mm=RADIUS_MM, bandwidth=BANDWIDTH, rounds=None):
+                radius_mm=RADIUS_MM, bandwidth=BANDWIDTH, rounds=None, progress=False):
     """Spatial fit of the mask's voxels ``Y`` (n_vox, n_b, mask order) of a volume.
 
     Returns ``out`` (n_vox, 6), ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra result
@@ -158,12 +159,16 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
     out1 = np.empty((n, 6), dtype=np.float32)
     sd1 = np.empty((n, 4), dtype=np.float32)
     status1 = np.empty(n, dtype=np.uint8)
-    bayes.posterior_volume(Y, t["groups"], t["w"], t["bu"], sigma2, M, nn, 1.0 / nn,
-                           np.log(weights[keep]) + t["lnorm"][keep],
-                           np.ascontiguousarray(t["par"][:, keep]),
-                           np.ascontiguousarray(t["cvar"][:, keep]),
-                           np.ascontiguousarray(t["edge"][:, keep]), *s0_bounds, chunk_count(n),
-                           out1, sd1, status1)
+    args1 = (t["groups"], t["w"], t["bu"], sigma2, M, nn, 1.0 / nn,
+             np.log(weights[keep]) + t["lnorm"][keep], np.ascontiguousarray(t["par"][:, keep]),
+             np.ascontiguousarray(t["cvar"][:, keep]), np.ascontiguousarray(t["edge"][:, keep]),
+             *s0_bounds)
+
+    def pass1(a, z):
+        bayes.posterior_volume(Y[a:z], *args1, chunk_count(z - a), out1[a:z], sd1[a:z],
+                               status1[a:z])
+
+    run_in_blocks(n, pass1, progress)
     ok = np.isfinite(out1[:, :4]).all(axis=1) & (sd1[:, 1:] > 0).all(axis=1)
     YB = np.empty((n, t["w"].size + 1))
     spatial.weighted_means(Y, t["groups"], t["w"], sigma2, chunk_count(n), YB)
@@ -182,10 +187,14 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
         if r:  # the next round's weights compare the previous round's estimates
             out1, sd1 = out.copy(), sd.copy()
             ok = ok & (status != st.BAD_INPUT) & np.isfinite(out1[:, :4]).all(axis=1)
-        spatial.spatial_posterior(Y, YB, t["groups"], t["w"], t["bu"], sigma2, tb, out1, sd1,
-                                  distance_features(out1, sd1, ok), ok,
-                                  coords, vidx, offsets, 1.0 / bandwidth, tau2, F_FLOOR**2,
-                                  chunk_count(n), out, sd, status, nsum)
+        args2 = (Y, YB, t["groups"], t["w"], t["bu"], sigma2, tb, out1, sd1,
+                 distance_features(out1, sd1, ok), ok, coords, vidx, offsets, 1.0 / bandwidth,
+                 tau2, F_FLOOR**2)
+
+        def pass2(a, z, args2=args2):
+            spatial.spatial_posterior(*args2, a, z, chunk_count(z - a), out, sd, status, nsum)
+
+        run_in_blocks(n, pass2, progress)
     return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2),
                              "_tau2": tau2, "_nsum": nsum}
 
@@ -296,7 +305,8 @@ def run(Y, req):
         raise ValueError("method 'spatial' needs a volume")
     voxel_sizes = check_volume(req.spatial, req.voxel_sizes)
     out, status, sd, extra = run_spatial(Y, req.mask, req.spatial, voxel_sizes, req.b,
-                                         req.bounds, req.b_threshold, req.seed)
+                                         req.bounds, req.b_threshold, req.seed,
+                                         progress=req.progress)
     return MethodOutput(out, status, sd, {"prior": extra["prior"],
                                           "noise_sigma": extra["noise_sigma"]})
 
