@@ -53,7 +53,8 @@ bench-cli: install
 bench-batch: install
 	$(BIN)/python bench/bench_batch.py
 
-## RMSE against the truth of segmented, full and bayesian on the tissue phantom, per tissue.
+## RMSE against the truth of segmented, full and bayesian on the tissue phantom, per tissue, and of
+## spatial on the lesion phantom (ratios, per-tissue coverage, lesion contrast, voxels/s).
 bench-accuracy: install
 	$(BIN)/python bench/bench_accuracy.py
 
