@@ -614,18 +614,11 @@ def _execute(todo, deriv, options, threads, command, client, threads_by_worker):
 
 
 def _ensure_dataset_description(deriv: Path) -> None:
-    """Write ``dataset_description.json`` once, before any series.
+    """Write ``dataset_description.json`` once, before any series (race-free: see
+    :func:`fastivim.io.write.ensure_dataset_description`)."""
+    from .io.write import ensure_dataset_description
 
-    :func:`fastivim.io.export_bids` writes it when missing; done here first, so that concurrent
-    workers never race to create it (content: :func:`fastivim.io.dataset_description`).
-    """
-    from . import io
-
-    desc = deriv / "dataset_description.json"
-    if desc.exists():
-        return
-    deriv.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(desc, io.dataset_description())
+    ensure_dataset_description(deriv)
 
 
 # ------------------------------------------------------------------------------- planning

@@ -56,11 +56,15 @@ class Layout:
         ``""`` for the plain layout, ``"sub-01_[ses-02_]model-ivim_"`` for BIDS.
     bids : bool
         Map files are named by their BIDS suffix (``Dstar``) rather than their name (``D_star``).
+    root : Path or None
+        The folder the user named (BIDS: the derivatives folder), when ``folder`` lies below it:
+        the folders between are fastivim's and must not be links. None: ``folder`` itself.
     """
 
     folder: Path
     prefix: str = ""
     bids: bool = False
+    root: Path | None = None
 
     def map_file(self, info) -> Path:
         """The ``.nii.gz`` of a :class:`fastivim.model.MapInfo`."""
@@ -154,7 +158,7 @@ def bids_layout(deriv_dir, subject: str, session: str | None = None,
     """
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + (
         f"_{entities}" if entities else "") + f"_{BIDS_ENTITY}_"
-    return Layout(bids_dir(deriv_dir, subject, session), prefix, bids=True)
+    return Layout(bids_dir(deriv_dir, subject, session), prefix, bids=True, root=Path(deriv_dir))
 
 
 def bids_paths(deriv_dir, subject: str, session: str | None = None) -> list:
