@@ -192,8 +192,11 @@ def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
                            f"not exist)" if dwi.is_symlink() else f"{dwi}: not a regular file")
             try:
                 entities = source_entities(dwi)
-            except ValueError as exc:  # a broken entity: reported, never dropped
-                entities, problem = "", problem or str(exc)
+            except ValueError as exc:  # a broken entity: reported, never dropped; the raw
+                # entities keep its label (and table row) apart from the other series'
+                entities = "_".join(p for p in m.group("entities").split("_")
+                                    if not p.startswith(("sub-", "ses-")))
+                problem = problem or str(exc)
             found.append(Series(subject, session, dwi, mask if mask.is_file() else None,
                                 problem, entities))
     found.sort(key=lambda s: (s.subject, s.session or "", s.dwi.name))

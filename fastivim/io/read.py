@@ -271,7 +271,7 @@ def load_dwi(path, bvals=None, bvecs=None, model="ivim", fit=None) -> DWI:
     bvals_path = None
     if bvals is None:
         bvals_path = bval_sidecar(path)
-        if not bvals_path.is_file():
+        if not bvals_path.exists():  # a FIFO or folder there: read_bvals says what it is
             raise InputError(f"{path}: no b-values: pass --bvals FILE or put "
                              f"{bvals_path.name} beside the image")
         from_sidecar = True
