@@ -117,7 +117,7 @@ def _write_fd(fd, payload) -> None:
         view = view[n:]
 
 
-def write_new(staged, payload: bytes, final=None) -> None:
+def write_new(staged, payload: bytes, final=None) -> tuple:
     """Create ``staged`` (never an existing file, never through a link) holding ``payload``.
 
     A regular file already at ``staged`` (left by a killed process) is replaced once; a link, a
@@ -129,6 +129,12 @@ def write_new(staged, payload: bytes, final=None) -> None:
         The staging name (:func:`partial_path` of ``final``, or a unique name).
     final : Path, optional
         The name the file is for; errors name it (default ``staged``).
+
+    Returns
+    -------
+    tuple
+        ``(st_dev, st_ino)`` of the file written, for :func:`commit_file` to check that the
+        staged name still holds it.
 
     Raises
     ------
@@ -158,6 +164,7 @@ def write_new(staged, payload: bytes, final=None) -> None:
             raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
     try:
         _write_fd(fd, payload)
+        st = os.fstat(fd)
     except OSError as exc:  # a full disk sets no file name on the error: name it here
         os.close(fd)
         _unlink_quietly(staged)
@@ -167,11 +174,23 @@ def write_new(staged, payload: bytes, final=None) -> None:
         _unlink_quietly(staged)
         raise
     os.close(fd)
+    return st.st_dev, st.st_ino
 
 
-def commit_file(staged, final) -> None:
-    """Rename ``staged`` onto ``final`` after :func:`check_owned` of ``final``."""
+def commit_file(staged, final, identity: tuple | None = None) -> None:
+    """Rename ``staged`` onto ``final`` after :func:`check_owned` of ``final``, and, given the
+    ``identity`` :func:`write_new` returned, after checking that ``staged`` is still the file
+    written (not swapped for a link by someone else who can write to the folder)."""
     check_owned(final)
+    if identity is not None:
+        try:
+            st = os.lstat(staged)
+            same = (st.st_dev, st.st_ino) == tuple(identity) and stat.S_ISREG(st.st_mode)
+        except OSError:
+            same = False
+        if not same:
+            raise OutputError(f"{staged}: the staged file was replaced or removed by another "
+                              f"process; nothing of this run was made visible")
     try:
         os.replace(staged, final)
     except OSError as exc:
@@ -195,9 +214,9 @@ def write_atomic(path, payload: bytes) -> None:
     path = Path(path)
     check_owned(path)
     tmp = partial_path(path)
-    write_new(tmp, payload, final=path)
+    identity = write_new(tmp, payload, final=path)
     try:
-        commit_file(tmp, path)
+        commit_file(tmp, path, identity)
     except BaseException:
         _unlink_quietly(tmp)
         raise

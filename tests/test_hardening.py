@@ -155,6 +155,30 @@ def test_a_link_planted_at_a_staging_name_during_the_fit_is_not_followed(tmp_pat
     assert not [p for p in out.iterdir() if p.name.endswith(".partial") and not p.is_symlink()]
 
 
+def test_a_staged_file_swapped_for_a_link_before_the_commit_is_refused(tmp_path, signal,
+                                                                         monkeypatch):
+    """Someone who can write to the folder replaces a staged file by a link just before the
+    commit: the commit refuses (the final name never becomes a link), nothing is committed."""
+    from fastivim.io.write import LayoutWriter
+
+    dwi = write_dwi(tmp_path, signal)
+    v = victim(tmp_path)
+    out = tmp_path / "shared"
+    real = LayoutWriter.commit
+
+    def swap_then_commit(self, *a, **kw):
+        staged = out / ".D.nii.gz.partial"
+        staged.unlink()
+        staged.symlink_to(v)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LayoutWriter, "commit", swap_then_commit)
+    with pytest.raises(io.OutputError, match="replaced or removed by another process"):
+        io.fit_file(dwi, out_dir=out)
+    assert untouched(v)
+    assert not os.path.lexists(out / "D.nii.gz") and not (out / "fastivim.json").exists()
+
+
 @pytest.mark.parametrize("name", [".report.html.partial", "report.html", ".report_maps.png.partial",
                                   "report_decay.png", ".fastivim.json.lock"])
 def test_report_never_writes_through_a_planted_link(tmp_path, signal, name):

@@ -126,6 +126,7 @@ class Staging:
     def __init__(self, root=None):
         self.root = Path(root) if root is not None else None
         self.items = []  # (partial, final, size in bytes, sha256)
+        self._identity = {}  # partial -> (st_dev, st_ino) of the file written there
         self._made_dirs = []
 
     def makedirs(self, d: Path) -> None:
@@ -151,18 +152,21 @@ class Staging:
         self.makedirs(final.parent)
         check_owned(final)
         partial = partial_path(final)
-        write_new(partial, payload, final)
+        identity = write_new(partial, payload, final)
         self.items.append((partial, final, len(payload), _sha256(payload)))
+        self._identity[partial] = identity
 
     def check_finals(self) -> None:
-        """Refuse before the first rename when any final name is a link or special file."""
-        for _, final, _, _ in self.items:
+        """Refuse before the first rename when any final name is a link or special file, or a
+        staged file is no longer the one written."""
+        for partial, final, _, _ in self.items:
             check_owned(final)
+            commit_file_check(partial, self._identity.get(partial))
 
     def commit(self) -> list:
         self.check_finals()
         for partial, final, _, _ in self.items:
-            commit_file(partial, final)
+            commit_file(partial, final, self._identity.get(partial))
         done = [final for _, final, _, _ in self.items]
         self.items = []
         self._made_dirs = []
@@ -198,6 +202,21 @@ class Staging:
             if issubclass(exc_type, OSError) and not isinstance(exc, OutputError):
                 raise _cannot_write(exc) from None
         return False
+
+
+def commit_file_check(staged: Path, identity) -> None:
+    """Refuse when ``staged`` is no longer the file :func:`fastivim._atomic.write_new` wrote
+    (checked for every file before the first rename of a commit)."""
+    if identity is None:
+        return
+    try:
+        st = os.lstat(staged)
+        same = (st.st_dev, st.st_ino) == tuple(identity)
+    except OSError:
+        same = False
+    if not same:
+        raise OutputError(f"{staged}: the staged file was replaced or removed by another "
+                          f"process; nothing of this run was made visible")
 
 
 def check_writable(targets, overwrite: bool = False) -> None:
