@@ -10,14 +10,21 @@ The outputs of a run in one layout (a plain folder, or one BIDS series) are writ
 1. **Lock.** A hidden ``.<record>.lock`` file in the folder is locked (``flock``) for the whole
    run; a second run into the same layout refuses at once with a one-line error. The kernel
    drops the lock of a killed process, so a stale lock file never blocks.
-2. **Stage.** Every file is written under a hidden ``.NAME.partial`` name. Any failure or
-   interrupt (Ctrl-C, SIGTERM) removes the partial files and the folders the run created;
-   partial files a killed run left behind are removed by the next run, under the lock.
+2. **Stage.** Every file is written under a hidden ``.NAME.partial`` name, created with
+   ``O_CREAT | O_EXCL | O_NOFOLLOW`` (:func:`fastivim._atomic.write_new`), so a link planted
+   there, even during the fit, is never followed. Any failure or interrupt (Ctrl-C, SIGTERM)
+   removes the partial files and the folders the run created; partial files a killed run left
+   behind are removed by the next run, under the lock. A name the run owns (lock, partial,
+   map, sidecar, record, report) that is a symbolic link, a folder or a special file, or a
+   BIDS folder below the derivatives folder that is a link, is refused with one line
+   (:func:`fastivim._atomic.check_owned`): nothing is written outside the output folder.
 3. **Commit**, with Ctrl-C and SIGTERM held back until it is done (a few milliseconds): the
    old run record is deleted first, then every file of the older run that this run does not
    replace (a report, a map this method does not produce), then the staged files are renamed
    into place, and the new record is renamed in last. The record lists every file of the run
-   with its size and SHA-256 (``manifest``).
+   with its size and SHA-256 (``manifest``). Before the first rename every final name is
+   checked again and every staged file must still be the one written (same device and inode);
+   a run writing two layouts (``-o A --bids B``) stages both before committing either.
 
 So a layout with a record is one complete run: every file the record lists is the one it
 describes (:func:`fastivim.io.read.verify_manifest` checks). Without a record it is incomplete
