@@ -15,7 +15,8 @@ CASES = [
     # the API for pipelines: numpy and numba only
     (["fastivim"], ["nibabel", "click", "matplotlib", "tqdm", "dipy"]),
     # the front doors for other pipelines need none of the peers' code (issue 18)
-    (["fastivim.interop", "fastivim.interop.dipy", "fastivim.interop.osipi"],
+    (["fastivim.interop", "fastivim.interop.dipy", "fastivim.interop.osipi",
+      "fastivim.interop.osipy", "fastivim.interop.osipy.ivim"],
      ["dipy", "osipy", "nibabel", "click", "matplotlib"]),
     # library layers never import the command line or matplotlib
     (["fastivim.io", "fastivim.pipeline", "fastivim.batch"], ["click", "matplotlib"]),
