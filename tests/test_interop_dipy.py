@@ -196,3 +196,22 @@ def test_mask_zeros_and_failed_voxels_nan():
     np.testing.assert_allclose(fit.predict(_Bvals(B))[0, 0], y, rtol=1e-9)
     assert np.all(fit.predict(_Bvals(B))[0, 1] == 0)
     assert fit[1, 1].shape == () and fit[1].shape == (2,)
+
+
+def test_fastivim_default_bounds_in_dipys_form():
+    """The README's recipe for fastivim's default bounds in dipy's form gives exactly them."""
+    import fastivim
+    from fastivim.interop.dipy import IvimModel
+
+    model = IvimModel(_Bvals(B), bounds=([0, 0, 0.002, 1e-4], [np.inf, 0.7, 0.1, 5e-3]))
+    assert model._bounds == fastivim.DEFAULT_BOUNDS
+
+
+def test_float_mask_nan_is_out():
+    import fastivim
+    from fastivim.interop.dipy import IvimModel
+
+    y = fastivim.ivim_signal(B, 1000.0, 0.1, 0.02, 1e-3)
+    fit = IvimModel(_Bvals(B)).fit(np.stack([y, y, y]), mask=np.array([1.0, np.nan, 0.0]))
+    assert np.all(np.isfinite(fit.model_params[0]))
+    assert np.all(fit.model_params[1:] == 0)
