@@ -6,16 +6,18 @@ compare noise-free fits with ``decimal=6`` (S0 to 1e-9 relative), so the dipy ad
 the float64 values the kernel computes before fit.py rounds them.
 
 The compiled kernel (:func:`fastivim.kernels.block.fit_volume_block`, the one
-:func:`fastivim.fit_voxels` runs) works in float64 and writes its ``(n_vox, 6)`` output rows
-in the dtype of the array it is given: fit.py gives float32, :func:`fit_rows_float64` gives
-float64. Everything else is fit.py's own: the options object, b-value checks, bounds, tables,
-iteration limit and the one-thread path for small inputs. So these parameters round to exactly
+:func:`fastivim.fit_voxels` runs for ``segmented`` and ``full``) works in float64 and writes
+its ``(n_vox, 6)`` output rows in the dtype of the array it is given:
+:func:`fastivim.methods.least_squares.run_kernel` gives float32, :func:`fit_rows_float64`
+gives float64. Everything else is fastivim's own: the options object and b-value checks of
+:mod:`fastivim.fit`, and the kernel, tables, iteration limit, one-thread path for small inputs
+and block loop of :mod:`fastivim.methods.least_squares`. So these parameters round to exactly
 the float32 maps of ``fastivim.fit_voxels`` with the same arguments (a parameter fitted on a
 bound may differ by the one float32 ulp fit.py moves it inside); tests/test_interop_dipy.py
 checks this.
 
-This module reaches into fit.py's private helpers; it is kept in one place so that, if fit.py
-gains a private ``_out_dtype`` keyword, it becomes a one-line call.
+This module reaches into private helpers; it is kept in one place so that, if
+``run_kernel`` gains an output-dtype argument, it becomes a one-line call.
 """
 
 from __future__ import annotations
@@ -24,16 +26,15 @@ import numpy as np
 
 from .. import fit as _fit
 from ..kernels.driver import chunk_count
-from ..kernels.tables import make_settings, make_tables
+from ..kernels.tables import METHOD_FULL, METHOD_SEGMENTED, make_settings, make_tables
+from ..methods import least_squares as _ls
+from ..methods._blocks import run_in_blocks
 from ..model import bounds_array
 from ..options import FitOptions
 
-#: Least-squares methods whose kernel rows this module can return (the Bayesian method has
-#: its own kernels and float32 outputs).
-LS_METHODS = ("full", "segmented")
-
-#: Voxels per kernel call: Python sees Ctrl-C between calls (about 0.1-0.3 s each).
-BLOCK = 1 << 17
+#: Least-squares methods whose kernel rows this module can return, with their kernel code
+#: (the Bayesian method has its own kernels and float32 outputs).
+LS_METHODS = {"full": METHOD_FULL, "segmented": METHOD_SEGMENTED}
 
 
 def fit_rows_float64(Y, b_values, method, bounds=None, b_threshold=_fit.B_THRESHOLD):
@@ -78,16 +79,17 @@ def fit_rows_float64(Y, b_values, method, bounds=None, b_threshold=_fit.B_THRESH
     b = _fit.validate_b_values(b_values, Y.shape[1])
     b_threshold = _fit.check_fit_sampling(b, opts)
     n = Y.shape[0]
-    out = np.empty((n, len(_fit.OUTPUT_COLUMNS)), dtype=np.float64)
+    out = np.empty((n, len(_ls.OUTPUT_COLUMNS)), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
     if n:
-        run = _fit._kernel_function("block")  # also runs the stale-cache check
+        run = _ls.kernel_function("block")  # also runs the stale-cache check
         tables = make_tables(b, bounds_array(dict(opts.bounds)))
-        settings = make_settings(_fit.METHODS[opts.method], b_threshold, _fit.MAX_ITERATIONS)
-        if n < _fit.SERIAL_BELOW:
-            _fit._fit_on_one_thread(run, Y, tables, settings, out, status)
+        settings = make_settings(LS_METHODS[opts.method], b_threshold, _ls.MAX_ITERATIONS)
+        if n < _ls.SERIAL_BELOW:
+            _ls._fit_on_one_thread(run, Y, tables, settings, out, status)
         else:
-            for a in range(0, n, BLOCK):
-                z = min(a + BLOCK, n)
+            def fit_block(a, z):
                 run(Y[a:z], tables, settings, chunk_count(z - a), out[a:z], status[a:z])
+
+            run_in_blocks(n, fit_block, False)
     return np.ascontiguousarray(out[:, :4]), status
