@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 import fastivim
-import fastivim.fit
+import fastivim.methods.least_squares as least_squares
 from fastivim.kernels import block, driver
 
 pytestmark = pytest.mark.jit_only
 
-#: kernel name -> (attribute of fastivim.fit that runs it, its dispatcher)
+#: kernel name -> (attribute of fastivim.methods.least_squares that runs it, its dispatcher)
 KERNELS = {"block": ("fit_volume_block", block.fit_volume_block),
            "scalar": ("fit_volume", driver.fit_volume)}
 
@@ -37,12 +37,12 @@ def _fresh(parallel: bool, kernel="block"):
 
 #: Enough voxels that fit_voxels takes the multi-threaded path (small calls run on one thread)
 #: and several chunks per thread; fewer when the JIT is off (pure Python is slow).
-N_THREADED = max(fastivim.fit.SERIAL_BELOW + 1, 2500) if not os.environ.get(
+N_THREADED = max(least_squares.SERIAL_BELOW + 1, 2500) if not os.environ.get(
     "NUMBA_DISABLE_JIT") == "1" else 64
 
 
 def _fit_with(monkeypatch, compiled, method, kernel="block"):
-    monkeypatch.setattr(fastivim.fit, KERNELS[kernel][0], compiled)
+    monkeypatch.setattr(least_squares, KERNELS[kernel][0], compiled)
     ph = fastivim.simulate.phantom((N_THREADED,), snr=None, seed=3)
     return fastivim.fit_voxels(ph.signal.astype(np.float64), ph.b_values, method=method,
                                _kernel=kernel)
@@ -52,7 +52,7 @@ def _fit_with(monkeypatch, compiled, method, kernel="block"):
 def test_kernel_declares_parallel(kernel):
     """The dispatcher that the API calls was built with parallel=True and an on-disk cache."""
     name, dispatcher = KERNELS[kernel]
-    assert getattr(fastivim.fit, name) is dispatcher
+    assert getattr(least_squares, name) is dispatcher
     assert dispatcher.targetoptions["parallel"] is True
     assert dispatcher._cache.__class__.__name__ != "NullCache"
     flags = dispatcher.targetoptions["fastmath"]
