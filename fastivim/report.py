@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._atomic import check_owned
+from ._atomic import check_owned, partial_path
 from .io.layout import REPORT_FILES
 from .kernels import status as st
 from .model import MAPS, ivim_signal
@@ -732,6 +732,9 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for fname in REPORT_FILES.values():  # a link at a report name: refused before drawing
+        check_owned(out_dir / (prefix + fname))
+        check_owned(partial_path(out_dir / (prefix + fname)))
     figures = {}
     skipped = {}
     if len(result.shape) in (2, 3):

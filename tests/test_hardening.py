@@ -703,7 +703,7 @@ def _full_disk_on(monkeypatch, predicate):
     return seen
 
 
-@pytest.mark.parametrize("which", ["report.html", "report_decay.png", "report_histograms.png"])
+@pytest.mark.parametrize("which", ["report.html", "report_decay.png"])
 def test_a_full_disk_during_the_report_names_the_file_and_leaves_no_png(tmp_path, signal,
                                                                         monkeypatch, which):
     pytest.importorskip("matplotlib")
