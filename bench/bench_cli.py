@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastivim import __version__, fit_ivim, io  # noqa: E402
-from fastivim import fit as fit_mod  # noqa: E402
+from fastivim.methods import _blocks as fit_mod  # noqa: E402
 from fastivim.model import maps_of  # noqa: E402
 from fastivim.simulate import phantom  # noqa: E402
 

@@ -6,82 +6,28 @@ Data flow: signal (..., n_b) → validate → mask → C-contiguous (n_vox, n_b)
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import bayes, ensure_fresh_cache, simplified, uncertainty
+from .kernels import bayes, ensure_fresh_cache
 from .kernels import status as st
-from .kernels.block import fit_volume_block
-from .kernels.driver import chunk_count, fit_volume
+from .kernels.driver import chunk_count
 from .kernels.output import split_columns
-from .kernels.tables import METHOD_FULL, METHOD_SEGMENTED, make_settings, make_tables
-from .model import METHODS as _METHOD_NAMES
-from .model import MODELS, PARAM_NAMES, bounds_array, float32_bounds
+from .methods import REGISTRY, FitRequest
+from .methods import get as get_method
+from .methods import simplified as simplified_model
+from .methods.least_squares import OUTPUT_COLUMNS
+from .model import MODELS, PARAM_NAMES, float32_bounds
 from .options import FitOptions
 
-#: Code of the Bayesian method (it has its own kernels, not a branch of ``fit_volume``).
-METHOD_BAYESIAN = 2
-
-#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`, with their kernel code.
-#: The names and their descriptions are declared in :data:`fastivim.model.METHODS`.
-METHODS = {"segmented": METHOD_SEGMENTED, "full": METHOD_FULL, "bayesian": METHOD_BAYESIAN}
-assert set(METHODS) == set(_METHOD_NAMES), "every method of model.METHODS needs a kernel here"
+#: Method names accepted by :func:`fit_ivim` and :func:`fit_voxels`, each with its module in
+#: :mod:`fastivim.methods` (descriptions in :data:`fastivim.model.METHODS`).
+METHODS = tuple(REGISTRY)
 
 #: Default of ``b_threshold`` (s/mm²), from :class:`fastivim.options.FitOptions`.
 B_THRESHOLD = FitOptions().b_threshold
-
-#: Bayesian fit: voxels in the EM subsample that learns the prior (drawn with the ``seed``).
-EM_VOXELS = 4000
-#: Bayesian fit: EM iterations from a uniform start, in stages of these lengths (100 in all:
-#: on the tissue phantom 300 gave the same RMSE and coverage to within 0.01);
-#: after each stage the grid points whose weight fell below EM_PRUNE of the largest are
-#: dropped. Most of the grid has no support in the data and falls below that within a few
-#: iterations; dropping it early is what makes the EM cheap (each iteration reads the whole
-#: subsample x grid likelihood table twice).
-EM_STAGES = (3, 7, 15, 25, 50)
-EM_PRUNE = 1e-8
-#: Bayesian fit: the EM subsample is summed in this many fixed row ranges (then in range
-#: order), whatever the thread count, so the prior is the same bits on any number of threads.
-EM_CHUNKS = 16
-#: Bayesian fit: grid points whose learned prior weight is below this share of the largest are
-#: dropped before the per-voxel posteriors (measured on the tissue phantom at SNR 10 and 20:
-#: 1e-6, 1e-4 and 1e-3 give the same RMSE and coverage to 0.005; 1e-4 keeps 1255 of 7520
-#: points at SNR 10 where 1e-6 keeps 1734).
-PRIOR_PRUNE = 1e-4
-#: Bayesian fit: with fewer usable voxels than this in the subsample, no prior is learned and
-#: the weak prior is used: uniform over the grid (uniform in log D, log D_star and f).
-MIN_EM_VOXELS = 200
-#: Bayesian fit: the noise sigma never goes below this share of the median signal scale
-#: (noise-free data would otherwise give sigma = 0 and a degenerate likelihood).
-SIGMA_FLOOR = 1e-6
-
-#: Iteration limit of each Levenberg–Marquardt run (accepted plus rejected steps).
-MAX_ITERATIONS = 200
-
-#: Large inputs are fitted in blocks, one kernel call each: Python handles Ctrl-C only between
-#: calls into compiled code, and the progress bar moves once per block. Each block is sized
-#: from the previous one's speed to take about :data:`BLOCK_SECONDS`, so Ctrl-C is honoured
-#: within about that long on any method and thread count, while fast fits get large blocks
-#: (each call costs a little: at a fixed 2**17 voxels about 1% of throughput, at 2**15 about 7%).
-BLOCK_SECONDS = 0.25
-
-#: Voxels of the first block, and the smallest and largest block.
-PROGRESS_CHUNK = 1 << 15
-MAX_BLOCK = 1 << 21
-
-#: Below this many voxels the kernel runs on the calling thread alone (see _fit_on_one_thread).
-SERIAL_BELOW = 2048
-
-#: The compiled least-squares kernels: the block kernel (the default, vectorised) and the
-#: scalar one-voxel-at-a-time kernel it reproduces (the reference of the equivalence tests and
-#: the benchmark, reached with the private ``fit_voxels(..., _kernel="scalar")``).
-KERNELS = ("block", "scalar")
-
-#: Columns of the kernel's per-voxel output rows.
-OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")
 
 #: Maps summarised by :meth:`IVIMResult.summary` (run record, report, batch table).
 SUMMARY_MAPS = ("D", "D_star", "f", "S0", "r_squared")
@@ -380,62 +326,6 @@ def _as_kernel_matrix(Y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(Y, dtype=dtype)
 
 
-def _kernel_function(kernel):
-    """The compiled kernel named ``kernel``; the first call checks numba's cache is current."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; valid kernels are {', '.join(KERNELS)}")
-    ensure_fresh_cache()
-    return fit_volume_block if kernel == "block" else fit_volume
-
-
-def _run_kernel(Y, method_code, b, bounds, b_threshold, progress, kernel="block"):
-    """Fit a (n_vox, n_b) matrix; return ``out`` (n_vox, 6) float32 and ``status`` uint8."""
-    n = Y.shape[0]
-    out = np.empty((n, len(OUTPUT_COLUMNS)), dtype=np.float32)
-    status = np.empty(n, dtype=np.uint8)
-    run = _kernel_function(kernel)
-    if n == 0:
-        return out, status
-    tables = make_tables(b, bounds_array(bounds))
-    settings = make_settings(method_code, b_threshold, MAX_ITERATIONS)
-    if n < SERIAL_BELOW and not progress:
-        _fit_on_one_thread(run, Y, tables, settings, out, status)
-        return out, status
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # lazy: pipelines that never ask for a bar never import it
-
-        bar = tqdm(total=n, unit="vox", unit_scale=True, desc="fitting", leave=False)
-    try:
-        a, block = 0, PROGRESS_CHUNK
-        while a < n:  # blocks: an interrupt waits for one block at most
-            z = min(a + block, n)
-            t0 = time.perf_counter()
-            run(Y[a:z], tables, settings, chunk_count(z - a), out[a:z], status[a:z])
-            rate = (z - a) / max(time.perf_counter() - t0, 1e-6)
-            block = int(min(max(rate * BLOCK_SECONDS, PROGRESS_CHUNK), MAX_BLOCK))
-            if bar is not None:
-                bar.update(z - a)
-            a = z
-    finally:
-        if bar is not None:
-            bar.close()
-    return out, status
-
-
-def _fit_on_one_thread(run, Y, tables, settings, out, status):
-    """Run the kernel on the calling thread only: waking the pool costs more than a few hundred
-    voxels take (measured: 100 voxels ran at 18k voxels/s on 2 threads, 300k on 1)."""
-    import numba
-
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        run(Y, tables, settings, 1, out, status)
-    finally:
-        numba.set_num_threads(threads)
-
-
 def load_kernel(dtype=np.float32) -> float:
     """Compile, or load from numba's on-disk cache, the kernel for signals of ``dtype``.
 
@@ -444,7 +334,6 @@ def load_kernel(dtype=np.float32) -> float:
     second to load from the cache afterwards. Calling it first keeps that cost out of fit
     timings. Returns the seconds it took.
     """
-    import time
 
     t0 = time.perf_counter()
     probe = _as_kernel_matrix(np.ones((1, 4), dtype=dtype))
@@ -490,7 +379,7 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD,
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
     return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],), seed,
-                uncertainty, model, _kernel)
+                uncertainty, model, _kernel, volume=False)
 
 
 def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
@@ -556,32 +445,33 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
 
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0,
-         uncertainty=False, model="ivim", kernel="block"):
+         uncertainty=False, model="ivim", kernel="block", volume=True):
+    """Validate, flatten, run the registered method, and build the result.
+
+    ``volume`` is False for :func:`fit_voxels` (rows without geometry): then a method that
+    needs a volume is refused.
+    """
     opts = FitOptions(method=method, bounds=bounds, b_threshold=b_threshold, model=model,
                       uncertainty=uncertainty, seed=seed)
-    code = METHODS[opts.method]
-    model = opts.model
-    b = validate_b_values(b_values, signal.shape[-1], model)
-    b_threshold = check_fit_sampling(b, opts)
-    bounds = dict(opts.bounds)
-    seed = opts.seed
-    uncertainty = opts.uncertainty
+    estimator = get_method(opts.method)
+    if estimator.needs == "volume" and not volume:
+        raise ValueError(f"method {opts.method!r} needs a volume (it pools neighbouring "
+                         f"voxels): call fit_ivim with the signal's spatial shape instead of "
+                         f"fit_voxels")
+    b = validate_b_values(b_values, signal.shape[-1], opts.model)
+    request = FitRequest(b=b, bounds=dict(opts.bounds), b_threshold=check_fit_sampling(b, opts),
+                         seed=opts.seed, uncertainty=opts.uncertainty, model=opts.model,
+                         progress=progress, kernel=kernel, mask=mask,
+                         spatial=spatial if volume else None)
     n_b = signal.shape[-1]
     if mask is None:
         Y = _as_kernel_matrix(signal.reshape(-1, n_b))
     else:
         Y = _as_kernel_matrix(signal[mask])
-    extra = {}
     ensure_fresh_cache()  # before any cached kernel (least squares, simplified, Bayesian) loads
-    if model == "simplified":
-        out, status, sd = _run_simplified(Y, b, bounds, b_threshold, uncertainty)
-        extra = {"model": model}
-    elif code == METHOD_BAYESIAN:
-        out, status, sd, extra = _run_bayesian(Y, b, bounds, b_threshold, seed, progress)
-    else:
-        out, status = _run_kernel(Y, code, b, bounds, b_threshold, progress, kernel)
-        sd = _ls_uncertainty(Y, code, b, b_threshold, out) if uncertainty else None
-    maps = _unflatten(_columns_inside_bounds(out, bounds), OUTPUT_COLUMNS, mask, spatial)
+    run = simplified_model.run if opts.model == "simplified" else estimator.run
+    out, status, sd, extra = run(Y, request)
+    maps = _unflatten(_columns_inside_bounds(out, request.bounds), OUTPUT_COLUMNS, mask, spatial)
     if sd is not None:
         maps.update(_unflatten(_columns_inside_bounds(sd, None), bayes.SD_COLUMNS, mask,
                                spatial))
@@ -591,50 +481,19 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
         status_map = np.full(spatial, st.OUTSIDE_MASK, dtype=np.uint8)
         status_map[mask] = status
     del out, sd
-    if model == "simplified":
+    if opts.model == "simplified":
         maps["D_star"] = None  # the model has no D_star: no map rather than a NaN one
         maps.pop("D_star_sd", None)
     return IVIMResult(
         quality_mask=status_map == st.OK,
         status=status_map,
         method=method,
-        bounds=bounds,
+        bounds=request.bounds,
         b_values=b,
-        b_threshold=b_threshold,
+        b_threshold=request.b_threshold,
         **maps,
         **extra,
     )
-
-
-def _run_simplified(Y, b, bounds, b_threshold, want_sd):
-    """Fit the simplified model to a (n_vox, n_b) matrix: ``out`` (n_vox, 6) float32 with a
-    NaN D_star column, ``status`` uint8, and ``sd`` (n_vox, 4) float32 or None."""
-    n = Y.shape[0]
-    out = np.empty((n, len(OUTPUT_COLUMNS)), dtype=np.float32)
-    sd = np.empty((n, 4), dtype=np.float32)
-    status = np.empty(n, dtype=np.uint8)
-    if n:
-        bu, groups = np.unique(b, return_inverse=True)
-        w = np.bincount(groups).astype(np.float64)
-        simplified.fit_simplified_volume(Y, groups.astype(np.int64), bu * 1e-3, w, bu == 0,
-                                         bu >= b_threshold, bounds_array(bounds),
-                                         bool(want_sd), chunk_count(n), out, sd, status)
-    return out, status, (sd if want_sd else None)
-
-
-def _ls_uncertainty(Y, code, b, b_threshold, out):
-    """SDs (n_vox, 4) float32 of the least-squares maps in ``out`` (see
-    :mod:`fastivim.kernels.uncertainty`), in :data:`PARAM_NAMES` order."""
-    n = Y.shape[0]
-    sd = np.empty((n, 4), dtype=np.float32)
-    if n == 0:
-        return sd
-    bu, groups = np.unique(b, return_inverse=True)
-    w = np.bincount(groups).astype(np.float64)
-    kind = uncertainty.KIND_FULL if code == METHOD_FULL else uncertainty.KIND_SEGMENTED
-    uncertainty.ls_uncertainty(Y, kind, groups.astype(np.int64), bu * 1e-3, w, b_threshold * 1e-3,
-                               chunk_count(n), out, sd)
-    return sd
 
 
 def _columns_inside_bounds(out, bounds):
@@ -668,128 +527,6 @@ def _unflatten(cols, names, mask, spatial):
             full[mask] = cols[k]
             maps[name] = full
     return maps
-
-
-# ------------------------------------------------------------------------------- bayesian
-def _chi2_median(k: int) -> float:
-    """Median of a chi-squared variable with ``k`` degrees of freedom (Wilson–Hilferty; within
-    0.3% of the exact value for k >= 2, 3.5% for k = 1)."""
-    return k * (1.0 - 2.0 / (9.0 * k)) ** 3
-
-
-def _subsample(n: int, seed) -> np.ndarray:
-    """Sorted rows of the EM subsample: every row when ``n <= EM_VOXELS``, else a draw
-    without replacement from ``numpy.random.default_rng(seed)`` (deterministic for a seed)."""
-    if n <= EM_VOXELS:
-        return np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=EM_VOXELS, replace=False)).astype(np.int64)
-
-
-def _noise_variance(Y, rows, b, bounds, b_threshold) -> float:
-    """One noise variance for the volume from the full least-squares fit of the subsample:
-    the median residual sum of squares over the chi-squared median with ``n_b - 4`` degrees of
-    freedom (robust to the voxels that fit badly). NaN when no voxel could be fitted."""
-    out, _ = _run_kernel(np.ascontiguousarray(Y[rows]), METHOD_FULL, b, bounds, b_threshold,
-                         False)
-    rss = out[:, 5].astype(np.float64) ** 2 * b.size
-    rss = rss[np.isfinite(rss)]
-    if rss.size == 0:
-        return math.nan
-    s2 = float(np.median(rss)) / _chi2_median(max(b.size - 4, 1))
-    scale = np.nanmedian(out[:, 0].astype(np.float64))
-    floor = (SIGMA_FLOOR * scale) ** 2 if np.isfinite(scale) and scale > 0 else 0.0
-    return max(s2, floor, np.finfo(np.float64).tiny)
-
-
-def _learn_prior(Y, rows, t, sigma2, s0_bounds):
-    """Grid weights (n_g,) learned by EM on the subsample, or None when fewer than
-    :data:`MIN_EM_VOXELS` of its voxels are usable."""
-    ng = t["nn"].size
-    n = rows.size
-    buf = np.empty(n * ng, dtype=np.float32)  # the likelihood table, shrunk in place below
-    usable = np.empty(n, dtype=np.bool_)
-    bayes.em_likelihoods(Y, rows, t["groups"], t["w"], sigma2, t["M"], t["nn"], 1.0 / t["nn"],
-                         t["lnorm"], *s0_bounds, chunk_count(n), buf.reshape(n, ng), usable)
-    if int(usable.sum()) < MIN_EM_VOXELS:
-        return None
-    weights = np.full(ng, 1.0 / ng)
-    index = np.arange(ng)
-    acc = np.empty((EM_CHUNKS, ng))
-    for n_iter in EM_STAGES:
-        k = weights.size
-        bayes.em_iterations(buf[:n * k].reshape(n, k), usable, weights, n_iter, EM_CHUNKS, acc)
-        keep = np.flatnonzero(weights >= EM_PRUNE * weights.max())
-        if keep.size < k:
-            bayes.compact_columns(buf, n, k, keep)
-            weights = weights[keep]
-            index = index[keep]
-    full = np.zeros(ng)
-    full[index] = weights
-    return full / full.sum()
-
-
-def _usable_rows(Y, groups, w) -> np.ndarray:
-    """(n_vox,) bool: every sample finite and some b-value's mean signal > 0 (the kernels'
-    test for status BAD_INPUT)."""
-    Y = np.asarray(Y, dtype=np.float64)
-    sums = np.zeros((Y.shape[0], w.size))
-    np.add.at(sums.T, groups, Y.T)
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(Y).all(axis=1) & ((sums / w).max(axis=1) > 0)
-
-
-def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
-    """Grid empirical-Bayes fit of a (n_vox, n_b) matrix (see :mod:`fastivim.kernels.bayes`).
-
-    Returns ``out`` (n_vox, 6) and ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra
-    result fields (``prior``, ``noise_sigma``).
-    """
-    n = Y.shape[0]
-    out = np.full((n, len(OUTPUT_COLUMNS)), np.nan, dtype=np.float32)
-    sd = np.full((n, len(bayes.SD_COLUMNS)), np.nan, dtype=np.float32)
-    status = np.full(n, st.NUMERICAL_FAILURE, dtype=np.uint8)
-    if n == 0:
-        return out, status, sd, {"prior": None, "noise_sigma": None}
-    barr = bounds_array(bounds)
-    t = bayes.make_bayes_tables(b, barr)
-    rows = _subsample(n, seed)
-    sigma2 = _noise_variance(Y, rows, b, bounds, b_threshold)
-    if not math.isfinite(sigma2):
-        # no voxel of the subsample could be fitted, so there is no noise estimate: bad input
-        # is reported as such (the kernels' test: a non-finite sample, or no group mean > 0),
-        # every other voxel as a numerical failure
-        status[:] = np.where(_usable_rows(Y, t["groups"], t["w"]), st.NUMERICAL_FAILURE,
-                             st.BAD_INPUT)
-        return out, status, sd, {"prior": None, "noise_sigma": None}
-    s0_bounds = (float(barr[0, 0]), float(barr[0, 1]))
-    weights = _learn_prior(Y, rows, t, sigma2, s0_bounds)
-    prior = "empirical" if weights is not None else "weak"
-    if weights is None:
-        weights = np.full(t["nn"].size, 1.0 / t["nn"].size)
-    keep = weights >= PRIOR_PRUNE * weights.max()
-    tables = (np.ascontiguousarray(t["M"][:, keep]), t["nn"][keep], 1.0 / t["nn"][keep],
-              np.log(weights[keep]) + t["lnorm"][keep],
-              np.ascontiguousarray(t["par"][:, keep]), np.ascontiguousarray(t["cvar"][:, keep]),
-              np.ascontiguousarray(t["edge"][:, keep]))
-    args = (t["groups"], t["w"], t["bu"], sigma2, *tables, *s0_bounds)
-    step = PROGRESS_CHUNK if progress else n
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, unit="vox", unit_scale=True, desc="fitting", leave=False)
-    try:
-        for a in range(0, n, step):
-            z = min(a + step, n)
-            bayes.posterior_volume(Y[a:z], *args, chunk_count(z - a), out[a:z], sd[a:z],
-                                   status[a:z])
-            if bar is not None:
-                bar.update(z - a)
-    finally:
-        if bar is not None:
-            bar.close()
-    return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2)}
 
 
 __all__ = ["IVIMResult", "METHODS", "MODELS", "fit_ivim", "fit_voxels", "validate_b_values",

@@ -8,7 +8,8 @@ doi:10.1148/radiology.168.2.3393671)::
 with b in s/mm², D and D_star in mm²/s, f dimensionless and S0 in the signal's own units.
 This module is the single home of the equation (simulation, residuals and tests call it) and of
 the table of output maps (:data:`MAPS`): the writers, the BIDS names, the report and the run
-record all read it, so a new method or model adds entries here and its kernel in ``fit.py``.
+record all read it, so a new method or model adds entries here and its module in
+``fastivim/methods/``.
 """
 
 from __future__ import annotations
@@ -174,8 +175,8 @@ def bounds_from_json(bounds: Mapping[str, list]) -> dict:
 
 # ------------------------------------------------------------------- methods, models and maps
 
-#: Fitting methods by name, with a one-line description (help texts, config comments). Each has
-#: a kernel in :data:`fastivim.fit.METHODS`.
+#: Fitting methods by name, with a one-line description (help texts, config comments). Each has a
+#: module in :mod:`fastivim.methods` (its registry checks that the two tables agree).
 METHODS = {
     "segmented": "D from the high-b samples first, then D_star and f",
     "full": "all four parameters together (bounded Levenberg-Marquardt, multi-start)",

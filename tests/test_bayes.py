@@ -81,7 +81,7 @@ def test_bayesian_maps_types_and_status_semantics(phantom20, fits20):
 def test_bayesian_is_deterministic_and_thread_count_independent(phantom20):
     ph = phantom20
     # more body voxels than the EM subsample, so the seed draws which voxels learn the prior
-    assert ph.mask.sum() > fastivim.fit.EM_VOXELS
+    assert ph.mask.sum() > fastivim.methods.bayesian.EM_VOXELS
     threads = numba.get_num_threads()
     runs = []
     try:
@@ -161,9 +161,8 @@ def test_log_likelihood_integrates_s0_out():
     # likelihood (S0 at its best value) differs from it by log |m_g|, which varies over the grid
     from scipy.integrate import quad
 
-    from fastivim.fit import bounds_array
     from fastivim.kernels import bayes
-    from fastivim.model import DEFAULT_BOUNDS
+    from fastivim.model import DEFAULT_BOUNDS, bounds_array
 
     b = B_SCHEMES["clinical11"]
     t = bayes.make_bayes_tables(b, bounds_array(DEFAULT_BOUNDS))
@@ -208,9 +207,8 @@ def test_bayesian_d_star_intervals_cover_at_low_snr(scheme):
 
 def _posterior_inputs(scheme="clinical11", n=37, seed=0):
     """Grid tables with a random pruned prior, and ``n`` phantom voxels (one NaN, one zero)."""
-    from fastivim.fit import bounds_array
     from fastivim.kernels import bayes
-    from fastivim.model import DEFAULT_BOUNDS
+    from fastivim.model import DEFAULT_BOUNDS, bounds_array
 
     rng = np.random.default_rng(seed)
     ph = tissue_phantom((24, 24, 1), b_values=B_SCHEMES[scheme], snr=20, seed=seed)

@@ -115,7 +115,8 @@ def test_block_handles_bad_voxels_like_the_scalar_kernel():
 @pytest.mark.jit_only
 @pytest.mark.parametrize("method", ["segmented", "full"])
 def test_block_results_are_bitwise_identical_across_threads_and_calls(method):
-    ph = fastivim.simulate.phantom((max(fastivim.fit.SERIAL_BELOW + 1, 2500),), snr=30, seed=9)
+    n_vox = max(fastivim.methods.least_squares.SERIAL_BELOW + 1, 2500)
+    ph = fastivim.simulate.phantom((n_vox,), snr=30, seed=9)
     n = numba.get_num_threads()
     runs = []
     try:

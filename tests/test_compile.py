@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastivim
-import fastivim.fit
+import fastivim.methods.least_squares as least_squares
 from fastivim.kernels import block, driver
 from fastivim.kernels.tables import METHOD_FULL, METHOD_SEGMENTED
 
@@ -42,13 +42,13 @@ def _fresh(parallel: bool, kernel):
 
 #: Enough voxels that fit_voxels takes the multi-threaded path (small calls run on one thread)
 #: and several chunks per thread; fewer when the JIT is off (pure Python is slow).
-N_THREADED = max(fastivim.fit.SERIAL_BELOW + 1, 2500) if not os.environ.get(
+N_THREADED = max(least_squares.SERIAL_BELOW + 1, 2500) if not os.environ.get(
     "NUMBA_DISABLE_JIT") == "1" else 64
 
 
 def _fit_with(monkeypatch, compiled, method, kernel):
     if kernel == "scalar":
-        monkeypatch.setattr(fastivim.fit, "fit_volume", compiled)
+        monkeypatch.setattr(least_squares, "fit_volume", compiled)
     else:
         code = METHOD_FULL if kernel == "block-full" else METHOD_SEGMENTED
         monkeypatch.setitem(block.BLOCK_KERNELS, code, compiled)
@@ -60,7 +60,7 @@ def _fit_with(monkeypatch, compiled, method, kernel):
 def test_the_api_calls_these_kernels():
     """fit_voxels reaches exactly these dispatchers: one block kernel per method, the scalar
     reference through ``_kernel="scalar"``."""
-    assert fastivim.fit.fit_volume is driver.fit_volume
+    assert least_squares.fit_volume is driver.fit_volume
     assert block.BLOCK_KERNELS == {METHOD_FULL: block.fit_full_blocks,
                                    METHOD_SEGMENTED: block.fit_segmented_blocks}
 
