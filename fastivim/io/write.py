@@ -46,6 +46,7 @@ import numpy as np
 from .. import __version__
 from .._atomic import json_bytes, partial_path
 from ..kernels.status import STATUS_MEANINGS
+from ..adc import ADC_COLUMNS, ADC_EQUATION, ADC_FIT
 from ..model import EQUATION, EQUATIONS, bounds_to_json, maps_of
 from .layout import BIDS_VERSION, Layout, bids_layout, check_label, plain_layout
 from .read import bval_sidecar, image_stem, load_nifti
@@ -223,6 +224,8 @@ def sidecar(info, result) -> dict:
         "Bounds": bounds_to_json(result.bounds),
         "Software": {"Name": "fastivim", "Version": __version__},
     }
+    if info.attr in ADC_COLUMNS:  # a mono-exponential fit beside the IVIM one
+        side.update(Model=ADC_EQUATION, FittingMethod=ADC_FIT)
     if info.name == "status":
         side["Levels"] = {str(k): v for k, v in STATUS_MEANINGS.items()}
     if info.name == "quality_mask":
