@@ -418,8 +418,9 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         default) fits every voxel, background included: maps hold noise fits there and the
         fit takes longer. Non-zero voxels of an array are in, NaN is out.
     method : {"segmented", "full", "bayesian"}, default "segmented"
-        The same default as ``fastivim run`` and :func:`fit_voxels`. Two-step fit with D from the high-b samples, all four parameters together (both least
-        squares), or grid empirical Bayes: a prior over (D, D_star, f) learned from the
+        The same default as ``fastivim run`` and :func:`fit_voxels`. Two-step fit with D from
+        the high-b samples, all four parameters together (both least squares), or grid
+        empirical Bayes: a prior over (D, D_star, f) learned from the
         volume by EM on a subsample, then each voxel's posterior mean as the map and its
         posterior SD as ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see
         :mod:`fastivim.kernels.bayes`). With fewer than ``MIN_EM_VOXELS`` usable voxels the

@@ -15,9 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 import fastivim
-from fastivim import compiling
-from fastivim import cli
-from fastivim.kernels import block, bayes, simplified, uncertainty
+from fastivim import cli, compiling
+from fastivim.kernels import bayes, block, simplified, uncertainty
 from fastivim.methods import _blocks
 
 TINY_KERNEL = textwrap.dedent(

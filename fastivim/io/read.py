@@ -25,7 +25,6 @@ from ..masking import (  # noqa: F401  (re-exported: io's public names)
     auto_mask,
     lowest_b_image,
 )
-from ..options import RunOptions
 from .checks import InputError, check_bvecs, check_nifti
 
 #: Automatic mask: fraction of this percentile of the lowest-b image (see :func:`auto_mask`).

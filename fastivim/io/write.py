@@ -45,8 +45,8 @@ import numpy as np
 
 from .. import __version__
 from .._atomic import json_bytes, partial_path
-from ..kernels.status import STATUS_MEANINGS
 from ..adc import ADC_COLUMNS, ADC_EQUATION, ADC_FIT
+from ..kernels.status import STATUS_MEANINGS
 from ..model import EQUATION, EQUATIONS, bounds_to_json, maps_of
 from .layout import BIDS_VERSION, Layout, bids_layout, check_label, plain_layout
 from .read import bval_sidecar, image_stem, load_nifti

@@ -86,8 +86,9 @@ def _learn_prior(Y, rows, t, sigma2, s0_bounds):
     buf = np.empty(n * ng, dtype=np.float32)  # the likelihood table, shrunk in place below
     usable = np.empty(n, dtype=np.bool_)
     Ys = np.array(Y[rows], dtype=np.float64, order="C")  # the subsample only: small
-    bayes.em_likelihoods(Ys, np.arange(n, dtype=np.int64), t["groups"], t["w"], sigma2, t["M"], t["nn"], 1.0 / t["nn"],
-                         t["lnorm"], *s0_bounds, chunk_count(n), buf.reshape(n, ng), usable)
+    bayes.em_likelihoods(Ys, np.arange(n, dtype=np.int64), t["groups"], t["w"], sigma2, t["M"],
+                         t["nn"], 1.0 / t["nn"], t["lnorm"], *s0_bounds, chunk_count(n),
+                         buf.reshape(n, ng), usable)
     if int(usable.sum()) < MIN_EM_VOXELS:
         return None
     weights = np.full(ng, 1.0 / ng)
