@@ -178,8 +178,8 @@ def test_compile_command_prepares_the_named_kernels(monkeypatch):
 
 
 def test_compile_kernels_runs_each_target_and_refuses_unknown_ones():
-    seconds = compiling.compile_kernels(("segmented", "simplified"))
-    assert set(seconds) == {"segmented", "simplified"}
+    seconds = compiling.compile_kernels(("segmented", "uncertainty", "simplified"))
+    assert set(seconds) == {"segmented", "uncertainty", "simplified"}
     with pytest.raises(ValueError, match="unknown compile target"):
         compiling.compile_kernels(("segmentd",))
     assert compiling.targets_for("full", "ivim", True) == ("full", "uncertainty")

@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import status as st
-from ._jit import FASTMATH_FLAGS, jit_block, jit_block_inner, jit_inner, jit_parallel, jit_voxel
+from ._jit import FASTMATH_FLAGS, jit_block, jit_block_inner, jit_inner, jit_parallel
 from .full import (
     MAX_RESTARTS,
     RESTART_NEIGHBOURHOOD,
