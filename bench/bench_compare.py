@@ -71,10 +71,12 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="fits per process (best counts)")
+    p.add_argument("--cache", default=None,
+                   help="keep the two numba caches under this folder (default: temporary)")
     a = p.parse_args()
     sources = {"base": Path(a.base).resolve(), "this": ROOT}
     with tempfile.TemporaryDirectory() as tmp:
-        caches = {k: Path(tmp) / k for k in sources}
+        caches = {k: Path(a.cache or tmp) / k for k in sources}
         rows = {}
         for m in a.methods.split(","):
             for k in sources:  # compile (or load) once, outside the timings

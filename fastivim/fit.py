@@ -85,8 +85,9 @@ class IVIMResult:
         squares, whatever the method): ``ADC`` over **all** b-values (the clinical ADC;
         perfusion included, so above D in perfused tissue), ``ADC_high`` over the b-values
         >= ``b_threshold`` (perfusion suppressed). NaN outside the mask and where a sample
-        used is not positive (see :mod:`fastivim.adc`). None in results read from outputs
-        written before these maps existed.
+        used is not positive (see :mod:`fastivim.adc`). None when not computed
+        (``fit_voxels`` without ``adc=True``, ``fit_ivim(..., adc=False)``) and in results read
+        from outputs written before these maps existed.
     """
 
     D: np.ndarray
@@ -360,7 +361,7 @@ def load_kernel(method="segmented", model="ivim", uncertainty=False) -> float:
 
 def fit_voxels(Y, b_values, method="segmented", bounds=None, b_threshold=B_THRESHOLD,
                progress=False,
-               seed=0, uncertainty=False, model="ivim", *, _kernel="block"):
+               seed=0, uncertainty=False, model="ivim", *, adc=False, _kernel="block"):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -383,6 +384,10 @@ def fit_voxels(Y, b_values, method="segmented", bounds=None, b_threshold=B_THRES
         Also compute ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see :func:`fit_ivim`).
     model : {"ivim", "simplified"}
         See :func:`fit_ivim`.
+    adc : bool
+        Also the ``ADC`` and ``ADC_high`` maps (see :func:`fit_ivim`). Off by default here, the
+        kernel entry for pipelines: they cost about as much as a third of the segmented fit
+        (single-threaded NumPy).
     _kernel : {"block", "scalar"}
         Private: which compiled least-squares kernel runs (:data:`KERNELS`). Both give the same
         answers; the scalar one is the reference for the tests and the benchmark.
@@ -396,11 +401,12 @@ def fit_voxels(Y, b_values, method="segmented", bounds=None, b_threshold=B_THRES
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
     return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],), seed,
-                uncertainty, model, _kernel, volume=False)
+                uncertainty, model, _kernel, volume=False, adc=adc)
 
 
 def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
-             b_threshold=B_THRESHOLD, progress=False, seed=0, uncertainty=False, model="ivim"):
+             b_threshold=B_THRESHOLD, progress=False, seed=0, uncertainty=False, model="ivim",
+             adc=True):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -447,6 +453,10 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         b-values >= b_threshold; ``segmented`` and ``full`` give the same least-squares fit
         (``bayesian`` is refused). The result's ``D_star`` (and ``D_star_sd``) is None.
 
+    adc : bool
+        Also the mono-exponential ``ADC`` (over all b-values) and ``ADC_high`` (over b >=
+        b_threshold) maps (see :mod:`fastivim.adc`); on by default.
+
     Returns
     -------
     IVIMResult
@@ -469,11 +479,11 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         # any non-zero voxel is in; NaN is out (as for mask files read by fastivim.io)
         mask = np.nan_to_num(mask, nan=0.0) != 0 if mask.dtype.kind == "f" else mask.astype(bool)
     return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed,
-                uncertainty, model)
+                uncertainty, model, adc=adc)
 
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0,
-         uncertainty=False, model="ivim", kernel="block", volume=True):
+         uncertainty=False, model="ivim", kernel="block", volume=True, adc=True):
     """Validate, flatten, run the registered method, and build the result.
 
     ``volume`` is False for :func:`fit_voxels` (rows without geometry): then a method that
@@ -501,7 +511,9 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     run = simplified_model.run if opts.model == "simplified" else estimator.run
     out, status, sd, extra = run(Y, request)
     maps = _unflatten(_columns_inside_bounds(out, request.bounds), OUTPUT_COLUMNS, mask, spatial)
-    maps.update(_unflatten(adc_columns(Y, b, request.b_threshold), ADC_COLUMNS, mask, spatial))
+    if adc:
+        maps.update(_unflatten(adc_columns(Y, b, request.b_threshold), ADC_COLUMNS, mask,
+                               spatial))
     if sd is not None:
         maps.update(_unflatten(_columns_inside_bounds(sd, None), bayes.SD_COLUMNS, mask,
                                spatial))

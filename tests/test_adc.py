@@ -75,6 +75,14 @@ def test_every_fit_has_the_adc_maps_nan_outside_the_mask(method):
     assert "ADC" in res.summary()["stats"]
 
 
+def test_adc_is_asked_for_in_fit_voxels_and_on_by_default_in_fit_ivim():
+    ph = phantom((50,), snr=40, seed=5)
+    assert fastivim.fit_voxels(ph.signal, ph.b_values).ADC is None
+    vox = fastivim.fit_voxels(ph.signal, ph.b_values, adc=True)
+    np.testing.assert_array_equal(vox.ADC, adc_columns(ph.signal, ph.b_values, 200.0)[0])
+    assert fastivim.fit_ivim(ph.signal, ph.b_values, adc=False).ADC_high is None
+
+
 def test_outputs_sidecars_bids_names_and_report_hold_the_adc(tmp_path, monkeypatch):
     ph = phantom((8, 8, 2), snr=40, seed=4)
     io.write_phantom(tmp_path / "dwi.nii.gz", ph)
