@@ -49,7 +49,6 @@ This module is library code: :func:`run_batch` and :func:`plan` are called by ``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -191,10 +190,17 @@ def find_series(bids_root, mask_pattern: str = DEFAULT_MASK_PATTERN) -> list:
             if not dwi.is_file():  # a link whose target is gone: reported, never skipped
                 problem = (f"{dwi}: broken symbolic link (its target {os.readlink(dwi)} does "
                            f"not exist)" if dwi.is_symlink() else f"{dwi}: not a regular file")
+            try:
+                entities = source_entities(dwi)
+            except ValueError as exc:  # a broken entity: reported, never dropped; the raw
+                # entities keep its label (and table row) apart from the other series'
+                entities = "_".join(p for p in m.group("entities").split("_")
+                                    if not p.startswith(("sub-", "ses-")))
+                problem = problem or str(exc)
             found.append(Series(subject, session, dwi, mask if mask.is_file() else None,
-                                problem, source_entities(dwi)))
+                                problem, entities))
     found.sort(key=lambda s: (s.subject, s.session or "", s.dwi.name))
-    per_target = Counter(s.label for s in found)
+    per_target = Counter(s.label for s in found if s.problem is None)
     out = []
     for s in found:
         if per_target[s.label] > 1 and s.problem is None:
@@ -245,33 +251,49 @@ def _reuse_key(series: Series, options: RunOptions) -> dict:
 
 def completed_record(series: Series, deriv_dir, options: RunOptions) -> dict | None:
     """The series' run record if its outputs are complete, made with ``options`` and from the
-    same input content (image, b-values, mask: compared by SHA-256), else None."""
+    same input content (image, b-values, mask: compared by SHA-256), else None.
+
+    Raises
+    ------
+    fastivim.io.InputError
+        The record exists but is malformed (not JSON, a field of the wrong type, no manifest,
+        not a regular file...: :func:`fastivim.io.record.read_record`). The batch reports the
+        series failed with this one line and goes on; ``--redo`` replaces the record.
+    """
+    from .io.read import InputError, verify_manifest
+    from .io.record import BATCH_FIELDS, check_record, read_record
     from .model import MAPS
 
     rec_path = record_path(series, deriv_dir)
-    try:
-        record = json.loads(rec_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not os.path.lexists(rec_path):
         return None
+    record = read_record(rec_path)
     key = _reuse_key(series, options)
-    if not isinstance(record, dict) or record.get("settings") != key["settings"]:
+    if record.get("settings") != key["settings"]:
         return None
     if record.get("inputs") != key["inputs"]:
         return None  # an input changed since (an edited .bval, a new mask...): refit
+    check_record(record, rec_path, need=BATCH_FIELDS)  # what the summary row is made of
     model = record.get("model", "ivim")
     # the uncertainty maps are part of a complete run when it was asked for them
     with_sd = bool(record.get("uncertainty")) or record.get("method") == "bayesian"
     expected = [m for m in MAPS if m.produced_by(model) and (with_sd or not m.optional)]
     layout = _layout(series, deriv_dir)
-    if not all(p.is_file() for p in layout.map_files(expected)):
+    # every map of a complete run is in the record's manifest (one missing there could be
+    # another run's) and is the file the manifest describes
+    if not all(p.name in record["manifest"] for p in layout.map_files(expected)):
         return None
-    from .io.read import InputError, verify_manifest
-
-    try:  # every file is the one the record describes (no mix of two runs)
+    try:
         verify_manifest(layout, record)
     except InputError:
         return None
     return record
+
+
+def _bad_record(series: Series, exc) -> dict:
+    """The failed row of a series whose run record is malformed."""
+    return _row(series, status="failed",
+                error=f"{_one_line(exc)} (fix or remove it, or use --redo)")
 
 
 def _remove_empty_dirs(d: Path, stop: Path) -> None:
@@ -342,9 +364,9 @@ def _row(series: Series, status: str, error=None, fitted=None, seconds=None) -> 
 
 
 def _row_from_record(series: Series, record: dict, fitted: str) -> dict:
-    row = _row(series, status="ok", fitted=fitted, seconds=record["timings"]["total"])
-    for name in ("D", "D_star", "f"):
-        row[f"{name}_median"] = record["stats"][name]["median"]
+    row = _row(series, status="ok", fitted=fitted, seconds=record["timings"].get("total"))
+    for name in ("D", "D_star", "f"):  # D_star is absent for the simplified model
+        row[f"{name}_median"] = record["stats"].get(name, {}).get("median")
     vox = record["voxels"]
     row.update(voxels_total=vox["total"], voxels_fitted=vox["fitted"],
                voxels_quality=vox["quality"])
@@ -526,8 +548,14 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
     rows = {s.label: _row(s, status="pending") for s in series}
     todo = []
     n_reused = 0
+    n_bad = 0
     for s in series:
-        rec = None if redo else completed_record(s, deriv, options)
+        try:
+            rec = None if redo or s.problem is not None else completed_record(s, deriv, options)
+        except ValueError as exc:  # a malformed record: this series fails, the others go on
+            rows[s.label] = _bad_record(s, exc)
+            n_bad += 1
+            continue
         if rec is not None:
             rows[s.label] = _row_from_record(s, rec, fitted="earlier-run")
             n_reused += 1
@@ -536,13 +564,16 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
     t0 = time.perf_counter()
     client = cluster = tbw = None
     bar = None
-    report = BatchReport(rows=[], summary_path=None, seconds=0.0, reused=n_reused)
+    report = BatchReport(rows=[], summary_path=None, seconds=0.0, reused=n_reused,
+                         failed=n_bad)
     started = not todo  # the table is (re)written once fitting has begun, or nothing is to do
     lock = None
+    made_deriv = False
     try:
         if todo:  # one batch at a time into a derivatives folder
             from .io.write import OutputLock
 
+            made_deriv = not os.path.lexists(deriv)
             deriv.mkdir(parents=True, exist_ok=True)
             lock = OutputLock(deriv / f".{SUMMARY_NAME}.lock")
             lock.acquire()
@@ -590,6 +621,11 @@ def run_batch(bids_root, deriv_dir, options: RunOptions | None = None, *,
             report.summary_path = write_summary(report.rows, deriv, root)
         if lock is not None:
             lock.release()
+        if made_deriv and report.summary_path is None:  # e.g. the scheduler was unreachable
+            try:
+                deriv.rmdir()  # only if still empty
+            except OSError:
+                pass
     return report
 
 
@@ -623,18 +659,11 @@ def _execute(todo, deriv, options, threads, command, client, threads_by_worker):
 
 
 def _ensure_dataset_description(deriv: Path) -> None:
-    """Write ``dataset_description.json`` once, before any series.
+    """Write ``dataset_description.json`` once, before any series (race-free: see
+    :func:`fastivim.io.write.ensure_dataset_description`)."""
+    from .io.write import ensure_dataset_description
 
-    :func:`fastivim.io.export_bids` writes it when missing; done here first, so that concurrent
-    workers never race to create it (content: :func:`fastivim.io.dataset_description`).
-    """
-    from . import io
-
-    desc = deriv / "dataset_description.json"
-    if desc.exists():
-        return
-    deriv.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(desc, io.dataset_description())
+    ensure_dataset_description(deriv)
 
 
 # ------------------------------------------------------------------------------- planning
@@ -653,15 +682,18 @@ def plan(bids_root, deriv_dir, options: RunOptions | None = None,
     root = Path(bids_root).absolute()
     lines = []
     for s in find_series(root, mask_pattern):
-        if s.problem is not None:
+        problem = s.problem
+        if problem is not None:
             action = "fail"
-        elif not redo and completed_record(s, deriv_dir, options) is not None:
-            action = "skip (complete)"
         else:
-            action = "fit"
+            try:
+                done = not redo and completed_record(s, deriv_dir, options) is not None
+                action = "skip (complete)" if done else "fit"
+            except ValueError as exc:  # a malformed record
+                action, problem = "fail", _bad_record(s, exc)["error"]
         mask = s.mask.relative_to(root).as_posix() if s.mask and root in s.mask.parents else (
             str(s.mask) if s.mask else "auto")
-        lines.append((s.label, action, s.dwi.relative_to(root).as_posix(), mask, s.problem))
+        lines.append((s.label, action, s.dwi.relative_to(root).as_posix(), mask, problem))
     return lines
 
 

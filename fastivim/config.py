@@ -15,6 +15,7 @@ import math
 from dataclasses import fields
 from pathlib import Path
 
+from ._atomic import read_small_text, short_repr
 from .model import PARAM_NAMES
 from .options import (
     BY_KEY,
@@ -85,12 +86,19 @@ def check_value(key: str, value, where: str = "config"):
         raise ConfigError(str(exc)) from None
 
 
-#: YAML 1.1 (PyYAML) reads a number in exponent form without a dot, ``1e-4``, as a string;
-#: config files are full of such diffusivities, so they are read as floats as YAML 1.2 does.
-_FLOAT_RE = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
-             r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
-             r"|[0-9][0-9_]*[eE][-+]?[0-9]+)$"
+#: Plain scalars that are numbers, YAML 1.2 core schema style: decimal integers and decimal or
+#: scientific floats (``1e-4`` too, which PyYAML's YAML 1.1 reads as a string). Not YAML 1.1's
+#: base-60 ``1:30`` (read as 90), ``800_0`` (read as 8000), octal ``017`` or hex: those stay
+#: strings, which the option's type check then refuses with a message.
+_INT_RE = r"^[-+]?[0-9]+$"
+_FLOAT_RE = (r"^[-+]?(?:[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?"
+             r"|\.[0-9]+(?:[eE][-+]?[0-9]+)?"
+             r"|[0-9]+[eE][-+]?[0-9]+)$"
              r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+#: Booleans: YAML 1.2's ``true``/``false`` only (YAML 1.1 also reads ``yes``, ``no``, ``on``,
+#: ``off``, ``y``, ``n``, so that a session label ``no`` would silently become False).
+_BOOL_RE = r"^(?:true|True|TRUE|false|False|FALSE)$"
 
 
 #: Config keys that belong to :class:`fastivim.options.FitOptions`.
@@ -98,18 +106,47 @@ _FIT_KEYS = {f.name for f in fields(FitOptions)}
 
 
 def _loader():
-    """A safe YAML loader that reads ``1e-4`` as a float (see :data:`_FLOAT_RE`)."""
+    """A strict, safe YAML loader: YAML 1.2 core numbers and booleans (see :data:`_FLOAT_RE`),
+    no anchors or aliases at all (an alias bomb cannot expand), and a key given twice in one
+    mapping is an error (the last value would otherwise win silently)."""
     import re
 
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise yaml.composer.ComposerError(
+                    None, None, "anchors (&name) and aliases (*name) are not allowed in a config "
+                    "file", event.start_mark)
+            return super().compose_node(parent, index)
 
-    Loader.yaml_implicit_resolvers = {
-        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
-        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if dup:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {short_repr(key, 40)} is given twice",
+                        key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    resolvers = {}
+    for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items():
+        kept = [(tag, rx) for tag, rx in rules if tag not in (
+            "tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")]
+        if kept:
+            resolvers[first] = kept
+    Loader.yaml_implicit_resolvers = resolvers
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(_BOOL_RE), list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_INT_RE),
+                                 list("-+0123456789"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT_RE),
                                  list("-+0123456789."))
     return Loader
@@ -131,21 +168,18 @@ def load_config(path) -> dict:
     Raises
     ------
     ConfigError
-        Unreadable file, invalid YAML, not a mapping, unknown key or wrong type; one line that
-        names the file (and the key).
+        Unreadable file (not a regular file, or larger than
+        :data:`fastivim._atomic.SMALL_FILE_LIMIT`), invalid YAML (anchors and aliases, a key
+        given twice), not a mapping, unknown key or wrong type; one line that names the file
+        (and the key), never a value longer than a few dozen characters.
     """
     import yaml  # lazy: only runs that pass --config need it
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({getattr(exc, 'strerror', None) or exc})"
-                          ) from None
+    text = read_small_text(path, "config file", ConfigError)
     try:
         data = yaml.load(text, Loader=_loader())
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -155,7 +189,10 @@ def load_config(path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    values = {str(k): check_value(str(k), v, str(path)) for k, v in data.items()}
+    for k in data:
+        if not isinstance(k, str):
+            raise ConfigError(f"{path}: key {short_repr(k, 40)} is not an option name")
+    values = {k: check_value(k, v, str(path)) for k, v in data.items()}
     fit_keys = {k: v for k, v in values.items() if k in _FIT_KEYS}
     try:  # options that exclude each other within the file (bayesian + simplified)
         FitOptions(**fit_keys)

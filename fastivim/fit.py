@@ -510,12 +510,14 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     watch_compiles()  # a kernel that compiles says so
     run = simplified_model.run if opts.model == "simplified" else estimator.run
     out, status, sd, extra = run(Y, request)
-    maps = _unflatten(_columns_inside_bounds(out, request.bounds), OUTPUT_COLUMNS, mask, spatial)
+    maps = _unflatten(_columns_inside_bounds(out, request.bounds, status), OUTPUT_COLUMNS, mask,
+                      spatial)
     if adc:
         maps.update(_unflatten(adc_columns(Y, b, request.b_threshold), ADC_COLUMNS, mask,
                                spatial))
     if sd is not None:
-        maps.update(_unflatten(_columns_inside_bounds(sd, None), bayes.SD_COLUMNS, mask,
+        sd[status == st.NUMERICAL_FAILURE] = np.nan  # rows the split found overflowed
+        maps.update(_unflatten(_columns_inside_bounds(sd, None, status), bayes.SD_COLUMNS, mask,
                                spatial))
     if mask is None:
         status_map = status.reshape(spatial)
@@ -538,7 +540,7 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     )
 
 
-def _columns_inside_bounds(out, bounds):
+def _columns_inside_bounds(out, bounds, status):
     """``out`` (n_vox, k) float32 as ``(k, n_vox)`` contiguous columns, the parameter columns
     rounded inward onto ``bounds`` (None: no rounding), in one parallel compiled pass
     (:func:`fastivim.kernels.output.split_columns`).
@@ -554,7 +556,7 @@ def _columns_inside_bounds(out, bounds):
         lo32 = hi32 = np.empty(0, dtype=np.float32)
     else:
         lo32, hi32 = float32_bounds(bounds)
-    split_columns(out, lo32, hi32, chunk_count(n), cols)
+    split_columns(out, lo32, hi32, chunk_count(n), cols, status)
     return cols
 
 

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from ._atomic import short_repr
 from .model import DEFAULT_BOUNDS, METHODS, MODELS, PARAM_NAMES, bounds_from_json, resolve_bounds
 
 
@@ -97,14 +98,14 @@ class FitOptions:
                                  "maps)")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise OptionError(f"unknown method {self.method!r}; valid methods are "
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise OptionError(f"unknown method {short_repr(self.method, 60)}; valid methods are "
                               f"{', '.join(METHODS)}")
         try:
             b_threshold = float(self.b_threshold)
         except (TypeError, ValueError):
             raise OptionError(f"b_threshold must be a finite number >= 0, got "
-                              f"{self.b_threshold!r}") from None
+                              f"{short_repr(self.b_threshold, 60)}") from None
         if not math.isfinite(b_threshold) or b_threshold < 0:
             raise OptionError(f"b_threshold must be a finite number >= 0, got {b_threshold}")
         object.__setattr__(self, "b_threshold", b_threshold)
@@ -237,6 +238,12 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_bids_label(label: str) -> bool:
+    """A BIDS label: one or more ASCII letters and digits (``str.isalnum`` would also take
+    ``é`` or Arabic-Indic digits, which BIDS tools refuse)."""
+    return isinstance(label, str) and label.isascii() and label.isalnum()
+
+
 def _label(key: str, value):
     """A BIDS label without its prefix: ``sub-01`` and ``01`` both give ``01``."""
     prefix = {"subject": "sub-", "session": "ses-"}[key]
@@ -264,12 +271,13 @@ def check_value(key: str, value, where: str | None = None, strict: bool = False)
         Unknown key or a value of the wrong kind; the message names the key.
     """
     pre = f"{where}: " if where else ""
-    if key not in BY_KEY:
-        raise OptionError(f"{pre}unknown key {key!r} (valid keys: {', '.join(BY_KEY)})")
+    if not isinstance(key, str) or key not in BY_KEY:
+        raise OptionError(f"{pre}unknown key {short_repr(key, 40)} (valid keys: "
+                          f"{', '.join(BY_KEY)})")
     kind = BY_KEY[key].kind
 
-    def bad(expected):
-        return OptionError(f"{pre}{key!r} must be {expected}, got {value!r}")
+    def bad(expected):  # the value shortened: a config file can hold a huge one
+        return OptionError(f"{pre}{key!r} must be {expected}, got {short_repr(value, 60)}")
 
     if kind == "bvals" and not strict and value is not None \
             and not isinstance(value, (str, os.PathLike)):
@@ -312,16 +320,16 @@ def check_value(key: str, value, where: str | None = None, strict: bool = False)
         if isinstance(value, int) and not isinstance(value, bool):
             raise bad("a quoted label such as '01' (a bare number loses its leading zeros)")
         value = _label(key, value)
-        if not isinstance(value, str) or not value.isalnum():
-            raise bad("a letters-and-digits label (optionally with its 'sub-'/'ses-' "
+        if not isinstance(value, str) or not is_bids_label(value):
+            raise bad("a letters-and-digits label, ASCII only (optionally with its 'sub-'/'ses-' "
                       "prefix) or null")
         return value
     if kind == "method":
-        if value not in METHODS:
+        if not isinstance(value, str) or value not in METHODS:
             raise bad(" or ".join(repr(m) for m in METHODS))
         return value
     if kind == "model":
-        if value not in MODELS:
+        if not isinstance(value, str) or value not in MODELS:
             raise bad(" or ".join(repr(m) for m in MODELS))
         return value
     if kind == "bounds":
@@ -337,15 +345,17 @@ def check_bounds(value, where: str | None = None) -> dict:
     pre = f"{where}: " if where else ""
     if not isinstance(value, dict):
         raise OptionError(f"{pre}'bounds' must be a mapping of parameter: [lower, upper], "
-                          f"got {value!r}")
+                          f"got {short_repr(value, 60)}")
     out = {}
     for k, pair in value.items():
         name = f"bounds.{k}"
-        if k not in PARAM_NAMES:
-            raise OptionError(f"{pre}unknown key {name!r} (valid: {', '.join(PARAM_NAMES)})")
+        if not isinstance(k, str) or k not in PARAM_NAMES:
+            raise OptionError(f"{pre}unknown key {short_repr(name, 40)} (valid: "
+                              f"{', '.join(PARAM_NAMES)})")
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _is_number(pair[0])
                 or not (pair[1] is None or _is_number(pair[1]))):
-            raise OptionError(f"{pre}{name!r} must be [lower, upper] numbers, got {pair!r}")
+            raise OptionError(f"{pre}{name!r} must be [lower, upper] numbers, got "
+                              f"{short_repr(pair, 60)}")
         out.update(bounds_from_json({k: pair}))
     try:
         resolve_bounds(out)

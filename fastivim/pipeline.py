@@ -41,9 +41,10 @@ from .io.write import (
     LayoutWriter,
     OutputError,
     check_writable,
-    dataset_description,
+    deferred_signals,
     encode_maps,
-    write_layout,
+    ensure_dataset_description,
+    stage_layout,
 )
 from .model import MAPS
 from .options import RunOptions, check_threads
@@ -180,19 +181,21 @@ def make_record(inputs: Inputs, result, options: RunOptions, layouts, command, t
 
 
 def write(result, inputs: Inputs, record: dict, writers, options: RunOptions) -> list:
-    """Write the maps, sidecars and record into every layout, each all or nothing (see
-    :class:`fastivim.io.write.LayoutWriter`); return the files written."""
-    encoded = encode_maps(result, inputs.dwi.img)
-    written = []
-    for w in writers:
-        extra = []
-        if w.layout.bids:
-            desc = Path(options.bids) / "dataset_description.json"
-            if not desc.exists():
-                from ._atomic import json_bytes
+    """Write the maps, sidecars and record into every layout, all or nothing (see
+    :class:`fastivim.io.write.LayoutWriter`); return the files written.
 
-                extra.append((desc, json_bytes(dataset_description())))
-        written += write_layout(result, w.layout, encoded, record, extra, writer=w)
+    Every layout is checked and staged first; only then is any of them committed, so a problem
+    with the second one (``run -o A --bids B``: a link in B, a full disk) leaves A untouched.
+    """
+    encoded = encode_maps(result, inputs.dwi.img)
+    for w in writers:
+        stage_layout(result, w, encoded, record)
+    written = []
+    if any(w.layout.bids for w in writers) and ensure_dataset_description(options.bids):
+        written.append(Path(options.bids) / "dataset_description.json")
+    with deferred_signals():  # the commits of both layouts, not split by an interrupt
+        for w in writers:
+            written += w.commit(prepared=True)
     return written
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._atomic import write_atomic
+from ._atomic import check_owned, partial_path
 from .io.layout import REPORT_FILES
 from .kernels import status as st
 from .model import MAPS, ivim_signal
@@ -735,6 +735,9 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for fname in REPORT_FILES.values():  # a link at a report name: refused before drawing
+        check_owned(out_dir / (prefix + fname))
+        check_owned(partial_path(out_dir / (prefix + fname)))
     figures = {}
     skipped = {}
     if len(result.shape) in (2, 3):
@@ -749,18 +752,28 @@ def make_report(result, dwi, b_values, out_dir, record=None, voxel_size=None,
     pngs = {name: figure_png(fig) for name, fig in figures.items()}
     s = summary(result, record)
     s["report_seconds"] = time.perf_counter() - t0
-    for name, payload in pngs.items():
-        write_atomic(out_dir / (prefix + REPORT_FILES[name]), payload)
-    for name in skipped:  # a figure of an earlier report must not pass for this one's
-        (out_dir / (prefix + REPORT_FILES[name])).unlink(missing_ok=True)
     doc = _html(s, pngs, figures, skipped, _s0_vmax(result),
-                title or f"fastivim QC report: {Path(s.get('input', 'IVIM fit')).name}")
+                title or f"fastivim QC report: {Path(s.get('input', 'IVIM fit')).name}",
+                prefix)
     target = out_dir / (prefix + REPORT_FILES["html"])
-    write_atomic(target, doc.encode("utf-8"))
+    from .io.write import Staging, deferred_signals
+
+    # all files staged first (O_EXCL, never through a link), then renamed in together: a full
+    # disk leaves neither a new PNG nor the HTML
+    with Staging(out_dir) as staging:
+        for name, payload in pngs.items():
+            staging.write(out_dir / (prefix + REPORT_FILES[name]), payload)
+        staging.write(target, doc.encode("utf-8"))
+        for name in skipped:
+            check_owned(out_dir / (prefix + REPORT_FILES[name]))
+        with deferred_signals():
+            for name in skipped:  # a figure of an earlier report must not pass for this one's
+                (out_dir / (prefix + REPORT_FILES[name])).unlink(missing_ok=True)
+            staging.commit()
     return target
 
 
-def _html(s, pngs, figures, skipped, s0_vmax, title) -> str:
+def _html(s, pngs, figures, skipped, s0_vmax, title, prefix: str = "") -> str:
     e = html.escape
     notes = _notes(s0_vmax, s.get("model", "ivim"))
     heads = {"maps": "Parameter maps", "histograms": "Distributions",
@@ -773,7 +786,7 @@ def _html(s, pngs, figures, skipped, s0_vmax, title) -> str:
         if name in pngs:
             w, h = (int(round(v)) for v in figures[name].get_size_inches() * DPI)
             b64 = base64.b64encode(pngs[name]).decode("ascii")
-            fname = REPORT_FILES[name]
+            fname = e(prefix + REPORT_FILES[name])  # the name the PNG is saved under
             parts.append(f"<a href=\"{fname}\"><img src=\"data:image/png;base64,{b64}\" "
                          f"alt=\"{fname}\" width=\"{w}\" height=\"{h}\"></a>")
             parts.append(f"<p class=\"note\">{notes[name]} (Also saved as "
@@ -795,6 +808,36 @@ def load_output(out_dir):
     return result, record, zooms
 
 
+class InputChangedError(ValueError):
+    """The recorded input's content is not the content that was fitted."""
+
+
+def check_input_unchanged(src, record: dict) -> None:
+    """Refuse the recorded input ``src`` when its size or SHA-256 differs from the one the run
+    record keeps (``inputs.dwi``): the signal-decay figure would draw data that was not fitted.
+
+    A record without the fingerprint (written by :func:`fastivim.io.save_maps`) is not checked.
+
+    Raises
+    ------
+    InputChangedError
+    """
+    want = (record.get("inputs") or {}).get("dwi") if isinstance(record.get("inputs"), dict) \
+        else None
+    if not isinstance(want, dict):
+        return
+    from .io.read import file_fingerprint
+
+    try:
+        have = file_fingerprint(src)
+    except (OSError, ValueError):
+        return  # unreadable: load_dwi says why
+    if have != want:
+        raise InputChangedError(f"{src}: the input changed since the fit (its size or SHA-256 "
+                                f"differs from the run record's); the maps are drawn, the "
+                                f"signal is not")
+
+
 def report_from_output(out_dir, dwi=None) -> Path:
     """Write ``report.html`` (and its PNGs) beside the maps of a finished run.
 
@@ -807,7 +850,10 @@ def report_from_output(out_dir, dwi=None) -> Path:
     dwi : str or Path, optional
         The fitted 4D image; default the ``input`` recorded in ``fastivim.json`` (read with
         its recorded b-values). When it cannot be read the report is written without the
-        signal-decay figure and a :class:`UserWarning` says why.
+        signal-decay figure and a :class:`UserWarning` says why. The recorded input is also
+        compared with the size and SHA-256 the record keeps: when its content changed since
+        the fit, the report is drawn without the signal-decay figure, with a warning (the maps
+        are the run's own, checked against the record's manifest).
 
     Returns
     -------
@@ -834,6 +880,8 @@ def report_from_output(out_dir, dwi=None) -> Path:
         from .io import load_dwi
 
         try:
+            if dwi is None:
+                check_input_unchanged(src, record)
             d = load_dwi(src, bvals=result.b_values if result.b_values.size else None,
                          model=getattr(result, "model", "ivim"))
             if d.spatial_shape != result.shape:

@@ -13,7 +13,11 @@ import pytest
 #: (modules to import, modules that must not be imported as a consequence)
 CASES = [
     # the API for pipelines: numpy and numba only
-    (["fastivim"], ["nibabel", "click", "matplotlib", "tqdm"]),
+    (["fastivim"], ["nibabel", "click", "matplotlib", "tqdm", "dipy"]),
+    # the front doors for other pipelines need none of the peers' code (issue 18)
+    (["fastivim.interop", "fastivim.interop.dipy", "fastivim.interop.osipi",
+      "fastivim.interop.osipy", "fastivim.interop.osipy.ivim"],
+     ["dipy", "osipy", "nibabel", "click", "matplotlib"]),
     # library layers never import the command line or matplotlib
     (["fastivim.io", "fastivim.pipeline", "fastivim.batch"], ["click", "matplotlib"]),
     (["fastivim.options", "fastivim.config"], ["click", "nibabel", "matplotlib"]),
@@ -25,7 +29,9 @@ CASES = [
 MODULES = ["fastivim.options", "fastivim.config", "fastivim.model", "fastivim.fit",
            "fastivim.io", "fastivim.io.read", "fastivim.io.write", "fastivim.io.layout",
            "fastivim.pipeline", "fastivim.batch", "fastivim.report", "fastivim.cli",
-           "fastivim.cli.main", "fastivim.cli.run", "fastivim.cli.batch", "fastivim.cli.demo"]
+           "fastivim.cli.main", "fastivim.cli.run", "fastivim.cli.batch", "fastivim.cli.demo",
+           "fastivim.interop", "fastivim.interop.dipy", "fastivim.interop.osipi",
+           "fastivim.interop.osipy", "fastivim.interop.osipy.ivim"]
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

@@ -292,27 +292,16 @@ def test_ctrl_c_during_garbage_collection_still_interrupts(tmp_path, signal, mon
 def test_a_full_disk_names_the_file(tmp_path, signal, monkeypatch):
     """"cannot write" errors name the path (a full disk raises an OSError without a file name)
     and leave nothing behind."""
-    import builtins
     import errno
 
-    import fastivim.io.write as write_mod
+    import fastivim._atomic as atomic_mod
 
-    class _Full:
-        def __init__(self, *a, **kw):
-            self._fh = builtins.open(*a, **kw)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._fh.close()
-
-        def write(self, payload):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def _full(fd, payload):  # every file fastivim writes goes through this one call
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     dwi = write_dwi(tmp_path, signal)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(write_mod, "open", _Full, raising=False)
+    monkeypatch.setattr(atomic_mod, "_write_fd", _full)
     r = invoke("run", dwi, "-o", tmp_path / "out", "-q")
     assert_refused(r, str(tmp_path / "out"), "No space left on device")
     assert nothing_written(tmp_path, before)

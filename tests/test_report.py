@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 import warnings
@@ -290,7 +291,14 @@ def test_report_from_output_errors(tmp_path):
     with pytest.raises(ValueError, match="fastivim.json"):
         report.report_from_output(tmp_path)
     (tmp_path / "fastivim.json").write_text("{}")
-    with pytest.raises(ValueError, match="D.nii.gz: missing map"):
+    with pytest.raises(ValueError, match="fastivim.json: malformed run record: no 'manifest'"):
+        report.report_from_output(tmp_path)
+    (tmp_path / "fastivim.json").write_text('{"manifest": {}}')
+    with pytest.raises(ValueError, match="D.nii.gz: not listed in fastivim.json's manifest"):
+        report.report_from_output(tmp_path)
+    entry = {"bytes": 3, "sha256": "0" * 64}
+    (tmp_path / "fastivim.json").write_text(json.dumps({"manifest": {"D.nii.gz": entry}}))
+    with pytest.raises(ValueError, match="D.nii.gz: listed in fastivim.json but missing"):
         report.report_from_output(tmp_path)
 
 

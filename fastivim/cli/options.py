@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .._atomic import one_line
+from .._atomic import one_line, parse_number
 from ..model import METHODS, MODELS, PARAM_NAMES
 from ..options import BY_KEY, ConflictError
 
@@ -57,7 +57,7 @@ def parse_bounds(ctx, param, values):
             raise click.BadParameter(f"unknown key {key!r} in {item!r}; keys are "
                                      f"{', '.join(PARAM_NAMES)}")
         try:
-            out[key] = (float(parts[0]), float(parts[1]))
+            out[key] = (parse_number(parts[0].strip()), parse_number(parts[1].strip()))
         except ValueError:
             raise click.BadParameter(f"{item!r}: LO and HI must be numbers") from None
     return out

@@ -8,12 +8,22 @@ from .options import clean_errors, path_type, shape_opt
 
 
 def _float_list(ctx, param, value):
+    from .._atomic import parse_number
+
     if value is None:
         return None
     try:
-        return [float(x) for x in value.replace(",", " ").split()]
+        return [parse_number(x) for x in value.replace(",", " ").split()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _snr(ctx, param, value):
+    # FloatRange lets NaN through (every comparison with NaN is false): it would write a
+    # noise-free phantom labelled "SNR nan"
+    if value != value:
+        raise click.BadParameter("must be a number > 0, got nan")
+    return value
 
 
 def write_phantom(out, shape, snr=30.0, seed=0, b_values=None, overwrite=False) -> list:
@@ -30,7 +40,7 @@ def write_phantom(out, shape, snr=30.0, seed=0, b_values=None, overwrite=False) 
 @click.argument("out", type=path_type)
 @shape_opt("spatial size X,Y,Z")
 @click.option("--snr", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True, help="S0 / noise sigma in the tissue")
+              show_default=True, callback=_snr, help="S0 / noise sigma in the tissue")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--b-values", callback=_float_list, metavar="B,B,...",
               help="s/mm² (default: 0,10,20,30,50,80,100,200,400,800)")

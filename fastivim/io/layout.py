@@ -56,11 +56,15 @@ class Layout:
         ``""`` for the plain layout, ``"sub-01_[ses-02_]model-ivim_"`` for BIDS.
     bids : bool
         Map files are named by their BIDS suffix (``Dstar``) rather than their name (``D_star``).
+    root : Path or None
+        The folder the user named (BIDS: the derivatives folder), when ``folder`` lies below it:
+        the folders between are fastivim's and must not be links. None: ``folder`` itself.
     """
 
     folder: Path
     prefix: str = ""
     bids: bool = False
+    root: Path | None = None
 
     def map_file(self, info) -> Path:
         """The ``.nii.gz`` of a :class:`fastivim.model.MapInfo`."""
@@ -108,9 +112,11 @@ def check_label(label, what: str) -> str:
     ValueError
         Not letters and digits.
     """
-    if label is None or not str(label).isalnum():
-        raise ValueError(f"BIDS {what} label must be letters and digits (no 'sub-'/'ses-'), "
-                         f"got {label!r}")
+    from ..options import is_bids_label
+
+    if label is None or not is_bids_label(str(label)):
+        raise ValueError(f"BIDS {what} label must be ASCII letters and digits (no 'sub-'/'ses-'),"
+                         f" got {label!r}")
     return str(label)
 
 
@@ -129,9 +135,15 @@ _ENTITY_RE = re.compile(r"^[a-zA-Z]+-[a-zA-Z0-9]+$")
 def source_entities(image) -> str:
     """The BIDS entities of a BIDS-named DWI besides ``sub`` and ``ses``, e.g. ``acq-a_dir-AP``.
 
-    ``sub-06_ses-1_acq-a_dir-AP_dwi.nii.gz`` gives ``acq-a_dir-AP``; a name that is not
-    ``sub-<label>[_<key>-<label>...]_dwi.nii[.gz]`` gives ``""``. Outputs keep these entities,
+    ``sub-06_ses-1_acq-a_dir-AP_dwi.nii.gz`` gives ``acq-a_dir-AP``; a name that does not
+    look like BIDS (not ``sub-..._dwi.nii[.gz]``) gives ``""``. Outputs keep these entities,
     so two acquisitions of one session never write the same maps.
+
+    Raises
+    ------
+    ValueError
+        A BIDS-looking name with an entity that is not ``key-label`` in ASCII letters and
+        digits (``acq-a.b``, ``acq-é``): dropping it would name two series' outputs alike.
     """
     name = Path(image).name
     for ext in (".nii.gz", ".nii"):
@@ -139,9 +151,13 @@ def source_entities(image) -> str:
             name = name[: -len(ext)]
             break
     parts = name.split("_")
-    if len(parts) < 2 or parts[-1] != "dwi" or not parts[0].startswith("sub-") \
-            or not all(_ENTITY_RE.match(p) for p in parts[:-1]):
+    if len(parts) < 2 or parts[-1] != "dwi" or not parts[0].startswith("sub-"):
         return ""
+    bad = [p for p in parts[:-1] if not _ENTITY_RE.match(p)]
+    if bad:  # a BIDS-named image with a broken entity: its outputs could not be told apart
+        raise ValueError(f"{image}: invalid BIDS entity {bad[0]!r} in the file name (each must "
+                         f"be key-label, ASCII letters and digits: e.g. acq-fast); rename the "
+                         f"file")
     return "_".join(p for p in parts[:-1] if not p.startswith(("sub-", "ses-")))
 
 
@@ -154,7 +170,7 @@ def bids_layout(deriv_dir, subject: str, session: str | None = None,
     """
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + (
         f"_{entities}" if entities else "") + f"_{BIDS_ENTITY}_"
-    return Layout(bids_dir(deriv_dir, subject, session), prefix, bids=True)
+    return Layout(bids_dir(deriv_dir, subject, session), prefix, bids=True, root=Path(deriv_dir))
 
 
 def bids_paths(deriv_dir, subject: str, session: str | None = None) -> list:

@@ -7,7 +7,6 @@ it cannot use; nothing here writes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import zlib
@@ -18,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from .._atomic import one_line as _one_line
+from .._atomic import open_regular, parse_number, read_small_text
 from ..fit import check_fit_sampling, validate_b_values
 from ..masking import (  # noqa: F401  (re-exported: io's public names)
     AUTO_MASK_PERCENTILE,
@@ -26,10 +26,6 @@ from ..masking import (  # noqa: F401  (re-exported: io's public names)
     lowest_b_image,
 )
 from .checks import InputError, check_bvecs, check_nifti
-
-#: Automatic mask: fraction of this percentile of the lowest-b image (see :func:`auto_mask`).
-
-#: Default fraction of the automatic mask (``RunOptions.mask_fraction``).
 
 
 @dataclass
@@ -95,11 +91,17 @@ def bvec_sidecar(path) -> Path:
 
 
 def _check_readable_file(path: Path, what: str) -> None:
+    """A readable regular file (links followed); a FIFO or device would block or never end."""
+    import stat
+
     if not path.exists():
         raise InputError(f"{path}: no such {what}")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected {'an' if what[0] in 'aeiou' else 'a'} "
                          f"{what}")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise InputError(f"{path}: is not a regular file (a FIFO, device or socket); expected "
+                         f"{'an' if what[0] in 'aeiou' else 'a'} {what}")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: cannot read {what} (permission denied)")
 
@@ -120,11 +122,43 @@ def load_nifti(path, what: str = "file"):
     return img
 
 
+def _gzip_verified(img, path: Path, dtype=None) -> np.ndarray:
+    """The data array of a ``.nii.gz`` image, read through one gzip stream that is then read to
+    its end, so that the CRC-32 and length in the gzip trailer are checked.
+
+    nibabel alone stops decompressing at the end of the data and never reaches the trailer: a
+    flipped bit in the compressed data would be fitted silently. Here the stream is decoded
+    once (the array through nibabel's own :class:`~nibabel.arrayproxy.ArrayProxy`, with the
+    file's scaling), and only the few bytes after the data are left to decode.
+    """
+    import gzip
+
+    proxy = img.dataobj
+    spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+    with gzip.open(path, "rb") as fh:
+        verified = nib.arrayproxy.ArrayProxy(fh, spec, order=proxy.order, mmap=False)
+        data = np.asanyarray(verified) if dtype is None else np.asanyarray(verified, dtype=dtype)
+        while fh.read(1 << 16):  # the end of the stream: gzip checks its CRC-32 and length
+            pass
+    if dtype is not None and data.dtype != dtype:
+        data = data.astype(dtype)
+    return data
+
+
+def _read_array(img, path: Path, dtype=None) -> np.ndarray:
+    """The image's array (``dtype``: converted, with scaling, as ``get_fdata``), a ``.nii.gz``
+    checked to the end of its gzip stream (:func:`_gzip_verified`)."""
+    if path.name.endswith(".gz"):
+        return _gzip_verified(img, path, dtype)
+    return np.asanyarray(img.dataobj) if dtype is None else img.get_fdata(dtype=dtype)
+
+
 def _read_data(img, path: Path) -> np.ndarray:
     """The image's array with slope/intercept applied.
 
     Unscaled float32/float64 and small-integer data come back as stored (no copy: ``fit_ivim``
-    converts only the masked voxels); anything else is converted to float32.
+    converts only the masked voxels); anything else is converted to float32. A ``.nii.gz``
+    whose gzip stream is damaged (CRC or length error, truncated) is refused.
     """
     try:
         # nibabel moves scl_slope/scl_inter from the header into the array proxy on load
@@ -135,10 +169,11 @@ def _read_data(img, path: Path) -> np.ndarray:
         unscaled = slope == 1.0 and inter == 0.0
         if unscaled and (raw_dtype.kind == "f" and raw_dtype.itemsize >= 4
                          or raw_dtype.kind in "iu" and raw_dtype.itemsize <= 2):
-            return np.asanyarray(img.dataobj)
-        return img.get_fdata(dtype=np.float32)
+            return _read_array(img, path)
+        return _read_array(img, path, np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise InputError(f"{path}: cannot read the image data ({_one_line(exc)})") from None
+        raise InputError(f"{path}: damaged or truncated image data, not used "
+                         f"({_one_line(exc)})") from None
 
 
 def read_bvals(path) -> np.ndarray:
@@ -152,11 +187,7 @@ def read_bvals(path) -> np.ndarray:
         Missing/unreadable file, several rows of several values, or a token that is no number.
     """
     path = Path(path)
-    _check_readable_file(path, "b-value file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: editors may add a byte-order mark
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read b-value file ({_one_line(exc)})") from None
+    text = read_small_text(path, "b-value file", InputError)
     rows = [line.replace(",", " ").split() for line in text.splitlines()]
     rows = [r for r in rows if r]
     if not rows:
@@ -167,21 +198,32 @@ def read_bvals(path) -> np.ndarray:
     values = []
     for token in (t for r in rows for t in r):
         try:
-            values.append(float(token))
+            values.append(parse_number(token))
         except ValueError:
-            raise InputError(f"{path}: b-value {token!r} is not a number") from None
+            raise InputError(f"{path}: b-value {_short(token)} is not a number (plain decimal "
+                             f"or scientific only, e.g. 800 or 8e2)") from None
     return np.array(values, dtype=np.float64)
+
+
+def _short(token: str) -> str:
+    from .._atomic import short_repr
+
+    return short_repr(token, 40)
 
 
 def read_bvecs(path, n_b: int) -> np.ndarray:
     """Read gradient directions (3 rows × n_b, FSL/BIDS, or n_b rows × 3) as ``(n_b, 3)``."""
     path = Path(path)
-    _check_readable_file(path, "b-vector file")
+    text = read_small_text(path, "b-vector file", InputError)
+    rows = [line.split() for line in text.splitlines()]
+    rows = [r for r in rows if r and not r[0].startswith("#")]
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise InputError(f"{path}: cannot read b-vectors (expected rows of equal length, got "
+                         f"{sorted({len(r) for r in rows})} values per row)")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: editors may add a byte-order mark
-        v = np.loadtxt(text.splitlines(), dtype=np.float64, ndmin=2)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read b-vectors ({_one_line(exc)})") from None
+        v = np.array([[parse_number(t) for t in r] for r in rows], dtype=np.float64)
+    except ValueError as exc:
+        raise InputError(f"{path}: cannot read b-vectors ({exc})") from None
     check_bvecs(v, path)
     if v.shape == (3, n_b):
         return v.T.copy()
@@ -234,7 +276,7 @@ def load_dwi(path, bvals=None, bvecs=None, model="ivim", fit=None) -> DWI:
     bvals_path = None
     if bvals is None:
         bvals_path = bval_sidecar(path)
-        if not bvals_path.is_file():
+        if not bvals_path.exists():  # a FIFO or folder there: read_bvals says what it is
             raise InputError(f"{path}: no b-values: pass --bvals FILE or put "
                              f"{bvals_path.name} beside the image")
         from_sidecar = True
@@ -282,9 +324,10 @@ def load_mask(path, reference_img) -> np.ndarray:
     if not np.allclose(img.affine, reference_img.affine, atol=1e-4, rtol=1e-5):
         raise InputError(f"{path}: mask affine differs from the image's (not the same grid)")
     try:
-        m = np.asanyarray(img.dataobj).reshape(shape)
+        m = _read_array(img, path).reshape(shape)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise InputError(f"{path}: cannot read the mask data ({_one_line(exc)})") from None
+        raise InputError(f"{path}: damaged or truncated mask data, not used "
+                         f"({_one_line(exc)})") from None
     mask = np.nan_to_num(m) != 0 if m.dtype.kind == "f" else m != 0
     if not mask.any():
         raise InputError(f"{path}: mask is empty (no non-zero voxel)")
@@ -321,21 +364,48 @@ def find_record(path) -> Path:
 def verify_manifest(layout, record: dict) -> None:
     """Check that every file the record's ``manifest`` lists is the one it describes.
 
+    The record must have passed :func:`fastivim.io.record.check_record` (entries are plain
+    file names of the layout's folder). Each file is opened as a regular file only (a FIFO or
+    device planted at its name is refused without blocking) and read no further than the size
+    the manifest gives.
+
     Raises
     ------
     InputError
-        A file missing, or of another size or SHA-256 (a mix of two runs); names the file.
+        A file missing, not a regular file, or of another size or SHA-256 (a mix of two runs);
+        names the file.
     """
-    for name, want in (record.get("manifest") or {}).items():
+    for name, want in record["manifest"].items():
         p = layout.folder / name
-        try:
-            payload = p.read_bytes()
-        except OSError:
+        if not os.path.lexists(p):
             raise InputError(f"{p}: listed in {layout.record.name} but missing (an incomplete "
-                             f"run; run it again)") from None
-        if len(payload) != want["bytes"] or hashlib.sha256(payload).hexdigest() != want["sha256"]:
+                             f"run; run it again)")
+        h = hashlib.sha256()
+        with open_regular(p, "file of the run", InputError) as (fh, st):
+            if st.st_size != want["bytes"]:
+                raise InputError(f"{p}: not the file {layout.record.name} describes (written "
+                                 f"by another run; run it again)")
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != want["sha256"]:
             raise InputError(f"{p}: not the file {layout.record.name} describes (written by "
                              f"another run; run it again)")
+
+
+def check_listed(layout, record: dict, files) -> None:
+    """Refuse when a file the run's result is read from is not in the record's manifest (a file
+    the record does not vouch for: another run's, or planted).
+
+    Raises
+    ------
+    InputError
+        Names the file.
+    """
+    listed = record["manifest"]
+    for p in files:
+        if str(p.relative_to(layout.folder)) not in listed:
+            raise InputError(f"{p}: not listed in {layout.record.name}'s manifest (not a file "
+                             f"of that run; run it again)")
 
 
 def load_output(path):
@@ -362,27 +432,31 @@ def load_output(path):
         No record, a missing or unreadable map, or maps of different shapes; the message names
         the file.
     """
+    from .._atomic import short_repr
     from ..fit import IVIMResult
-    from ..model import MAPS, bounds_from_json
+    from ..model import MAPS, MODELS, bounds_from_json
     from .layout import layout_of_record
+    from .record import read_record
 
     rec_path = find_record(path)
-    try:
-        record = json.loads(rec_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{rec_path}: cannot read the run record ({_one_line(exc)})") from None
     try:
         layout = layout_of_record(rec_path)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    record = read_record(rec_path)
     verify_manifest(layout, record)
     model = record.get("model", "ivim")
+    if model not in MODELS:
+        raise InputError(f"{rec_path}: malformed run record: unknown model "
+                         f"{short_repr(model, 40)}")
     maps = {"D_star": None}  # absent for the simplified model
     zooms = None
-    for info in MAPS:
+    # optional maps (asked for) and newer ones (absent from older runs) count when listed
+    wanted = [info for info in MAPS if info.produced_by(model) and not (
+        (info.optional or info.newer) and layout.map_file(info).name not in record["manifest"])]
+    check_listed(layout, record, [layout.map_file(info) for info in wanted])
+    for info in wanted:
         p = layout.map_file(info)
-        if not info.produced_by(model) or ((info.optional or info.newer) and not p.exists()):
-            continue
         try:
             img = nib.load(p)
             arr = np.asarray(img.dataobj)
@@ -391,37 +465,56 @@ def load_output(path):
         except Exception as exc:  # nibabel raises many types for a damaged file
             raise InputError(f"{p}: cannot read the map ({_one_line(exc)})") from None
         if zooms is None:
-            zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+            zooms = _voxel_size(img)
         maps[info.attr] = arr.astype(info.dtype, copy=False)
     shapes = {a.shape for a in maps.values() if a is not None}
     if len(shapes) != 1:
         raise InputError(f"{layout.folder}: maps of different shapes {sorted(shapes)}")
     from ..options import FitOptions
 
-    result = IVIMResult(
-        quality_mask=maps.pop("quality_mask") > 0,
-        status=maps.pop("status"),
-        method=str(record.get("method", "?")),
-        bounds=bounds_from_json(record.get("bounds", {})),
-        b_values=np.asarray(record.get("b_values", []), dtype=np.float64),
-        b_threshold=float(record.get("b_threshold", FitOptions().b_threshold)),
-        model=model,
-        prior=record.get("prior"),
-        noise_sigma=record.get("noise_sigma"),
-        **maps,
-    )
+    try:
+        result = IVIMResult(
+            quality_mask=maps.pop("quality_mask") > 0,
+            status=maps.pop("status"),
+            method=str(record.get("method", "?")),
+            bounds=bounds_from_json(record.get("bounds", {})),
+            b_values=np.asarray(record.get("b_values", []), dtype=np.float64),
+            b_threshold=float(record.get("b_threshold", FitOptions().b_threshold)),
+            model=model,
+            prior=record.get("prior"),
+            noise_sigma=record.get("noise_sigma"),
+            **maps,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{rec_path}: malformed run record ({_one_line(exc)})") from None
     return result, record, zooms, layout
 
 
-def file_fingerprint(path) -> dict:
-    """``{"size": bytes, "sha256": hex}`` of a file's content (read in 1 MiB blocks)."""
-    import hashlib
+def _voxel_size(img) -> tuple | None:
+    """Voxel size (mm) of a map: the header's pixdim, or, where that is NaN, inf or not
+    positive, the lengths of the affine's columns; None when neither is usable."""
+    zooms = np.array(img.header.get_zooms()[:3], dtype=np.float64)
+    if zooms.size == 3 and np.all(np.isfinite(zooms)) and np.all(zooms > 0):
+        return tuple(float(z) for z in zooms)
+    cols = np.sqrt(np.sum(np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
+    if np.all(np.isfinite(cols)) and np.all(cols > 0):
+        return tuple(float(z) for z in cols)
+    return None
 
+
+def file_fingerprint(path) -> dict:
+    """``{"size": bytes, "sha256": hex}`` of a file's content (read in 1 MiB blocks).
+
+    Raises
+    ------
+    InputError
+        Not a regular file (a FIFO or device is refused without blocking), or unreadable.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path, "file", InputError) as (fh, st):
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return {"size": Path(path).stat().st_size, "sha256": h.hexdigest()}
+    return {"size": st.st_size, "sha256": h.hexdigest()}
 
 
 def input_fingerprints(dwi, bvals=None, bvecs=None, mask=None) -> dict:
@@ -434,7 +527,7 @@ def input_fingerprints(dwi, bvals=None, bvecs=None, mask=None) -> dict:
     for key, path in (("dwi", dwi), ("bvals", bvals), ("bvecs", bvecs), ("mask", mask)):
         try:
             out[key] = file_fingerprint(path) if path is not None else None
-        except OSError:
+        except (OSError, ValueError):
             out[key] = None
     return out
 

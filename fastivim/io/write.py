@@ -10,14 +10,21 @@ The outputs of a run in one layout (a plain folder, or one BIDS series) are writ
 1. **Lock.** A hidden ``.<record>.lock`` file in the folder is locked (``flock``) for the whole
    run; a second run into the same layout refuses at once with a one-line error. The kernel
    drops the lock of a killed process, so a stale lock file never blocks.
-2. **Stage.** Every file is written under a hidden ``.NAME.partial`` name. Any failure or
-   interrupt (Ctrl-C, SIGTERM) removes the partial files and the folders the run created;
-   partial files a killed run left behind are removed by the next run, under the lock.
+2. **Stage.** Every file is written under a hidden ``.NAME.partial`` name, created with
+   ``O_CREAT | O_EXCL | O_NOFOLLOW`` (:func:`fastivim._atomic.write_new`), so a link planted
+   there, even during the fit, is never followed. Any failure or interrupt (Ctrl-C, SIGTERM)
+   removes the partial files and the folders the run created; partial files a killed run left
+   behind are removed by the next run, under the lock. A name the run owns (lock, partial,
+   map, sidecar, record, report) that is a symbolic link, a folder or a special file, or a
+   BIDS folder below the derivatives folder that is a link, is refused with one line
+   (:func:`fastivim._atomic.check_owned`): nothing is written outside the output folder.
 3. **Commit**, with Ctrl-C and SIGTERM held back until it is done (a few milliseconds): the
    old run record is deleted first, then every file of the older run that this run does not
    replace (a report, a map this method does not produce), then the staged files are renamed
    into place, and the new record is renamed in last. The record lists every file of the run
-   with its size and SHA-256 (``manifest``).
+   with its size and SHA-256 (``manifest``). Before the first rename every final name is
+   checked again and every staged file must still be the one written (same device and inode);
+   a run writing two layouts (``-o A --bids B``) stages both before committing either.
 
 So a layout with a record is one complete run: every file the record lists is the one it
 describes (:func:`fastivim.io.read.verify_manifest` checks). Without a record it is incomplete
@@ -44,7 +51,16 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from .._atomic import json_bytes, partial_path
+from .._atomic import (
+    OutputError,
+    check_owned,
+    check_real_dirs,
+    commit_file,
+    create_once,
+    json_bytes,
+    partial_path,
+    write_new,
+)
 from ..adc import ADC_COLUMNS, ADC_EQUATION, ADC_FIT
 from ..kernels.status import STATUS_MEANINGS
 from ..model import EQUATION, EQUATIONS, bounds_to_json, maps_of
@@ -54,10 +70,6 @@ from .read import bval_sidecar, image_stem, load_nifti
 #: gzip level of written ``.nii.gz`` files. On 128×128×30 maps level 1 takes 57 ms per float32
 #: map (1.00 MB) against 68-78 ms at level 6 (0.98 MB), and 5 ms against 32 ms per uint8 map.
 GZIP_LEVEL = 1
-
-
-class OutputError(RuntimeError):
-    """Outputs that cannot or must not be written; the one-line message names the path."""
 
 
 def _identity_reference(shape):
@@ -109,38 +121,60 @@ class Staging:
     """Several files that appear together: each is written to its :func:`partial_path`, and all
     are renamed into place at :meth:`commit`.
 
+    Every staging file is created with ``O_EXCL | O_NOFOLLOW`` (:func:`fastivim._atomic.write_new`)
+    and every final name is checked (:func:`fastivim._atomic.check_owned`) before the first
+    rename: a symbolic link or special file at any of them is refused, never followed. Folders
+    below ``root`` that are links are refused too (:func:`fastivim._atomic.check_real_dirs`).
+
     Used as a context manager: any exception (or interrupt) before the commit removes the
     partial files and the directories this staging created. :class:`LayoutWriter` adds the
     lock, the manifest and the commit order of a run's outputs.
     """
 
-    def __init__(self):
+    def __init__(self, root=None):
+        self.root = Path(root) if root is not None else None
         self.items = []  # (partial, final, size in bytes, sha256)
+        self._identity = {}  # partial -> (st_dev, st_ino) of the file written there
         self._made_dirs = []
 
     def makedirs(self, d: Path) -> None:
+        d = Path(d)
+        if self.root is not None:
+            check_real_dirs(d, self.root)
         missing = []
         p = d
-        while not p.exists():
+        while not os.path.lexists(p):
             missing.append(p)
             p = p.parent
         for p in reversed(missing):
-            p.mkdir()
+            try:
+                p.mkdir()
+            except FileExistsError:  # another writer made it meanwhile: it is not ours
+                continue
             self._made_dirs.append(p)
+        if self.root is not None:  # again: a link may have been planted meanwhile
+            check_real_dirs(d, self.root)
 
     def write(self, final: Path, payload: bytes) -> None:
+        final = Path(final)
         self.makedirs(final.parent)
+        check_owned(final)
         partial = partial_path(final)
+        identity = write_new(partial, payload, final)
         self.items.append((partial, final, len(payload), _sha256(payload)))
-        try:
-            with open(partial, "wb") as fh:
-                fh.write(payload)
-        except OSError as exc:  # a full disk sets no file name on the error: name it here
-            raise OutputError(f"{final}: cannot write ({exc.strerror or exc})") from None
+        self._identity[partial] = identity
+
+    def check_finals(self) -> None:
+        """Refuse before the first rename when any final name is a link or special file, or a
+        staged file is no longer the one written."""
+        for partial, final, _, _ in self.items:
+            check_owned(final)
+            commit_file_check(partial, self._identity.get(partial))
 
     def commit(self) -> list:
+        self.check_finals()
         for partial, final, _, _ in self.items:
-            os.replace(partial, final)
+            commit_file(partial, final, self._identity.get(partial))
         done = [final for _, final, _, _ in self.items]
         self.items = []
         self._made_dirs = []
@@ -178,6 +212,21 @@ class Staging:
         return False
 
 
+def commit_file_check(staged: Path, identity) -> None:
+    """Refuse when ``staged`` is no longer the file :func:`fastivim._atomic.write_new` wrote
+    (checked for every file before the first rename of a commit)."""
+    if identity is None:
+        return
+    try:
+        st = os.lstat(staged)
+        same = (st.st_dev, st.st_ino) == tuple(identity)
+    except OSError:
+        same = False
+    if not same:
+        raise OutputError(f"{staged}: the staged file was replaced or removed by another "
+                          f"process; nothing of this run was made visible")
+
+
 def check_writable(targets, overwrite: bool = False) -> None:
     """Refuse before any work if an output exists (without ``overwrite``) or cannot be written.
 
@@ -193,13 +242,15 @@ def check_writable(targets, overwrite: bool = False) -> None:
         created or written.
     """
     targets = [Path(t) for t in targets]
+    for t in targets:  # a link or special file is refused even with overwrite
+        check_owned(t)
     if not overwrite:
         for t in targets:
             if t.exists():
                 raise OutputError(f"{t}: output exists (use --overwrite to replace it)")
     for d in sorted({t.parent for t in targets}):
         p = d
-        while not p.exists():
+        while not os.path.lexists(p):
             p = p.parent
         if not p.is_dir():
             raise OutputError(f"{d}: cannot create output directory ({p} is not a directory)")
@@ -309,7 +360,7 @@ class OutputLock:
         import fcntl
 
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -334,6 +385,34 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
+
+    def _open(self) -> int:
+        """Open (or create) the lock file, never through a link, never a special file, never a
+        file with other hard links: the PID written into it must not land anywhere else."""
+        import stat
+
+        flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{self.path}: is a symbolic link; fastivim never writes "
+                                  f"through a link in its output folder (remove it)") from None
+            if exc.errno in (errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+                check_owned(self.path)
+            raise OutputError(f"{self.path}: cannot create the lock file "
+                              f"({exc.strerror or exc})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            if st.st_nlink != 1 and stat.S_ISREG(st.st_mode):
+                raise OutputError(f"{self.path}: the lock file has other hard links (another "
+                                  f"file's name); remove it")
+            check_owned(self.path)
+            raise OutputError(f"{self.path}: is not a regular file (remove it)")
+        os.set_blocking(fd, True)
+        return fd
 
     def release(self) -> None:
         if self._fd is None:
@@ -381,7 +460,7 @@ class LayoutWriter:
         self.layout = layout
         self.overwrite = overwrite
         self.lock = OutputLock(layout.folder / f".{layout.record.name}.lock")
-        self._staging = Staging()
+        self._staging = Staging(layout.root if layout.root is not None else layout.folder)
         self.committed = []
 
     def __enter__(self):
@@ -404,9 +483,13 @@ class LayoutWriter:
         return False
 
     def _remove_stale_partials(self) -> None:
-        """Partial files of this layout left by a killed run (SIGKILL, power loss)."""
+        """Partial files of this layout left by a killed run (SIGKILL, power loss); a link or
+        special file at one of these names (or at a final name) is refused."""
         for f in self.layout.owned_files():
-            partial_path(f).unlink(missing_ok=True)
+            check_owned(f)
+            p = partial_path(f)
+            check_owned(p)
+            p.unlink(missing_ok=True)
 
     def check(self, files) -> None:
         """Under the lock: refuse existing outputs unless overwriting (see
@@ -423,10 +506,23 @@ class LayoutWriter:
                 for _, final, size, digest in self._staging.items
                 if final.parent == self.layout.folder}
 
-    def commit(self, record: dict | None) -> list:
-        """Stage ``record`` (with the manifest) and make the run visible; return the files."""
+    def prepare(self, record: dict | None) -> None:
+        """Stage ``record`` (with the manifest) and check every name the commit will replace
+        or remove: after this only renames and unlinks are left."""
         if record is not None:
             self.stage(self.layout.record, json_bytes(dict(record, manifest=self.manifest())))
+        self._staging.check_finals()
+        for f in self.layout.owned_files():
+            check_owned(f)
+
+    def commit(self, record: dict | None = None, prepared: bool = False) -> list:
+        """Stage ``record`` (with the manifest) and make the run visible; return the files.
+
+        ``prepared``: :meth:`prepare` was called already (as when several layouts are staged
+        first and committed together, see :func:`fastivim.pipeline.write`).
+        """
+        if not prepared:
+            self.prepare(record)
         finals = {final for _, final, _, _ in self._staging.items}
         with deferred_signals():
             self.layout.record.unlink(missing_ok=True)  # from here the layout reads incomplete
@@ -448,8 +544,36 @@ def _cannot_write(exc: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
+def ensure_dataset_description(deriv_dir) -> bool:
+    """Create ``DERIV/dataset_description.json`` unless it exists; safe when many runs start at
+    once into a fresh derivatives folder (a unique staging name, then a link that fails if
+    another run got there first: see :func:`fastivim._atomic.create_once`). Returns True when
+    this call wrote it."""
+    deriv = Path(deriv_dir)
+    try:
+        deriv.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{deriv}: cannot create output directory ({exc.strerror or exc})"
+                          ) from None
+    return create_once(deriv / "dataset_description.json", json_bytes(dataset_description()))
+
+
+def stage_layout(result, writer: LayoutWriter, encoded, record=None, extra=()) -> None:
+    """Check, then stage every map and sidecar of ``result`` and the record into the writer's
+    layout (:meth:`LayoutWriter.prepare`); :meth:`LayoutWriter.commit` with ``prepared=True``
+    makes them visible."""
+    layout = writer.layout
+    writer.check(layout.map_files(maps_of(result)) + [layout.record])
+    for path, payload in extra:
+        writer.stage(path, payload)
+    for info, payload in encoded:
+        writer.stage(layout.map_file(info), payload)
+        writer.stage(layout.sidecar(info), json_bytes(sidecar(info, result)))
+    writer.prepare(record)
+
+
 def write_layout(result, layout: Layout, encoded, record=None, extra=(), overwrite=False,
-                 writer: LayoutWriter | None = None) -> list:
+                 writer: LayoutWriter | None = None, description_root=None) -> list:
     """Write every map and sidecar of ``result`` into ``layout``, then the record; all or
     nothing (see :class:`LayoutWriter`).
 
@@ -462,11 +586,14 @@ def write_layout(result, layout: Layout, encoded, record=None, extra=(), overwri
     record : dict, optional
         Written last as the layout's record, with the ``manifest`` of the files; None: none.
     extra : sequence of (Path, bytes)
-        Further files written first (e.g. ``dataset_description.json``).
+        Further files written first.
     overwrite : bool
         Replace an earlier run (otherwise an existing output is an :class:`OutputError`).
     writer : LayoutWriter, optional
         An open writer (locked earlier, e.g. for the whole run); default: one for this call.
+    description_root : Path, optional
+        BIDS derivatives folder whose ``dataset_description.json`` is created, if missing, just
+        before the commit (:func:`ensure_dataset_description`).
 
     Returns
     -------
@@ -475,14 +602,13 @@ def write_layout(result, layout: Layout, encoded, record=None, extra=(), overwri
     """
     if writer is None:
         with LayoutWriter(layout, overwrite) as w:
-            return write_layout(result, layout, encoded, record, extra, overwrite, writer=w)
-    writer.check(layout.map_files(maps_of(result)) + [layout.record])
-    for path, payload in extra:
-        writer.stage(path, payload)
-    for info, payload in encoded:
-        writer.stage(layout.map_file(info), payload)
-        writer.stage(layout.sidecar(info), json_bytes(sidecar(info, result)))
-    return writer.commit(record)
+            return write_layout(result, layout, encoded, record, extra, overwrite, writer=w,
+                                description_root=description_root)
+    stage_layout(result, writer, encoded, record, extra)
+    made = []
+    if description_root is not None and ensure_dataset_description(description_root):
+        made.append(Path(description_root) / "dataset_description.json")
+    return made + writer.commit(prepared=True)
 
 
 def save_maps(result, out_dir, reference_img=None, overwrite=False, record=None,
@@ -553,9 +679,8 @@ def export_bids(result, deriv_dir, subject, session=None, reference_img=None, ov
     layout = bids_layout(deriv_dir, subject, session)
     check_writable(layout.map_files(maps_of(result)) + [layout.record], overwrite)
     encoded = _encoded if _encoded is not None else encode_maps(result, reference_img)
-    desc = Path(deriv_dir) / "dataset_description.json"
-    extra = [] if desc.exists() else [(desc, json_bytes(dataset_description()))]
-    return write_layout(result, layout, encoded, record, extra, overwrite=overwrite)
+    return write_layout(result, layout, encoded, record, overwrite=overwrite,
+                        description_root=deriv_dir)
 
 
 def write_phantom(path, ph, voxel_size=(2.0, 2.0, 3.0), overwrite=False) -> list:
