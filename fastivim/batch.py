@@ -224,11 +224,20 @@ def record_path(series: Series, deriv_dir) -> Path:
     return _layout(series, deriv_dir).record
 
 
+def _bvecs_of(series: Series) -> Path | None:
+    """The ``<stem>.bvec`` beside the series' image, when there is one."""
+    from .io.read import bvec_sidecar
+
+    path = bvec_sidecar(series.dwi)
+    return path if path.is_file() else None
+
+
 def _series_options(series: Series, deriv_dir, options: RunOptions, threads=None) -> RunOptions:
-    """The options of ``fastivim run DWI --bids DERIV --subject S [--session T] [--mask M]``."""
+    """The options of ``fastivim run DWI --bids DERIV --subject S [--session T] [--mask M]
+    [--bvecs <stem>.bvec]`` (the b-vectors beside the image are recorded when present)."""
     return options.replace(bids=Path(deriv_dir), subject=series.subject, session=series.session,
                            mask=series.mask, no_mask=False, out_dir=None, overwrite=True,
-                           quiet=True, threads=threads)
+                           quiet=True, threads=threads, bvecs=_bvecs_of(series))
 
 
 def _reuse_key(series: Series, options: RunOptions) -> dict:
@@ -236,7 +245,7 @@ def _reuse_key(series: Series, options: RunOptions) -> dict:
     from .io import bval_sidecar
     from .pipeline import reuse_key
 
-    return reuse_key(options, series.dwi, bval_sidecar(series.dwi), None,
+    return reuse_key(options, series.dwi, bval_sidecar(series.dwi), _bvecs_of(series),
                      str(series.mask) if series.mask else "auto")
 
 

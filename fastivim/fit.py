@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .adc import ADC_COLUMNS, adc_columns
+from .compiling import watch_compiles
 from .kernels import bayes, ensure_fresh_cache
 from .kernels import status as st
 from .kernels.driver import chunk_count
@@ -30,7 +32,7 @@ METHODS = tuple(REGISTRY)
 B_THRESHOLD = FitOptions().b_threshold
 
 #: Maps summarised by :meth:`IVIMResult.summary` (run record, report, batch table).
-SUMMARY_MAPS = ("D", "D_star", "f", "S0", "r_squared")
+SUMMARY_MAPS = ("D", "D_star", "f", "S0", "r_squared", "ADC", "ADC_high")
 
 
 @dataclass
@@ -54,7 +56,10 @@ class IVIMResult:
     status : uint8 array
         Per-voxel code; meanings in :data:`fastivim.STATUS_MEANINGS`.
     method : str
-        ``"segmented"`` or ``"full"``.
+        The method that fitted the maps, a key of :data:`fastivim.METHODS`: ``"segmented"``
+        (two steps: D from the samples at or above ``b_threshold``, then S0, f and D_star with
+        D fixed), ``"full"`` (all four parameters together, from several starts) or
+        ``"bayesian"`` (grid empirical Bayes: posterior means, with SD maps).
     bounds : dict
         ``{name: (lower, upper)}`` actually used.
     b_values : float64 array (n_b,)
@@ -75,6 +80,14 @@ class IVIMResult:
         ``"ivim"`` (the bi-exponential model), or ``"simplified"``: then ``D_star`` and
         ``D_star_sd`` are None (the model has no D_star) and R²/RMSE cover the samples the
         model describes (b = 0 and b >= b_threshold).
+    ADC, ADC_high : float32 arrays or None
+        Apparent diffusion coefficients, mm²/s, from mono-exponential fits (log-linear least
+        squares, whatever the method): ``ADC`` over **all** b-values (the clinical ADC;
+        perfusion included, so above D in perfused tissue), ``ADC_high`` over the b-values
+        >= ``b_threshold`` (perfusion suppressed). NaN outside the mask and where a sample
+        used is not positive (see :mod:`fastivim.adc`). None when not computed
+        (``fit_voxels`` without ``adc=True``, ``fit_ivim(..., adc=False)``) and in results read
+        from outputs written before these maps existed.
     """
 
     D: np.ndarray
@@ -96,6 +109,8 @@ class IVIMResult:
     prior: str | None = None
     noise_sigma: float | None = None
     model: str = "ivim"
+    ADC: np.ndarray | None = None
+    ADC_high: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple:
@@ -313,7 +328,9 @@ def _as_kernel_matrix(Y: np.ndarray) -> np.ndarray:
     """A native-endian, C-contiguous float32/float64 view or copy of ``Y`` (n_vox, n_b).
 
     float32 and float64 pass through without a copy when already contiguous; small integers
-    become float32 (exact), anything wider becomes float64.
+    become float32 (exact), anything wider becomes float64. The kernels take float64 only (one
+    compile for every dtype): the methods convert a block of rows at a time
+    (:func:`fastivim.methods._blocks.float64_rows`), so float32 input is never doubled.
     """
     if Y.dtype.kind not in "fiub":
         raise ValueError(f"signal must be real numbers, got dtype {Y.dtype}")
@@ -326,24 +343,25 @@ def _as_kernel_matrix(Y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(Y, dtype=dtype)
 
 
-def load_kernel(dtype=np.float32) -> float:
-    """Compile, or load from numba's on-disk cache, the kernel for signals of ``dtype``.
+def load_kernel(method="segmented", model="ivim", uncertainty=False) -> float:
+    """Compile, or load from numba's on-disk cache, the kernels a fit with these options uses.
 
-    The first fit in a process pays this once per kernel dtype (float32 or float64; both
-    methods share one kernel): about 15–25 s to compile in a fresh checkout, a fraction of a
-    second to load from the cache afterwards. Calling it first keeps that cost out of fit
-    timings. Returns the seconds it took.
+    Each method (and the uncertainty and simplified-model options) has its own kernels, and one
+    compile serves every input dtype. A fresh cache folder compiles them (reported on the
+    ``fastivim.compile`` logger, see :mod:`fastivim.compiling`); later processes load them in a
+    fraction of a second. Calling it first keeps that cost out of fit timings. Returns the
+    seconds it took.
     """
+    from .compiling import compile_kernels, targets_for
 
     t0 = time.perf_counter()
-    probe = _as_kernel_matrix(np.ones((1, 4), dtype=dtype))
-    fit_voxels(probe, [0.0, 100.0, 200.0, 800.0], method="segmented")
+    compile_kernels(targets_for(method, model, uncertainty))
     return time.perf_counter() - t0
 
 
-def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD,
+def fit_voxels(Y, b_values, method="segmented", bounds=None, b_threshold=B_THRESHOLD,
                progress=False,
-               seed=0, uncertainty=False, model="ivim", *, _kernel="block"):
+               seed=0, uncertainty=False, model="ivim", *, adc=False, _kernel="block"):
     """Fit the IVIM model to every row of a voxel × b matrix (the kernel entry for pipelines).
 
     Parameters
@@ -352,8 +370,8 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD,
         Signal, one voxel per row. A C-contiguous float32/float64 array is used without a copy.
     b_values : array_like, shape (n_b,)
         b-values in s/mm², any order, repeats allowed; at least 4 distinct.
-    method : {"full", "segmented", "bayesian"}
-        See :func:`fit_ivim`.
+    method : {"segmented", "full", "bayesian"}, default "segmented"
+        The same default as :func:`fit_ivim` and ``fastivim run``; see :func:`fit_ivim`.
     bounds : dict, optional
         ``{"S0"|"f"|"D_star"|"D": (lower, upper)}`` over :data:`fastivim.DEFAULT_BOUNDS`.
     b_threshold : float
@@ -366,6 +384,10 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD,
         Also compute ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see :func:`fit_ivim`).
     model : {"ivim", "simplified"}
         See :func:`fit_ivim`.
+    adc : bool
+        Also the ``ADC`` and ``ADC_high`` maps (see :func:`fit_ivim`). Off by default here, the
+        kernel entry for pipelines: they cost about as much as a third of the segmented fit
+        (single-threaded NumPy).
     _kernel : {"block", "scalar"}
         Private: which compiled least-squares kernel runs (:data:`KERNELS`). Both give the same
         answers; the scalar one is the reference for the tests and the benchmark.
@@ -379,12 +401,12 @@ def fit_voxels(Y, b_values, method="full", bounds=None, b_threshold=B_THRESHOLD,
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
     return _fit(Y, None, b_values, method, bounds, b_threshold, progress, (Y.shape[0],), seed,
-                uncertainty, model, _kernel, volume=False)
+                uncertainty, model, _kernel, volume=False, adc=adc)
 
 
 def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
              b_threshold=B_THRESHOLD, progress=False, seed=0, uncertainty=False, model="ivim",
-             voxel_sizes=None):
+             voxel_sizes=None, adc=True):
     """Fit the IVIM model voxel by voxel.
 
     ``S(b) = S0 * (f * exp(-b * D_star) + (1 - f) * exp(-b * D))``
@@ -395,11 +417,16 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         Diffusion-weighted signal, b-values along the last axis; any real dtype.
     b_values : array_like, shape (n_b,)
         b-values in s/mm², any order, repeats allowed; at least 4 distinct.
-    mask : array_like of bool, shape signal.shape[:-1], optional
-        Voxels to fit; None fits every voxel.
-    method : {"segmented", "full", "bayesian", "spatial"}
-        Two-step fit with D from the high-b samples, all four parameters together (both least
-        squares), or grid empirical Bayes: a prior over (D, D_star, f) learned from the
+    mask : array_like of bool, shape signal.shape[:-1], "auto", or None
+        Voxels to fit. ``"auto"``: ``fastivim run``'s automatic mask (voxels whose lowest-b
+        signal exceeds 0.1 × the 99th percentile of the lowest-b image, see
+        :func:`fastivim.masking.auto_mask`), which leaves out the background. None (the
+        default) fits every voxel, background included: maps hold noise fits there and the
+        fit takes longer. Non-zero voxels of an array are in, NaN is out.
+    method : {"segmented", "full", "bayesian", "spatial"}, default "segmented"
+        The same default as ``fastivim run`` and :func:`fit_voxels`. Two-step fit with D from
+        the high-b samples, all four parameters together (both least squares), or grid
+        empirical Bayes: a prior over (D, D_star, f) learned from the
         volume by EM on a subsample, then each voxel's posterior mean as the map and its
         posterior SD as ``D_sd``, ``D_star_sd``, ``f_sd``, ``S0_sd`` (see
         :mod:`fastivim.kernels.bayes`). With fewer than ``MIN_EM_VOXELS`` usable voxels the
@@ -435,6 +462,10 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         None: 1 mm isotropic. The neighbourhood is a radius in mm, so anisotropic voxels
         (1.5 x 1.5 x 4 mm) reach fewer neighbours through-plane than in-plane.
 
+    adc : bool
+        Also the mono-exponential ``ADC`` (over all b-values) and ``ADC_high`` (over b >=
+        b_threshold) maps (see :mod:`fastivim.adc`); on by default.
+
     Returns
     -------
     IVIMResult
@@ -444,6 +475,12 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
     if signal.ndim < 1:
         raise ValueError("signal must have at least one axis (the b-values)")
     spatial = signal.shape[:-1]
+    if isinstance(mask, str):
+        if mask != "auto":
+            raise ValueError(f"mask must be an array, None or 'auto', got {mask!r}")
+        from .masking import auto_mask
+
+        mask, _ = auto_mask(signal, validate_b_values(b_values, signal.shape[-1], model))
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != spatial:
@@ -451,11 +488,12 @@ def fit_ivim(signal, b_values, mask=None, method="segmented", bounds=None,
         # any non-zero voxel is in; NaN is out (as for mask files read by fastivim.io)
         mask = np.nan_to_num(mask, nan=0.0) != 0 if mask.dtype.kind == "f" else mask.astype(bool)
     return _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed,
-                uncertainty, model, voxel_sizes=voxel_sizes)
+                uncertainty, model, voxel_sizes=voxel_sizes, adc=adc)
 
 
 def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial, seed=0,
-         uncertainty=False, model="ivim", kernel="block", volume=True, voxel_sizes=None):
+         uncertainty=False, model="ivim", kernel="block", volume=True, voxel_sizes=None,
+         adc=True):
     """Validate, flatten, run the registered method, and build the result.
 
     ``volume`` is False for :func:`fit_voxels` (rows without geometry): then a method that
@@ -480,10 +518,14 @@ def _fit(signal, mask, b_values, method, bounds, b_threshold, progress, spatial,
     else:
         Y = _as_kernel_matrix(signal[mask])
     ensure_fresh_cache()  # before any cached kernel (least squares, simplified, Bayesian) loads
+    watch_compiles()  # a kernel that compiles says so
     run = simplified_model.run if opts.model == "simplified" else estimator.run
     out, status, sd, extra = run(Y, request)
     maps = _unflatten(_columns_inside_bounds(out, request.bounds, status), OUTPUT_COLUMNS, mask,
                       spatial)
+    if adc:
+        maps.update(_unflatten(adc_columns(Y, b, request.b_threshold), ADC_COLUMNS, mask,
+                               spatial))
     if sd is not None:
         sd[status == st.NUMERICAL_FAILURE] = np.nan  # rows the split found overflowed
         maps.update(_unflatten(_columns_inside_bounds(sd, None, status), bayes.SD_COLUMNS, mask,

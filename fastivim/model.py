@@ -239,6 +239,9 @@ class MapInfo:
         The models (:data:`MODELS`) whose fits have this map; absent for the others.
     optional : bool
         Only present when the fit was asked for it (e.g. an uncertainty map).
+    newer : bool
+        Written by every fit, but absent from outputs of versions before it existed: readers
+        take a missing file as an absent map (e.g. the ADC maps).
     """
 
     name: str
@@ -250,6 +253,7 @@ class MapInfo:
     display: Display | None = None
     models: tuple = MODELS
     optional: bool = False
+    newer: bool = False
 
     def produced_by(self, model: str = "ivim") -> bool:
         """Whether a fit of ``model`` has this map."""
@@ -268,6 +272,16 @@ MAPS = (
             Display("f", "fraction", 1.0, 0.0, 0.5, "cividis")),
     MapInfo("S0", "S0", "float32", "arbitrary", "fitted signal at b = 0, in the input's units",
             "S0", Display("S0", "input units", 1.0, 0.0, None, "gray")),
+    # mono-exponential ADCs beside the IVIM maps (fastivim.adc), from every fit
+    MapInfo("ADC", "ADC", "float32", "mm^2/s",
+            "apparent diffusion coefficient: mono-exponential (log-linear least squares) fit "
+            "over all b-values, b = 0 included (the clinical ADC; perfusion included)", "ADC",
+            Display("ADC", "×10⁻³ mm²/s", 1e3, 0.0, 3.0, "viridis"), newer=True),
+    MapInfo("ADC_high", "ADC_high", "float32", "mm^2/s",
+            "apparent diffusion coefficient over the b-values >= b_threshold only "
+            "(mono-exponential, perfusion suppressed)", "ADChigh",
+            Display("ADC (b ≥ threshold)", "×10⁻³ mm²/s", 1e3, 0.0, 3.0, "viridis"),
+            newer=True),
     MapInfo("R2", "r_squared", "float32", "none", "coefficient of determination of the fit", "R2",
             Display("R²", "unitless", 1.0, 0.5, 1.0, "YlGnBu_r")),
     MapInfo("RMSE", "rmse", "float32", "arbitrary",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .compiling import compile_notes
 from .fit import fit_ivim, load_kernel
 from .io.layout import Layout, bids_layout, plain_layout, source_entities
 from .io.read import (
@@ -51,14 +51,6 @@ from .options import RunOptions, check_threads
 
 #: A progress bar is shown only when at least this many voxels are fitted.
 PROGRESS_MIN_VOXELS = 1 << 16
-
-#: Loading the kernel from numba's disk cache takes well under a second; when it takes longer
-#: than this (s), numba is compiling it and the user is told why the run is silent.
-COMPILE_NOTE_AFTER = 1.0
-
-#: The note given then.
-COMPILE_NOTE = ("compiling the fitting kernel once, about 20 s (later runs start in under a "
-                "second)")
 
 
 @dataclass
@@ -130,18 +122,14 @@ def resolve_inputs(dwi, options: RunOptions, note=None) -> Inputs:
     return Inputs(d, load_mask(mode, d.img), str(Path(mode).absolute()))
 
 
-def load_kernel_noting(dtype, note=None) -> float:
-    """:func:`fastivim.fit.load_kernel`, with :data:`COMPILE_NOTE` sent to ``note`` when it
-    takes longer than :data:`COMPILE_NOTE_AFTER` (a first run compiles). Returns seconds."""
-    if note is None:
-        return load_kernel(dtype)
-    timer = threading.Timer(COMPILE_NOTE_AFTER, note, args=(COMPILE_NOTE,))
-    timer.daemon = True
-    timer.start()
-    try:
-        return load_kernel(dtype)
-    finally:
-        timer.cancel()
+def load_kernel_noting(fit, note=None) -> float:
+    """:func:`fastivim.fit.load_kernel` for the fit options ``fit``, with every compile it
+    causes reported to ``note`` (what, once per machine, the measured seconds: see
+    :mod:`fastivim.compiling`); None reports nowhere. Returns seconds."""
+    t0 = time.perf_counter()
+    with compile_notes(note):
+        load_kernel(fit.method, fit.model, fit.uncertainty)
+    return time.perf_counter() - t0
 
 
 def reuse_key(options: RunOptions, dwi, bvals=None, bvecs=None, mask_source="auto") -> dict:
@@ -306,14 +294,17 @@ def run(dwi, options: RunOptions, *, command=None, note=None) -> dict:
         t_inputs = time.perf_counter()
         # the compiled kernel's one-off load (or first compile) is timed on its own, so "fit"
         # measures fitting
-        t_load = load_kernel_noting(inputs.dwi.data.dtype, note)
+        t_load = load_kernel_noting(options.fit, note)
         t_fit0 = time.perf_counter()
         fit = options.fit
-        result = fit_ivim(inputs.dwi.data, inputs.dwi.b_values, mask=inputs.mask,
-                          method=fit.method, bounds=fit.bounds, b_threshold=fit.b_threshold,
-                          model=fit.model, uncertainty=fit.uncertainty, seed=fit.seed,
-                          progress=not options.quiet and inputs.n_fit >= PROGRESS_MIN_VOXELS,
-                          voxel_sizes=voxel_sizes(inputs.dwi.img))
+        with compile_notes(note):  # nothing should compile here: load_kernel did
+            result = fit_ivim(inputs.dwi.data, inputs.dwi.b_values, mask=inputs.mask,
+                              method=fit.method, bounds=fit.bounds,
+                              b_threshold=fit.b_threshold, model=fit.model,
+                              uncertainty=fit.uncertainty, seed=fit.seed,
+                              progress=not options.quiet
+                              and inputs.n_fit >= PROGRESS_MIN_VOXELS,
+                              voxel_sizes=voxel_sizes(inputs.dwi.img))
         t_fit = time.perf_counter()
         timings = {"read": inputs.dwi.read_seconds,
                    "mask": t_inputs - t_start - inputs.dwi.read_seconds,

@@ -63,9 +63,6 @@ N_SLICES = 4
 #: Sample voxels drawn by :func:`plot_decay` when none are given.
 N_VOXELS = 6
 
-
-_INSTALL_HINT = "the report needs matplotlib: pip install fastivim[report]"
-
 _BAD_COLOUR = "black"
 _QUALITY_COLOURS = ("#000000", "#e66101", "#1b9e77")  # not fitted, failed, passed
 _QUALITY_LABELS = ("not fitted", "failed", "passed")
@@ -92,6 +89,11 @@ def map_rows(result) -> tuple:
 
 # ------------------------------------------------------------------------------ matplotlib
 
+def _one_line_cause(exc) -> str:
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__
+
+
 def _mpl():
     """Import what the figures need, or raise ImportError with the install hint."""
     try:
@@ -100,7 +102,8 @@ def _mpl():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(f"{_INSTALL_HINT} ({exc})") from None
+        raise ImportError(f"the report needs matplotlib ({_one_line_cause(exc)}): "
+                          f"pip install fastivim[report]") from None
     return matplotlib, Figure, FigureCanvasAgg, colors, ticker
 
 

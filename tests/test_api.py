@@ -41,10 +41,21 @@ def test_result_shapes_dtypes_and_attributes(shape, method):
     assert sum(res.status_counts().values()) == int(np.prod(shape))
 
 
-def test_default_method_is_segmented_and_fit_voxels_default_full():
+def test_one_default_method_for_both_entry_points():
+    """fit_ivim and fit_voxels default to the CLI's method and give the same maps for the same
+    voxels; both docstrings say which."""
+    from fastivim.options import RunOptions
+
     ph = fastivim.simulate.phantom((6,), snr=40, seed=1)
-    assert fastivim.fit_ivim(ph.signal, ph.b_values).method == "segmented"
-    assert fastivim.fit_voxels(ph.signal, ph.b_values).method == "full"
+    default = RunOptions().fit.method
+    assert default == "segmented"
+    a = fastivim.fit_ivim(ph.signal, ph.b_values)
+    b = fastivim.fit_voxels(ph.signal, ph.b_values)
+    assert a.method == b.method == default
+    for name in ("S0", "f", "D_star", "D"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for fn in (fastivim.fit_ivim, fastivim.fit_voxels):
+        assert f'default "{default}"' in fn.__doc__, fn.__name__
 
 
 @pytest.mark.parametrize("method", ["segmented", "full"])
@@ -152,3 +163,28 @@ def test_progress_bar_gives_same_result(capsys):
     loud = fastivim.fit_ivim(ph.signal, ph.b_values, method="full", progress=True)
     for name in MAPS:
         np.testing.assert_array_equal(getattr(quiet, name), getattr(loud, name), name)
+
+
+def test_mask_auto_is_the_command_lines_mask():
+    """fit_ivim(signal, b, mask="auto") fits the voxels fastivim run fits (io.auto_mask), not
+    the background; the docstring says what None does."""
+    from fastivim.masking import auto_mask
+
+    ph = fastivim.simulate.phantom((12, 10, 2), snr=30, seed=6)
+    want, _ = auto_mask(ph.signal, ph.b_values)
+    assert 0 < want.sum() < want.size  # the phantom has background
+    res = fastivim.fit_ivim(ph.signal, ph.b_values, mask="auto")
+    assert np.array_equal(res.status != status.OUTSIDE_MASK, want)
+    every = fastivim.fit_ivim(ph.signal, ph.b_values)
+    assert (every.status != status.OUTSIDE_MASK).all()
+    with pytest.raises(ValueError, match="mask must be an array, None or 'auto'"):
+        fastivim.fit_ivim(ph.signal, ph.b_values, mask="otsu")
+    doc = " ".join(fastivim.fit_ivim.__doc__.split())
+    assert "None (the default) fits every voxel, background included" in doc
+    assert '"auto"' in doc
+
+
+def test_ivim_result_docstring_lists_every_method():
+    doc = fastivim.IVIMResult.__doc__
+    for name in fastivim.METHODS:
+        assert f'``"{name}"``' in doc, name

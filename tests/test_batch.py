@@ -270,6 +270,36 @@ def test_edited_bvals_are_refitted_not_reused(tmp_path):
     assert rec["inputs"]["bvals"] == io.file_fingerprint(bval)
 
 
+def test_the_bvec_beside_each_image_is_picked_up(tmp_path):
+    """A BIDS series' ``<stem>.bvec`` is read and recorded like ``fastivim run --bvecs``; an
+    edited .bvec means a refit, and a series without one still runs."""
+    root = tmp_path / "bids"
+    dwi = root / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    ph = phantom(SHAPE, snr=40, seed=2)
+    io.write_phantom(dwi, ph)
+    other = root / "sub-02" / "dwi" / "sub-02_dwi.nii.gz"
+    io.write_phantom(other, ph)
+    n_b = ph.b_values.size
+    vecs = np.zeros((3, n_b))
+    vecs[0, ph.b_values > 0] = 1.0
+    bvec = dwi.with_name("sub-01_dwi.bvec")
+    bvec.write_text("\n".join(" ".join(f"{v:g}" for v in row) for row in vecs) + "\n")
+    deriv = tmp_path / "deriv"
+    first = batch.run_batch(root, deriv)
+    assert first.fitted == 2
+    recs = {s.subject: json.loads(batch.record_path(s, deriv).read_text())
+            for s in batch.find_series(root)}
+    assert recs["01"]["bvecs_source"] == str(bvec)
+    assert np.array_equal(np.asarray(recs["01"]["bvecs"]), vecs.T) or np.array_equal(
+        np.asarray(recs["01"]["bvecs"]), vecs)
+    assert recs["01"]["inputs"]["bvecs"] == io.file_fingerprint(bvec)
+    assert recs["02"]["bvecs_source"] is None
+    vecs[1, ph.b_values > 0] = 1e-3
+    bvec.write_text("\n".join(" ".join(f"{v:g}" for v in row) for row in vecs) + "\n")
+    again = batch.run_batch(root, deriv)
+    assert again.fitted == 1 and again.reused == 1
+
+
 def test_broken_symlink_dwi_is_reported_not_skipped(tmp_path):
     """A DWI that is a dangling link appears in the table as failed, with the reason."""
     root = tmp_path / "bids"

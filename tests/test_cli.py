@@ -298,22 +298,43 @@ def test_real_subprocess(work):
 # ------------------------------------------------------------------------------- first touch
 
 def test_first_compile_is_announced_on_stderr_but_not_under_quiet(work, monkeypatch):
+    """What the compile watcher reports (fastivim.compile logger) reaches stderr as notes,
+    outside the fit's timing and the voxels/s figure; nothing under -q."""
     import time
 
-    from fastivim import pipeline
+    from fastivim import compiling, pipeline
 
-    monkeypatch.setattr(pipeline, "COMPILE_NOTE_AFTER", 0.05)
     real = pipeline.load_kernel
-    monkeypatch.setattr(pipeline, "load_kernel", lambda dtype: time.sleep(0.4) or real(dtype))
+
+    def compiling_load(*args):
+        compiling._say("compiling the segmented method's fitting kernel for this machine, once")
+        time.sleep(0.3)
+        compiling._say("compiled the segmented method's fitting kernel in 0.3 s")
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "load_kernel", compiling_load)
     r = invoke("run", "dwi.nii.gz")
     assert r.exit_code == 0, r.output
-    assert "fastivim: compiling the fitting kernel once, about 20 s" in r.stderr
+    assert "fastivim: compiling the segmented method's fitting kernel for this machine, once" \
+        in r.stderr
+    assert "fastivim: compiled the segmented method's fitting kernel in 0.3 s" in r.stderr
     assert "compiling" not in r.stdout
+    rec = json.loads((work / "dwi_ivim" / "fastivim.json").read_text())
+    assert rec["timings"]["load_kernel"] >= 0.3 > rec["timings"]["fit"]
     r = invoke("run", "dwi.nii.gz", "--overwrite", "-q")
     assert r.exit_code == 0 and r.stderr == ""
     monkeypatch.setattr(pipeline, "load_kernel", real)  # a cached kernel: no note
     r = invoke("run", "dwi.nii.gz", "--overwrite")
-    assert r.exit_code == 0 and "compiling" not in r.stderr
+    assert r.exit_code == 0 and "fastivim: compil" not in r.stderr
+
+
+def test_simplified_run_header_names_the_model(work):
+    r = invoke("run", "dwi.nii.gz", "--model", "simplified", "-q")
+    assert r.exit_code == 0, r.output
+    first = r.stdout.splitlines()[0]
+    assert "segmented fit of the simplified model of dwi.nii.gz" in first
+    r = invoke("run", "dwi.nii.gz", "--overwrite", "-q")
+    assert "simplified" not in r.stdout.splitlines()[0]
 
 
 def test_bids_run_writes_the_batch_record_and_takes_prefixed_labels(work, monkeypatch):

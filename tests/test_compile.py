@@ -1,6 +1,7 @@
 """The voxel-loop kernels really compile in parallel (numba-stats ``test_njit`` style).
 
-Both kernels are checked: the block kernel and the scalar reference. A kernel that declares
+Every least-squares kernel is checked: the block kernel of each method (one compiled kernel per
+method, so that a run compiles only its own) and the scalar reference. A kernel that declares
 ``parallel=True`` but whose ``prange`` loop cannot be turned into a parfor silently runs
 serially; numba only says so through a ``NumbaPerformanceWarning``. These tests recompile the
 kernel from its Python source without the on-disk cache (a cached load would not warn), with
@@ -19,17 +20,21 @@ import pytest
 import fastivim
 import fastivim.methods.least_squares as least_squares
 from fastivim.kernels import block, driver
+from fastivim.kernels.tables import METHOD_FULL, METHOD_SEGMENTED
 
 pytestmark = pytest.mark.jit_only
 
-#: kernel name -> (attribute of fastivim.methods.least_squares that runs it, its dispatcher)
-KERNELS = {"block": ("fit_volume_block", block.fit_volume_block),
-           "scalar": ("fit_volume", driver.fit_volume)}
+#: kernel name -> its dispatcher
+KERNELS = {"block-segmented": block.fit_segmented_blocks, "block-full": block.fit_full_blocks,
+           "scalar": driver.fit_volume}
+
+#: the kernel that fits each method on the block path
+BLOCK_OF = {"segmented": "block-segmented", "full": "block-full"}
 
 
-def _fresh(parallel: bool, kernel="block"):
+def _fresh(parallel: bool, kernel):
     """A cache-free recompilation of a kernel with the project's options."""
-    dispatcher = KERNELS[kernel][1]
+    dispatcher = KERNELS[kernel]
     opts = {k: v for k, v in dispatcher.targetoptions.items() if k != "nopython"}
     opts["parallel"] = parallel
     return numba.njit(cache=False, **opts)(dispatcher.py_func)
@@ -41,18 +46,29 @@ N_THREADED = max(least_squares.SERIAL_BELOW + 1, 2500) if not os.environ.get(
     "NUMBA_DISABLE_JIT") == "1" else 64
 
 
-def _fit_with(monkeypatch, compiled, method, kernel="block"):
-    monkeypatch.setattr(least_squares, KERNELS[kernel][0], compiled)
+def _fit_with(monkeypatch, compiled, method, kernel):
+    if kernel == "scalar":
+        monkeypatch.setattr(least_squares, "fit_volume", compiled)
+    else:
+        code = METHOD_FULL if kernel == "block-full" else METHOD_SEGMENTED
+        monkeypatch.setitem(block.BLOCK_KERNELS, code, compiled)
     ph = fastivim.simulate.phantom((N_THREADED,), snr=None, seed=3)
     return fastivim.fit_voxels(ph.signal.astype(np.float64), ph.b_values, method=method,
-                               _kernel=kernel)
+                               _kernel="scalar" if kernel == "scalar" else "block")
+
+
+def test_the_api_calls_these_kernels():
+    """fit_voxels reaches exactly these dispatchers: one block kernel per method, the scalar
+    reference through ``_kernel="scalar"``."""
+    assert least_squares.fit_volume is driver.fit_volume
+    assert block.BLOCK_KERNELS == {METHOD_FULL: block.fit_full_blocks,
+                                   METHOD_SEGMENTED: block.fit_segmented_blocks}
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_kernel_declares_parallel(kernel):
     """The dispatcher that the API calls was built with parallel=True and an on-disk cache."""
-    name, dispatcher = KERNELS[kernel]
-    assert getattr(least_squares, name) is dispatcher
+    dispatcher = KERNELS[kernel]
     assert dispatcher.targetoptions["parallel"] is True
     assert dispatcher._cache.__class__.__name__ != "NullCache"
     flags = dispatcher.targetoptions["fastmath"]
@@ -61,8 +77,9 @@ def test_kernel_declares_parallel(kernel):
     assert not {"nnan", "ninf", "fast"} & set(flags)
 
 
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
-@pytest.mark.parametrize("method", ["full", "segmented"])
+@pytest.mark.parametrize("kernel,method", [("block-segmented", "segmented"),
+                                           ("block-full", "full"), ("scalar", "segmented"),
+                                           ("scalar", "full")])
 def test_parallel_compiles_without_fallback(monkeypatch, method, kernel):
     """Warnings as errors: no NumbaPerformanceWarning / NumbaParallelSafetyWarning, >= 1 parfor."""
     compiled = _fresh(parallel=True, kernel=kernel)
@@ -80,8 +97,9 @@ def test_parallel_compiles_without_fallback(monkeypatch, method, kernel):
 @pytest.mark.parametrize("method", ["full", "segmented"])
 def test_parallel_equals_serial(monkeypatch, method):
     """Voxels are independent: the parallel and serial builds agree voxel by voxel."""
-    serial = _fit_with(monkeypatch, _fresh(parallel=False), method)
-    parallel = _fit_with(monkeypatch, _fresh(parallel=True), method)
+    kernel = BLOCK_OF[method]
+    serial = _fit_with(monkeypatch, _fresh(parallel=False, kernel=kernel), method, kernel)
+    parallel = _fit_with(monkeypatch, _fresh(parallel=True, kernel=kernel), method, kernel)
     np.testing.assert_array_equal(serial.status, parallel.status)
     for name in ("S0", "f", "D_star", "D"):
         np.testing.assert_allclose(getattr(parallel, name), getattr(serial, name), rtol=1e-5,

@@ -184,7 +184,10 @@ def test_save_maps_overlays_input_exactly(dwi_file, tmp_path):
         want = getattr(res, spec.attr).astype(spec.dtype)
         np.testing.assert_array_equal(got, want)
         side = json.loads((tmp_path / "maps" / f"{spec.name}.json").read_text())
-        assert side["Units"] == spec.units and side["FittingMethod"] == "full"
+        assert side["Units"] == spec.units
+        # the ADC maps are mono-exponential fits whatever the IVIM method
+        assert side["FittingMethod"] == ("full" if not spec.name.startswith("ADC") else
+                                         "log-linear least squares (mono-exponential)")
     assert json.loads((tmp_path / "maps" / "D.json").read_text())["Units"] == "mm^2/s"
     assert json.loads((tmp_path / "maps" / "f.json").read_text())["Units"] == "none"
     assert "6" in json.loads((tmp_path / "maps" / "status.json").read_text())["Levels"]
@@ -249,7 +252,8 @@ def test_export_bids(dwi_file, tmp_path):
     files = io.export_bids(res, deriv, "01", session="pre", reference_img=d.img)
     dwi_dir = deriv / "sub-01" / "ses-pre" / "dwi"
     expected = {f"sub-01_ses-pre_model-ivim_{s}.{ext}"
-                for s in ("D", "Dstar", "f", "S0", "R2", "RMSE", "qualitymask", "status")
+                for s in ("D", "Dstar", "f", "S0", "ADC", "ADChigh", "R2", "RMSE", "qualitymask",
+                          "status")
                 for ext in ("nii.gz", "json")}
     assert {p.name for p in dwi_dir.iterdir()} == expected
     desc = json.loads((deriv / "dataset_description.json").read_text())

@@ -232,7 +232,7 @@ def test_make_report(fitted, tmp_path):
 
 def test_make_report_without_signal_and_for_a_voxel_list(tmp_path):
     ph = phantom(30, snr=40, seed=2)
-    res = fastivim.fit_voxels(ph.signal, ph.b_values)
+    res = fastivim.fit_voxels(ph.signal, ph.b_values, method="full")
     out = report.make_report(res, None, None, tmp_path)
     page = out.read_text(encoding="utf-8")
     assert "Not drawn: maps need 2 or 3" in page and "Not drawn: the signal" in page
@@ -313,6 +313,11 @@ def test_missing_matplotlib(fitted, run_dir, monkeypatch):
     assert not (run_dir / "qc").exists()
     r = CliRunner().invoke(cli.main, ["report", "out"])
     assert r.exit_code == 1 and "pip install fastivim[report]" in r.output
+    # one clean line: what is missing, why, and the one install command
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: the report needs matplotlib (")
+    assert lines[0].count("pip install") == 1 and lines[0].count("needs") == 1
     assert not (run_dir / "out" / "report.html").exists()
     # what needs no drawing still works
     assert report.summary(res)["voxels"]["quality"] == int(res.quality_mask.sum())

@@ -3,4 +3,4 @@
 from .main import main
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="fastivim")

@@ -1,7 +1,8 @@
 """The ``fastivim`` command group: version, help, the exact command line, interrupts.
 
 Commands live one per module (:mod:`fastivim.cli.run`, ``report``, ``dump_defaults``,
-``simulate``, ``demo``, ``batch``) and only parse options, call the library and print.
+``simulate``, ``demo``, ``batch``, ``compile``) and only parse options, call the library and
+print.
 Ctrl-C ends a command with exit status 130 and SIGTERM with 143, after the same clean-up (the
 library's ``finally`` blocks run: staged files are removed, a batch writes its summary).
 """
@@ -16,6 +17,7 @@ import click
 
 from .. import __version__
 from . import batch, demo, dump_defaults, report, run, simulate
+from . import compile as compile_cmd
 
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -93,5 +95,5 @@ def main():
     """
 
 
-for _module in (run, dump_defaults, simulate, demo, report, batch):
+for _module in (run, compile_cmd, dump_defaults, simulate, demo, report, batch):
     main.add_command(_module.command)

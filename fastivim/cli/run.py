@@ -104,12 +104,16 @@ def summary_table(record: dict, name: str, where) -> str:
     shape = "×".join(map(str, record["input_shape"]))
     pct = 100.0 * vox["quality"] / vox["fitted"] if vox["fitted"] else 0.0
     wall = t["total"]
+    load = t.get("load_kernel", 0.0)
+    model = record.get("model", "ivim")
+    what = record["method"] + (f" fit of the {model} model" if model != "ivim" else " fit")
     lines = [
-        f"fastivim {record['version']}: {record['method']} fit of {name} ({shape}) -> {where}",
+        f"fastivim {record['version']}: {what} of {name} ({shape}) -> {where}",
         f"  {'':<22}{'median':>10}  IQR (25% – 75%)",
     ]
     for key, label, scale in (("D", "D      [1e-3 mm²/s]", 1e3),
-                              ("D_star", "D_star [1e-3 mm²/s]", 1e3), ("f", "f", 1.0)):
+                              ("D_star", "D_star [1e-3 mm²/s]", 1e3), ("f", "f", 1.0),
+                              ("ADC", "ADC    [1e-3 mm²/s]", 1e3)):
         if key in s:  # a map absent for the model is left out
             lines.append(f"  {label:<22}{_fmt_range(s[key], scale)}")
     lines += [
@@ -117,9 +121,9 @@ def summary_table(record: dict, name: str, where) -> str:
         f"{record['mask_source'].split(':')[0]})",
         f"  passing quality      {vox['quality']:,} ({pct:.1f}%)",
         f"  wall time            {wall:.2f} s (read {t['read']:.2f}, load kernel "
-        f"{t.get('load_kernel', 0.0):.2f}, fit {t['fit']:.2f}, write {t['write']:.2f}); "
-        f"{vox['fitted'] / max(wall, 1e-9):,.0f} voxels/s ({t['voxels_per_second']:,.0f} in "
-        f"the fit)",
+        f"{load:.2f}, fit {t['fit']:.2f}, write {t['write']:.2f}); "
+        f"{vox['fitted'] / max(wall - load, 1e-9):,.0f} voxels/s without the kernel load "
+        f"({t['voxels_per_second']:,.0f} in the fit)",
     ]
     return "\n".join(lines)
 
@@ -132,8 +136,9 @@ def write_report(target):
 
         made = report.report_from_output(target)
     except ImportError as exc:
-        raise click.ClickException(
-            f"the report needs fastivim.report and matplotlib ({one_line(exc)}): "
-            f"pip install fastivim[report]") from None
+        text = one_line(exc)
+        if "pip install fastivim[report]" not in text:  # not matplotlib's own hint
+            text = f"the report could not be drawn ({text}): pip install fastivim[report]"
+        raise click.ClickException(text) from None
     if made is not None:
         click.echo(f"report: {made}")

@@ -144,7 +144,7 @@ def osipi_algorithm(OsipiBase, method, name, module=None):
         """Fit every voxel of ``data`` (..., n_b) in one call; return maps ``f``, ``Dp``,
         ``D`` (float64, ``data.shape[:-1]``; NaN where a voxel could not be fitted)."""
         b, options = self._options(bvalues)
-        res = fit_ivim(normalise(data, b), b, **options)
+        res = fit_ivim(normalise(data, b), b, adc=False, **options)  # f, Dp, D only
         return {"f": res.f.astype(np.float64), "Dp": res.D_star.astype(np.float64),
                 "D": res.D.astype(np.float64)}
 

@@ -19,14 +19,13 @@ import numpy as np
 from .._atomic import one_line as _one_line
 from .._atomic import open_regular, parse_number, read_small_text
 from ..fit import check_fit_sampling, validate_b_values
-from ..options import RunOptions
+from ..masking import (  # noqa: F401  (re-exported: io's public names)
+    AUTO_MASK_PERCENTILE,
+    MASK_FRACTION,
+    auto_mask,
+    lowest_b_image,
+)
 from .checks import InputError, check_bvecs, check_nifti
-
-#: Automatic mask: fraction of this percentile of the lowest-b image (see :func:`auto_mask`).
-AUTO_MASK_PERCENTILE = 99.0
-
-#: Default fraction of the automatic mask (``RunOptions.mask_fraction``).
-MASK_FRACTION = RunOptions().mask_fraction
 
 
 @dataclass
@@ -83,6 +82,12 @@ def bval_sidecar(path) -> Path:
     """The BIDS b-value file that belongs beside an image: ``<stem>.bval``."""
     path = Path(path)
     return path.with_name(image_stem(path) + ".bval")
+
+
+def bvec_sidecar(path) -> Path:
+    """The BIDS b-vector file that belongs beside an image: ``<stem>.bvec``."""
+    path = Path(path)
+    return path.with_name(image_stem(path) + ".bvec")
 
 
 def _check_readable_file(path: Path, what: str) -> None:
@@ -299,44 +304,6 @@ def load_dwi(path, bvals=None, bvecs=None, model="ivim", fit=None) -> DWI:
                read_seconds=time.perf_counter() - t0)
 
 
-def lowest_b_image(data, b_values) -> np.ndarray:
-    """Mean of the volumes at the lowest b-value, float32 (X, Y, Z)."""
-    b = np.asarray(b_values)
-    idx = np.flatnonzero(b == b.min())
-    return np.mean(np.asarray(data)[..., idx], axis=-1, dtype=np.float32)
-
-
-def auto_mask(data, b_values, fraction: float = MASK_FRACTION) -> tuple[np.ndarray, float]:
-    """Automatic mask from the lowest-b (b = 0) image.
-
-    A voxel is in when its lowest-b signal exceeds ``fraction`` × the 99th percentile of the
-    lowest-b image (a robust maximum, so a few hot voxels do not move it). This drops the
-    noise-only background, which a plain low-percentile cut keeps when it fills much of the
-    field of view.
-
-    Parameters
-    ----------
-    data : array, shape (X, Y, Z, n_b)
-    b_values : array (n_b,)
-        s/mm².
-    fraction : float
-        In [0, 1); 0 keeps every voxel with positive signal.
-
-    Returns
-    -------
-    mask : bool array (X, Y, Z)
-    threshold : float
-        The lowest-b signal level used, in the input's units.
-    """
-    b0 = lowest_b_image(data, b_values)
-    finite = np.isfinite(b0)
-    ref = float(np.percentile(b0[finite], AUTO_MASK_PERCENTILE)) if finite.any() else 0.0
-    threshold = max(fraction * ref, 0.0)
-    with np.errstate(invalid="ignore"):
-        mask = finite & (b0 > threshold)
-    return mask, threshold
-
-
 def load_mask(path, reference_img) -> np.ndarray:
     """Read a 3D mask NIfTI on the reference grid; any non-zero (non-NaN) voxel is in.
 
@@ -484,8 +451,9 @@ def load_output(path):
                          f"{short_repr(model, 40)}")
     maps = {"D_star": None}  # absent for the simplified model
     zooms = None
+    # optional maps (asked for) and newer ones (absent from older runs) count when listed
     wanted = [info for info in MAPS if info.produced_by(model) and not (
-        info.optional and layout.map_file(info).name not in record["manifest"])]
+        (info.optional or info.newer) and layout.map_file(info).name not in record["manifest"])]
     check_listed(layout, record, [layout.map_file(info) for info in wanted])
     for info in wanted:
         p = layout.map_file(info)

@@ -61,6 +61,7 @@ from .._atomic import (
     partial_path,
     write_new,
 )
+from ..adc import ADC_COLUMNS, ADC_EQUATION, ADC_FIT
 from ..kernels.status import STATUS_MEANINGS
 from ..model import EQUATION, EQUATIONS, bounds_to_json, maps_of
 from .layout import BIDS_VERSION, Layout, bids_layout, check_label, plain_layout
@@ -274,6 +275,8 @@ def sidecar(info, result) -> dict:
         "Bounds": bounds_to_json(result.bounds),
         "Software": {"Name": "fastivim", "Version": __version__},
     }
+    if info.attr in ADC_COLUMNS:  # a mono-exponential fit beside the IVIM one
+        side.update(Model=ADC_EQUATION, FittingMethod=ADC_FIT)
     if info.name == "status":
         side["Levels"] = {str(k): v for k, v in STATUS_MEANINGS.items()}
     if info.name == "quality_mask":

@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import status as st
-from ._jit import FASTMATH_FLAGS, jit_block, jit_parallel, jit_voxel
+from ._jit import FASTMATH_FLAGS, jit_block, jit_block_inner, jit_inner, jit_parallel
 from .full import (
     MAX_RESTARTS,
     RESTART_NEIGHBOURHOOD,
@@ -53,7 +53,7 @@ from .full import (
 )
 from .lm_lanes import CONVERGED, HELD, IDLE, INIT, RUNNING, TRIAL, lanes_accept, lanes_step
 from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
-from .tables import METHOD_FULL
+from .tables import METHOD_FULL, METHOD_SEGMENTED
 from .vmath import vexp, vmax, vmin
 from .voxel import (
     FLOAT32_MAX,
@@ -133,7 +133,7 @@ slot (int64).
 """
 
 
-@jit_voxel
+@jit_inner
 def alloc_scratch(nu, nk, nj, nb, width):
     """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids,
     samples per voxel, voxels per block)."""
@@ -164,8 +164,37 @@ def alloc_scratch(nu, nk, nj, nb, width):
     )
 
 
+#: The fields of :class:`Scratch` the segmented method uses: its own, smaller scratch tuple
+#: (:class:`SegmentedScratch`), so that its kernel neither allocates nor passes the full
+#: method's ~50 other arrays (each array of a tuple argument is code to compile at every call).
+SEGMENTED_FIELDS = ("YB", "SC", "LO", "HI", "CODE", "A", "D", "R", "Q", "BLO", "BHI", "DSLO",
+                    "ACC", "NUSED", "BFIRST", "DIST", "BEST", "WK", "PFOK", "NEWT", "PB", "MB",
+                    "YR", "FC", "RL", "NL", "NA", "PL", "TL", "MC", "MTL")
+SegmentedScratch = namedtuple("SegmentedScratch", SEGMENTED_FIELDS)
+SegmentedScratch.__doc__ = """The :class:`Scratch` fields of the segmented method (same
+meanings and shapes), allocated once per chunk by :func:`alloc_segmented_scratch`."""
+
+
+@jit_inner
+def alloc_segmented_scratch(nu, nb, width):
+    """Allocate one chunk's :class:`SegmentedScratch` (unique b-values, samples per voxel,
+    voxels per block)."""
+    B = width
+    return SegmentedScratch(
+        np.empty((nu, B)), np.empty(B), np.empty((4, B)), np.empty((4, B)),
+        np.empty(B, dtype=np.int64), np.empty(B), np.empty(B), np.empty((nu, B)),
+        np.empty((2, B)), np.empty(B), np.empty(B), np.empty(B), np.empty((6, B)),
+        np.empty(B, dtype=np.int64), np.empty(B), np.empty(B, dtype=np.bool_), np.empty(B),
+        np.empty((nu, B)), np.empty(B, dtype=np.bool_), np.empty((6, B)), np.empty((4, B)),
+        np.empty((nu, B)), np.empty((nb, B)), np.empty(B, dtype=np.int64),
+        np.empty((nu, NEWTON_LANES)), np.empty(6 * NEWTON_LANES), np.empty(6 * NEWTON_LANES),
+        np.empty(PL_ROWS * PERFUSION_LANES), np.empty((nu, PERFUSION_LANES)),
+        np.empty((nu, PERFUSION_LANES)), np.empty((nu, PERFUSION_LANES)),
+    )
+
+
 # ------------------------------------------------------------------- lane-wise stages
-@jit_block
+@jit_block_inner
 def block_group_means(Y, v0, nl, groups, w, YR, YB, SC, DIST):
     """Group means of voxels ``v0 .. v0 + nl`` of ``Y`` into ``YB`` (n_u, nl), divided by the
     scale ``SC`` (nl,): as :func:`fastivim.kernels.voxel.group_means`, NaN scale when unusable.
@@ -201,7 +230,7 @@ def block_group_means(Y, v0, nl, groups, w, YR, YB, SC, DIST):
             YB[u, lane] /= SC[lane]
 
 
-@jit_block
+@jit_block_inner
 def block_bounds(bounds, SC, nl, LO, HI):
     """Internal bounds per voxel (:func:`fastivim.kernels.voxel.internal_bounds`)."""
     for lane in range(nl):
@@ -215,7 +244,7 @@ def block_bounds(bounds, SC, nl, LO, HI):
         HI[3, lane] = bounds[3, 1] * 1e3
 
 
-@jit_block
+@jit_block_inner
 def block_loglinear(bu, w, YB, b_min, nl, S0, SX, SY, SXX, SXY, NUSED, BFIRST, DIST, A, D, CODE):
     """:func:`fastivim.kernels.voxel.loglinear_fit` for every voxel: ``A``, ``D`` and
     ``CODE`` (``st.OK`` or ``st.NUMERICAL_FAILURE``). ``S0``, ``SX``, ``SY``, ``SXX``, ``SXY``
@@ -331,7 +360,7 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
             Q[1, lane] = g if take else Q[1, lane]
 
 
-@jit_voxel
+@jit_inner
 def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, NEWT, ACC,
                          WK, PFOK, RL, NL, NA):
     """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``.
@@ -350,7 +379,7 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
                    WK, ACC[0], ACC[1], ACC[2])
 
 
-@jit_block
+@jit_block_inner
 def _newton_brackets(dstar_grid, nl, QD, DSLO, HID, CODE, X, A, B, S, A0, B0):
     """Each voxel's Newton start: x at the grid start ``QD``, the bracket (``A``, ``B``, and
     its copy ``A0``, ``B0`` for the edge test at the end) between the grid neighbours of x
@@ -372,7 +401,7 @@ def _newton_brackets(dstar_grid, nl, QD, DSLO, HID, CODE, X, A, B, S, A0, B0):
         B0[lane] = b
 
 
-@jit_block
+@jit_block_inner
 def _newton_finish(bu, w, nl, R, X, S, A0, B0, BLO, BHI, QB, QD, PFOK, WK, P, G, BB):
     """The end of :func:`segmented.profile_newton` for every voxel: success (converged, x
     inside its first bracket, B inside its bounds) into ``PFOK``; where true, (B, x) into
@@ -512,7 +541,7 @@ def _newton_lanes(bu, w, nl, R, NEWT, NA, RL, NL):
             NL[4 * W + lane] += 1.0
 
 
-@jit_block
+@jit_block_inner
 def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, PSEP,
                      PCLOSE, RSEP, RCLOSE, TT, GR, GS, GN, GD, GK):
     """:func:`fastivim.kernels.full.grid_start` for every voxel, and ``TT = sum w ybar**2``.
@@ -607,7 +636,7 @@ def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD
     _grid_best(1, GR, GS, GN, GD, GK, dstar_grid, d_grid, nl, RCLOSE, PCLOSE)
 
 
-@jit_block
+@jit_block_inner
 def _grid_best(c, GR, GS, GN, GD, GK, dstar_grid, d_grid, nl, RB, PBEST):
     """Write row ``c`` of :func:`block_grid_start`'s bests as a start ``PBEST`` (4, nl)
     = (S0, f, D_star, D) and its reduction ``RB`` (nl,), one row per loop."""
@@ -680,7 +709,7 @@ def lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST):
 
 
 # ---------------------------------------------------------------- the segmented method
-@jit_voxel
+@jit_inner
 def segmented_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= SEGMENTED_BLOCK) with the segmented method."""
     _front(Y, v0, nl, t, settings, s)
@@ -694,7 +723,7 @@ def segmented_block(Y, v0, nl, t, settings, s, out, status):
                  s.ACC[2], out, status)
 
 
-@jit_block
+@jit_block_inner
 def block_pending_codes(nl, SC, CODE, FC):
     """``FC`` (nl,): ``BAD_INPUT`` where the scale is unusable, else the segmented start's
     failure code, else :data:`GO` (no failure so far)."""
@@ -715,7 +744,7 @@ PL_ROWS = 28
 P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE, P_EMPTY = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
 
 
-@jit_voxel
+@jit_inner
 def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK, FC, PL, TL,
                             MC, MTL):
     """The scalar kernel's bounded 2-parameter Levenberg–Marquardt (B, D_star on the tissue
@@ -911,7 +940,7 @@ def _perfusion_evaluate(bu, w, TL, PL, MTL):
             PL[_EH11 * W + lane] += wu * j1 * j1 - wr * B * b * be1
 
 
-@jit_block
+@jit_block_inner
 def _perfusion_accept(PL, MTL, MC):
     """The end of a bounded-LM iteration for every lane just evaluated: a started lane takes
     its start as the current point; a trial is accepted when the gain ratio exceeds 1e-4
@@ -967,7 +996,7 @@ def _perfusion_accept(PL, MTL, MC):
             MC[u, lane] = new if PL[_ACC * W + lane] != 0.0 else cur
 
 
-@jit_block
+@jit_block_inner
 def block_segmented_estimate(nl, A, D, Q, YB, R, WK, FC, PB, MB):
     """The segmented estimate of every voxel: ``PB`` (4, nl) = (S0, f, D_star, D) from the
     intercept ``A``, B and D_star in ``Q`` and ``D``; ``MB`` (n_u, nl) its model
@@ -1065,7 +1094,7 @@ def _pinned(v, lo, hi, span):
     return (v - lo <= PIN_TOL * span) | (math.isfinite(hi) & (hi - v <= PIN_TOL * span))
 
 
-@jit_voxel
+@jit_inner
 def _front(Y, v0, nl, t, settings, s):
     """Stages shared by both methods: group means, bounds, log-linear step, perfusion start."""
     block_group_means(Y, v0, nl, t.groups, t.w, s.YR, s.YB, s.SC, s.DIST)
@@ -1080,7 +1109,7 @@ def _front(Y, v0, nl, t, settings, s):
 # Per-voxel helpers below take plain arrays, never the Scratch tuple: a call passes every
 # field of a tuple argument (~60 arrays, several hundred machine words) and numba adds
 # reference-count updates for array arguments on entry and exit.
-@jit_voxel
+@jit_inner
 def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS, NR, prof, e2,
               KG, K0, K1, K2):
     """Step 4 of :func:`fastivim.kernels.full.fit_full_voxel` for voxel ``slot``: the D_star
@@ -1178,7 +1207,7 @@ def _dstar_profile_k(slot, w, ES, GSS, dstar_grid, PS, s0_lo, s0_hi, f_lo, f_hi,
         K2[k] = f_free if feasible else f_e
 
 
-@jit_voxel
+@jit_inner
 def full_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the full method.
 
@@ -1200,7 +1229,7 @@ def full_block(Y, v0, nl, t, settings, s, out, status):
                  s.ACC[2], out, status)
 
 
-@jit_voxel
+@jit_inner
 def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLOSE, RSEP,
                RCLOSE, TT, PB, MB, SSRB, FOUND, STAGE, RS, NR, EP, YL, MT, GT, HT,
                ST, LP, LG, LH, LMOD, LPT, LLO, LHI, LSSR, LTT, LLAM, LNUF, LPRED, LIT, LPH, LEND,
@@ -1376,29 +1405,63 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
             LEND[lane] = RUNNING
 
 
-# ---------------------------------------------------------------------------- the kernel
+# --------------------------------------------------------------------------- the kernels
+# One parallel kernel per method, each with its own on-disk cache: a run compiles only the
+# method it uses (the shared kernel compiled both, 31 s of CPU where segmented alone is ~17 s).
+@jit_inner
+def segmented_chunk(Y, start, stop, tables, settings, out, status):
+    """Fit rows ``start .. stop`` of ``Y`` with the segmented method, a block at a time, with
+    one scratch allocation. The parallel kernel's loop body is this one call: a scratch tuple
+    handled inside a ``prange`` body costs several seconds of compile per field count."""
+    s = alloc_segmented_scratch(tables.bu.shape[0], Y.shape[1], SEGMENTED_BLOCK)
+    for v0 in range(start, stop, SEGMENTED_BLOCK):
+        segmented_block(Y, v0, min(SEGMENTED_BLOCK, stop - v0), tables, settings, s, out,
+                        status)
+
+
+@jit_inner
+def full_chunk(Y, start, stop, tables, settings, out, status):
+    """:func:`segmented_chunk` for the full method."""
+    s = alloc_scratch(tables.bu.shape[0], tables.dstar_grid.shape[0], tables.d_grid.shape[0],
+                      Y.shape[1], BLOCK)
+    for v0 in range(start, stop, BLOCK):
+        full_block(Y, v0, min(BLOCK, stop - v0), tables, settings, s, out, status)
+
+
 @jit_parallel
+def fit_segmented_blocks(Y, tables, settings, n_chunks, out, status):
+    """Fit every row of ``Y`` (n_vox, n_b) float64 with the segmented method, in parallel, a
+    block of voxels at a time (see :func:`fit_volume_block` for the arguments)."""
+    n = Y.shape[0]
+    n_chunks = max(1, min(n, n_chunks))
+    for c in prange(n_chunks):
+        segmented_chunk(Y, c * n // n_chunks, (c + 1) * n // n_chunks, tables, settings, out,
+                        status)
+
+
+@jit_parallel
+def fit_full_blocks(Y, tables, settings, n_chunks, out, status):
+    """Fit every row of ``Y`` (n_vox, n_b) float64 with the full method, in parallel, a block
+    of voxels at a time (see :func:`fit_volume_block` for the arguments)."""
+    n = Y.shape[0]
+    n_chunks = max(1, min(n, n_chunks))
+    for c in prange(n_chunks):
+        full_chunk(Y, c * n // n_chunks, (c + 1) * n // n_chunks, tables, settings, out,
+                   status)
+
+
+#: The block kernel of each method code (:mod:`fastivim.kernels.tables`).
+BLOCK_KERNELS = {METHOD_FULL: fit_full_blocks, METHOD_SEGMENTED: fit_segmented_blocks}
+
+
 def fit_volume_block(Y, tables, settings, n_chunks, out, status):
     """Fit every row of ``Y`` (n_vox, n_b) in parallel, a block of voxels at a time.
 
     Same arguments, outputs and answers as :func:`fastivim.kernels.driver.fit_volume` (the
-    scalar kernel): ``tables`` from :func:`fastivim.kernels.tables.make_tables`, ``settings``
-    a :class:`fastivim.kernels.tables.Settings`, ``out`` (n_vox, 6) float32 and ``status``
-    (n_vox,) uint8 outputs. Scratch is allocated once per chunk.
+    scalar kernel): ``Y`` float64 C-contiguous, ``tables`` from
+    :func:`fastivim.kernels.tables.make_tables`, ``settings`` a
+    :class:`fastivim.kernels.tables.Settings`, ``out`` (n_vox, 6) float32 and ``status``
+    (n_vox,) uint8 outputs. Scratch is allocated once per chunk. Calls the compiled kernel of
+    ``settings.method`` (:data:`BLOCK_KERNELS`), so a process compiles only the methods it uses.
     """
-    n = Y.shape[0]
-    nu = tables.bu.shape[0]
-    nk = tables.dstar_grid.shape[0]
-    nj = tables.d_grid.shape[0]
-    n_chunks = max(1, min(n, n_chunks))
-    for c in prange(n_chunks):
-        start = c * n // n_chunks
-        stop = (c + 1) * n // n_chunks
-        width = BLOCK if settings.method == METHOD_FULL else SEGMENTED_BLOCK
-        s = alloc_scratch(nu, nk, nj, Y.shape[1], width)
-        for v0 in range(start, stop, width):
-            nl = min(width, stop - v0)
-            if settings.method == METHOD_FULL:
-                full_block(Y, v0, nl, tables, settings, s, out, status)
-            else:
-                segmented_block(Y, v0, nl, tables, settings, s, out, status)
+    BLOCK_KERNELS[settings.method](Y, tables, settings, n_chunks, out, status)

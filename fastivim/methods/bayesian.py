@@ -18,7 +18,7 @@ from ..kernels.driver import chunk_count
 from ..kernels.tables import METHOD_FULL
 from ..model import bounds_array
 from . import Method, MethodOutput
-from ._blocks import run_in_blocks
+from ._blocks import run_in_float64_blocks
 from .least_squares import OUTPUT_COLUMNS, run_kernel
 
 #: Bayesian fit: voxels in the EM subsample that learns the prior (drawn with the ``seed``).
@@ -90,8 +90,10 @@ def _learn_prior(Y, rows, t, sigma2, s0_bounds):
     n = rows.size
     buf = np.empty(n * ng, dtype=np.float32)  # the likelihood table, shrunk in place below
     usable = np.empty(n, dtype=np.bool_)
-    bayes.em_likelihoods(Y, rows, t["groups"], t["w"], sigma2, t["M"], t["nn"], 1.0 / t["nn"],
-                         t["lnorm"], *s0_bounds, chunk_count(n), buf.reshape(n, ng), usable)
+    Ys = np.array(Y[rows], dtype=np.float64, order="C")  # the subsample only: small
+    bayes.em_likelihoods(Ys, np.arange(n, dtype=np.int64), t["groups"], t["w"], sigma2, t["M"],
+                         t["nn"], 1.0 / t["nn"], t["lnorm"], *s0_bounds, chunk_count(n),
+                         buf.reshape(n, ng), usable)
     if int(usable.sum()) < MIN_EM_VOXELS:
         return None
     weights = np.full(ng, 1.0 / ng)
@@ -155,11 +157,10 @@ def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
               np.ascontiguousarray(t["edge"][:, keep]))
     args = (t["groups"], t["w"], t["bu"], sigma2, *tables, *s0_bounds)
 
-    def fit_block(a, z):
-        bayes.posterior_volume(Y[a:z], *args, chunk_count(z - a), out[a:z], sd[a:z],
-                               status[a:z])
+    def fit_block(a, z, Y64):
+        bayes.posterior_volume(Y64, *args, chunk_count(z - a), out[a:z], sd[a:z], status[a:z])
 
-    run_in_blocks(n, fit_block, progress)
+    run_in_float64_blocks(Y, fit_block, progress)
     return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2)}
 
 

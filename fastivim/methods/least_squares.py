@@ -1,21 +1,24 @@
 """Driving the compiled least-squares kernels, shared by :mod:`.segmented` and :mod:`.full`.
 
-Both methods run one kernel (:func:`fastivim.kernels.block.fit_volume_block`, or the scalar
-reference :func:`fastivim.kernels.driver.fit_volume`) that takes the method as a setting, and
-the same uncertainty pass (:mod:`fastivim.kernels.uncertainty`).
+Each method has its own compiled block kernel (:data:`fastivim.kernels.block.BLOCK_KERNELS`,
+reached through :func:`~fastivim.kernels.block.fit_volume_block`), so a run compiles only its
+own; the scalar reference :func:`fastivim.kernels.driver.fit_volume` takes the method as a
+setting. Both methods share the uncertainty pass (:mod:`fastivim.kernels.uncertainty`). The
+kernels take float64 rows (:func:`fastivim.methods._blocks.run_in_float64_blocks`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..compiling import watch_compiles
 from ..kernels import ensure_fresh_cache, uncertainty
 from ..kernels.block import fit_volume_block
 from ..kernels.driver import chunk_count, fit_volume
 from ..kernels.tables import METHOD_FULL, make_settings, make_tables
 from ..model import bounds_array
 from . import MethodOutput
-from ._blocks import run_in_blocks
+from ._blocks import float64_rows, run_in_float64_blocks
 
 #: Columns of the kernels' per-voxel output rows (every method returns them in this order).
 OUTPUT_COLUMNS = ("S0", "f", "D_star", "D", "r_squared", "rmse")
@@ -37,6 +40,7 @@ def kernel_function(kernel):
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; valid kernels are {', '.join(KERNELS)}")
     ensure_fresh_cache()
+    watch_compiles()
     return fit_volume_block if kernel == "block" else fit_volume
 
 
@@ -51,13 +55,13 @@ def run_kernel(Y, method_code, b, bounds, b_threshold, progress, kernel="block")
     tables = make_tables(b, bounds_array(bounds))
     settings = make_settings(method_code, b_threshold, MAX_ITERATIONS)
     if n < SERIAL_BELOW and not progress:
-        _fit_on_one_thread(run, Y, tables, settings, out, status)
+        _fit_on_one_thread(run, float64_rows(Y, 0, n), tables, settings, out, status)
         return out, status
 
-    def fit_block(a, z):
-        run(Y[a:z], tables, settings, chunk_count(z - a), out[a:z], status[a:z])
+    def fit_block(a, z, Y64):
+        run(Y64, tables, settings, chunk_count(z - a), out[a:z], status[a:z])
 
-    run_in_blocks(n, fit_block, progress)
+    run_in_float64_blocks(Y, fit_block, progress)
     return out, status
 
 
@@ -84,8 +88,13 @@ def ls_uncertainty(Y, code, b, b_threshold, out):
     bu, groups = np.unique(b, return_inverse=True)
     w = np.bincount(groups).astype(np.float64)
     kind = uncertainty.KIND_FULL if code == METHOD_FULL else uncertainty.KIND_SEGMENTED
-    uncertainty.ls_uncertainty(Y, kind, groups.astype(np.int64), bu * 1e-3, w, b_threshold * 1e-3,
-                               chunk_count(n), out, sd)
+    groups = groups.astype(np.int64)
+
+    def sd_block(a, z, Y64):
+        uncertainty.ls_uncertainty(Y64, kind, groups, bu * 1e-3, w, b_threshold * 1e-3,
+                                   chunk_count(z - a), out[a:z], sd[a:z])
+
+    run_in_float64_blocks(Y, sd_block, False)
     return sd
 
 

@@ -10,6 +10,7 @@ from ..kernels import simplified
 from ..kernels.driver import chunk_count
 from ..model import bounds_array
 from . import MethodOutput
+from ._blocks import run_in_float64_blocks
 from .least_squares import OUTPUT_COLUMNS
 
 
@@ -23,7 +24,14 @@ def run(Y, req):
     if n:
         bu, groups = np.unique(req.b, return_inverse=True)
         w = np.bincount(groups).astype(np.float64)
-        simplified.fit_simplified_volume(Y, groups.astype(np.int64), bu * 1e-3, w, bu == 0,
-                                         bu >= req.b_threshold, bounds_array(req.bounds),
-                                         bool(req.uncertainty), chunk_count(n), out, sd, status)
+        groups = groups.astype(np.int64)
+        bounds = bounds_array(req.bounds)
+
+        def fit_block(a, z, Y64):
+            simplified.fit_simplified_volume(Y64, groups, bu * 1e-3, w, bu == 0,
+                                             bu >= req.b_threshold, bounds,
+                                             bool(req.uncertainty), chunk_count(z - a),
+                                             out[a:z], sd[a:z], status[a:z])
+
+        run_in_float64_blocks(Y, fit_block, False)
     return MethodOutput(out, status, sd if req.uncertainty else None, {"model": "simplified"})

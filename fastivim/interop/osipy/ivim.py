@@ -231,9 +231,10 @@ def fit_ivim(signal, b_values, mask=None, params=None, method=None, progress_cal
         raise FittingError(f"IVIM fitting requires at least 4 b-values (OSIPI TF2.4), got "
                            f"{len(b)}")
     try:
+        # osipy's result has no ADC maps: not computed (nor exported) through this door
         result = _fastivim_fit_ivim(signal, b, mask=mask, method=name,
                                     bounds=_bounds(params.bounds),
-                                    b_threshold=params.b_threshold)
+                                    b_threshold=params.b_threshold, adc=False)
     except ValueError as exc:
         raise FittingError(str(exc)) from None
     if progress_callback is not None:

@@ -1,0 +1,267 @@
+"""Compiling the kernels: once per machine, said each time it happens, or ahead of time.
+
+numba compiles each kernel the first time it is called with a new cache folder (a new machine,
+virtual environment, container or cluster worker) and keeps the machine code on disk
+(``NUMBA_CACHE_DIR``, by default ``__pycache__`` beside the kernel sources); later processes
+load it in well under a second. Each method has its own kernel, so a run compiles only what it
+uses.
+
+Whenever one of fastivim's cached kernels actually compiles (a cache load is silent), the
+logger ``fastivim.compile`` says so at INFO level, at the start (what, that it happens once,
+and how long the last compile of it took on this machine, from :data:`TIMES_FILE` beside the
+cache) and at the end (the measured seconds). A process that configured no logging at all gets
+the same two lines as :class:`CompileWarning` instead, so that a notebook or script that never
+set up logging still sees why the first call is slow. ``fastivim run`` prints them as notes.
+
+:func:`compile_kernels` (``fastivim compile``) compiles ahead of time, e.g. while building a
+container image or in a CI job's set-up, so that no run pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+#: The logger that reports compiles.
+LOGGER = logging.getLogger("fastivim.compile")
+
+#: File beside numba's cache of a kernel: ``{kernel: seconds of its last compile}``.
+TIMES_FILE = "fastivim-compile-times.json"
+
+#: What each compiled kernel is, for the user (by ``module.function``).
+DESCRIPTIONS = {
+    "fastivim.kernels.block.fit_segmented_blocks": "the segmented method's fitting kernel",
+    "fastivim.kernels.block.fit_full_blocks": "the full method's fitting kernel",
+    "fastivim.kernels.driver.fit_volume": "the scalar reference kernel",
+    "fastivim.kernels.output.split_columns": "the output kernel",
+    "fastivim.kernels.uncertainty.ls_uncertainty": "the uncertainty kernel",
+    "fastivim.kernels.simplified.fit_simplified_volume": "the simplified model's kernel",
+    "fastivim.kernels.bayes.em_likelihoods": "the Bayesian method's likelihood kernel",
+    "fastivim.kernels.bayes.em_iterations": "the Bayesian method's EM kernel",
+    "fastivim.kernels.bayes.compact_columns": "the Bayesian method's pruning kernel",
+    "fastivim.kernels.bayes.posterior_volume": "the Bayesian method's posterior kernel",
+}
+
+#: What :func:`compile_kernels` can compile: the three methods and two options.
+TARGETS = ("segmented", "full", "bayesian", "uncertainty", "simplified")
+
+
+class CompileWarning(UserWarning):
+    """A fastivim kernel is being compiled (or has just been); only issued when the process
+    has configured no logging (else the ``fastivim.compile`` logger says it)."""
+
+
+def kernel_key(dispatcher) -> str:
+    """``module.function`` of a numba dispatcher."""
+    f = dispatcher.py_func
+    return f"{f.__module__}.{f.__qualname__}"
+
+
+def _times_path(dispatcher) -> Path | None:
+    path = getattr(getattr(dispatcher, "_cache", None), "cache_path", None)
+    return Path(path) / TIMES_FILE if path else None
+
+
+def last_compile_seconds(dispatcher) -> float | None:
+    """Seconds the last compile of ``dispatcher`` took here (from :data:`TIMES_FILE`), or None."""
+    path = _times_path(dispatcher)
+    try:
+        value = json.loads(path.read_text()).get(kernel_key(dispatcher))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _record_seconds(dispatcher, seconds: float) -> None:
+    """Store the measured compile time beside the cache (best effort: a read-only cache or a
+    concurrent writer only loses the figure)."""
+    path = _times_path(dispatcher)
+    if path is None:
+        return
+    try:
+        try:
+            times = json.loads(path.read_text())
+        except (OSError, ValueError):
+            times = {}
+        times[kernel_key(dispatcher)] = round(seconds, 2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        tmp.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def _say(message: str) -> None:
+    if LOGGER.hasHandlers():
+        LOGGER.info(message)
+    else:
+        warnings.warn(message, CompileWarning, stacklevel=2)
+
+
+def start_message(dispatcher) -> str:
+    what = DESCRIPTIONS.get(kernel_key(dispatcher), kernel_key(dispatcher))
+    where = getattr(getattr(dispatcher, "_cache", None), "cache_path", None)
+    last = last_compile_seconds(dispatcher)
+    text = (f"compiling {what} for this machine, once: later runs load it from numba's cache"
+            + (f" ({where})" if where else ""))
+    if last is not None:
+        text += f"; its last compile here took {last:.1f} s"
+    return text
+
+
+def _watcher_class():
+    """:class:`_Watcher` as a ``numba.core.event.Listener`` (numba imported only when used)."""
+    from numba.core import event
+
+    return type("CompileWatcher", (_Watcher, event.Listener), {})
+
+
+class _Watcher:
+    """numba ``numba:compile`` listener: reports the outermost compile of a watched kernel.
+
+    numba raises the event only when it really compiles (not on a cache load); helpers compiled
+    as part of a kernel raise nested events, which are counted but not reported.
+    """
+
+    def __init__(self, dispatchers):
+        self.watched = {id(d) for d in dispatchers}
+        self.local = threading.local()
+
+    def on_start(self, event):
+        depth = getattr(self.local, "depth", 0)
+        self.local.depth = depth + 1
+        d = event.data.get("dispatcher")
+        if depth == 0 and id(d) in self.watched:
+            self.local.started = time.perf_counter()
+            _say(start_message(d))
+
+    def on_end(self, event):
+        self.local.depth = getattr(self.local, "depth", 1) - 1
+        d = event.data.get("dispatcher")
+        if self.local.depth == 0 and id(d) in self.watched:
+            seconds = time.perf_counter() - getattr(self.local, "started", time.perf_counter())
+            # numba's Event.is_failed is inverted (0.59-0.68): read the exception itself
+            if getattr(event, "_exc_details", None) is not None:
+                return
+            _record_seconds(d, seconds)
+            what = DESCRIPTIONS.get(kernel_key(d), kernel_key(d))
+            _say(f"compiled {what} in {seconds:.1f} s (kept in the cache for later runs)")
+
+
+_installed = False
+_lock = threading.Lock()
+
+
+def watch_compiles() -> None:
+    """Start reporting compiles of fastivim's cached kernels (once per process)."""
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        from numba.core import event
+
+        from .kernels import cached_kernels
+
+        event.register("numba:compile", _watcher_class()(cached_kernels()))
+        _installed = True
+
+
+class NoteHandler(logging.Handler):
+    """Sends ``fastivim.compile`` records to a ``note(message)`` callable (the CLI's notes)."""
+
+    def __init__(self, note):
+        super().__init__(logging.INFO)
+        self.note = note
+
+    def emit(self, record):
+        self.note(record.getMessage())
+
+
+class compile_notes:
+    """Context manager: while it is open, compile reports go to ``note`` (None: nowhere, and
+    no :class:`CompileWarning` either)."""
+
+    def __init__(self, note):
+        self.handler = NoteHandler(note) if note is not None else logging.NullHandler()
+        self.level = None
+
+    def __enter__(self):
+        self.level = LOGGER.level
+        if LOGGER.getEffectiveLevel() > logging.INFO:
+            LOGGER.setLevel(logging.INFO)
+        LOGGER.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        LOGGER.removeHandler(self.handler)
+        LOGGER.setLevel(self.level)
+        return False
+
+
+def _probe():
+    """A small phantom whose fits run every code path of every kernel (the Bayesian fit needs
+    enough usable voxels to learn a prior)."""
+    from .simulate import phantom
+
+    return phantom((400,), snr=30, seed=0)
+
+
+def targets_for(method: str, model: str = "ivim", uncertainty: bool = False) -> tuple:
+    """The :data:`TARGETS` a fit with these options needs."""
+    if model == "simplified":
+        return ("simplified",)
+    return (method,) + (("uncertainty",) if uncertainty and method != "bayesian" else ())
+
+
+def compile_kernels(targets=TARGETS) -> dict:
+    """Compile (or load from the cache) the kernels of ``targets``; return seconds per target.
+
+    Each target is one small fit (:func:`_probe`): ``"segmented"``, ``"full"``, ``"bayesian"``
+    (the method), ``"uncertainty"`` (the least-squares SD maps, both methods) and
+    ``"simplified"`` (the simplified model). Each compiles what that target alone needs
+    (``"uncertainty"`` does not compile a method's kernel). Compiles are reported as described
+    in this module's docstring. Use it where a machine is set up (image build, CI, a cluster
+    worker's start), with the same ``NUMBA_CACHE_DIR`` as the runs that follow.
+
+    Raises
+    ------
+    ValueError
+        An unknown target.
+    """
+    import numpy as np
+
+    from .fit import fit_voxels
+
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        raise ValueError(f"unknown compile target(s) {', '.join(bad)}; valid: "
+                         f"{', '.join(TARGETS)}")
+    ph = _probe()
+    seconds = {}
+    for target in targets:
+        t0 = time.perf_counter()
+        if target == "uncertainty":
+            # one kernel serves both least-squares methods: run it alone, on made-up estimates
+            # (a fit here would compile a method's kernel the caller may not use)
+            from .kernels.tables import METHOD_SEGMENTED
+            from .methods.least_squares import OUTPUT_COLUMNS, ls_uncertainty
+
+            est = np.tile(np.float32([1000.0, 0.1, 0.02, 1e-3, 0.9, 1.0]),
+                          (ph.signal.shape[0], 1))
+            assert est.shape[1] == len(OUTPUT_COLUMNS)
+            ls_uncertainty(ph.signal, METHOD_SEGMENTED, ph.b_values, 200.0, est)
+        elif target == "simplified":
+            fit_voxels(ph.signal, ph.b_values, method="segmented", model="simplified",
+                       uncertainty=True)
+        else:
+            fit_voxels(ph.signal, ph.b_values, method=target)
+        seconds[target] = time.perf_counter() - t0
+    return seconds

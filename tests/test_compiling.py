@@ -1,0 +1,202 @@
+"""Compiling: one compile per method for every input dtype, said each time, ahead of time on
+request (``fastivim compile``), and ``python -m fastivim``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import fastivim
+from fastivim import cli, compiling
+from fastivim.kernels import bayes, block, simplified, uncertainty
+from fastivim.methods import _blocks
+
+TINY_KERNEL = textwrap.dedent(
+    """
+    from numba import njit
+
+    @njit(cache=True)
+    def tiny(x):
+        return x + 1.0
+    """
+)
+
+
+def _load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture()
+def watched_tiny(tmp_path):
+    """A cached numba kernel in a throwaway module, watched like fastivim's own kernels."""
+    from numba.core import event
+
+    path = tmp_path / "tinymod.py"
+    path.write_text(TINY_KERNEL)
+    made = []
+
+    def make(name):
+        mod = _load_module(path, name)
+        watcher = compiling._watcher_class()([mod.tiny])
+        event.register("numba:compile", watcher)
+        made.append(watcher)
+        return mod.tiny
+
+    yield make
+    for w in made:
+        event.unregister("numba:compile", w)
+
+
+def test_a_compile_is_reported_with_its_measured_time_and_remembered(watched_tiny):
+    notes = []
+    tiny = watched_tiny("tinymod_a")
+    with compiling.compile_notes(notes.append):
+        assert tiny(1.0) == 2.0
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("compiling tinymod_a.tiny for this machine, once")
+    assert "cache" in notes[0]
+    assert "last compile" not in notes[0]  # nothing measured before
+    assert notes[1].startswith("compiled tinymod_a.tiny in ") and notes[1].endswith(
+        "s (kept in the cache for later runs)")
+    times = json.loads((Path(tiny._cache.cache_path) / compiling.TIMES_FILE).read_text())
+    assert times["tinymod_a.tiny"] >= 0
+    # a cached call compiles nothing: nothing said
+    notes.clear()
+    with compiling.compile_notes(notes.append):
+        tiny(2.0)
+    assert notes == []
+
+
+def test_the_next_compile_quotes_the_last_measured_time(watched_tiny):
+    first = watched_tiny("tinymod_b")
+    with compiling.compile_notes(None):
+        first(1.0)
+    seconds = compiling.last_compile_seconds(first)
+    assert seconds is not None
+    # the same kernel in a fresh process finds its cache: emulate a new kernel version by
+    # flushing the cache, then it compiles again and quotes the previous figure
+    again = watched_tiny("tinymod_b")
+    again._cache.flush()
+    notes = []
+    with compiling.compile_notes(notes.append):
+        again(1.0)
+    assert f"its last compile here took {seconds:.1f} s" in notes[0]
+
+
+def test_without_logging_set_up_a_compile_is_a_warning():
+    """A script that configured no logging still hears of a compile (a CompileWarning)."""
+    code = ("from fastivim import compiling\n"
+            "compiling._say('compiling the output kernel for this machine, once')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "CompileWarning: compiling the output kernel for this machine, once" in r.stderr
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n" + code)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "INFO:fastivim.compile:compiling the output kernel" in r.stderr
+    assert "CompileWarning" not in r.stderr
+
+
+@pytest.mark.jit_only
+def test_one_compiled_signature_serves_every_input_dtype():
+    """float64 (get_fdata), float32 and int16 input run the same compiled kernels."""
+    ph = fastivim.simulate.phantom((6, 5, 4), snr=30, seed=2)
+    inputs = (ph.signal.astype(np.float32), ph.signal.astype(np.float64),
+              np.round(ph.signal).astype(np.int16), np.asfortranarray(ph.signal),
+              ph.signal.astype(">f8"))
+    ro = ph.signal.astype(np.float64)
+    ro.flags.writeable = False
+    for data in (*inputs, ro):
+        for method in ("segmented", "full"):
+            fastivim.fit_ivim(data, ph.b_values, method=method, uncertainty=True)
+        fastivim.fit_ivim(data, ph.b_values, model="simplified")
+    fastivim.fit_ivim(ro, ph.b_values, method="bayesian")
+    fastivim.fit_ivim(inputs[0], ph.b_values, method="bayesian")
+    for d in (block.fit_segmented_blocks, block.fit_full_blocks, uncertainty.ls_uncertainty,
+              simplified.fit_simplified_volume, bayes.posterior_volume, bayes.em_likelihoods):
+        sigs = list(d.signatures)
+        assert len(sigs) == 1, (d, sigs)
+        assert str(sigs[0][0]) == "array(float64, 2d, C)"
+
+
+def test_float64_rows_are_views_of_float64_and_exact_copies_of_float32():
+    rng = np.random.default_rng(0)
+    Y64 = rng.normal(100, 10, (50, 7))
+    v = _blocks.float64_rows(Y64, 10, 20)
+    assert np.shares_memory(v, Y64) and v.dtype == np.float64
+    Y32 = Y64.astype(np.float32)
+    buf = _blocks.convert_buffer(Y32, 16)
+    c = _blocks.float64_rows(Y32, 3, 13, buf)
+    assert np.shares_memory(c, buf) and c.flags.c_contiguous
+    np.testing.assert_array_equal(c, Y32[3:13].astype(np.float64))
+    assert _blocks.convert_rows(Y64) == 50 and _blocks.convert_rows(Y32) == _blocks.CONVERT_ROWS
+
+
+def test_float32_blocks_give_the_same_bits_as_one_block(monkeypatch):
+    """Converting a float32 matrix a few rows at a time changes no bit of any map."""
+    ph = fastivim.simulate.phantom((3000,), snr=25, seed=8)
+    Y = ph.signal.astype(np.float32)
+    whole = fastivim.fit_voxels(Y, ph.b_values, method="segmented", uncertainty=True)
+    monkeypatch.setattr(_blocks, "CONVERT_ROWS", 700)
+    parts = fastivim.fit_voxels(Y, ph.b_values, method="segmented", uncertainty=True)
+    as64 = fastivim.fit_voxels(Y.astype(np.float64), ph.b_values, method="segmented",
+                               uncertainty=True)
+    for name in ("S0", "f", "D_star", "D", "rmse", "D_sd", "f_sd"):
+        np.testing.assert_array_equal(getattr(parts, name), getattr(whole, name), name)
+        np.testing.assert_array_equal(getattr(as64, name), getattr(whole, name), name)
+
+
+def test_float64_input_keeps_its_precision():
+    """float64 input is not rounded to float32 on the way: a signal that float32 cannot hold
+    gives other fits than its float32 rounding."""
+    ph = fastivim.simulate.phantom((400,), snr=None, seed=3)
+    Y = ph.signal.astype(np.float64) * (1 + 1e-9 * np.arange(ph.signal.shape[-1]))
+    a = fastivim.fit_voxels(Y, ph.b_values, method="full")
+    b = fastivim.fit_voxels(Y.astype(np.float32), ph.b_values, method="full")
+    assert not np.array_equal(a.rmse, b.rmse)
+
+
+def test_compile_command_prepares_the_named_kernels(monkeypatch):
+    seen = []
+    monkeypatch.setattr(compiling, "compile_kernels",
+                        lambda targets: seen.append(targets) or {t: 0.5 for t in targets})
+    r = CliRunner().invoke(cli.main, ["compile", "--method", "segmented", "--uncertainty", "-q"])
+    assert r.exit_code == 0, r.output
+    assert seen == [("segmented", "uncertainty")]
+    assert "segmented    ready in   0.50 s" in r.stdout
+    r = CliRunner().invoke(cli.main, ["compile"])
+    assert r.exit_code == 0 and seen[-1] == compiling.TARGETS
+
+
+def test_compile_kernels_runs_each_target_and_refuses_unknown_ones():
+    seconds = compiling.compile_kernels(("segmented", "uncertainty", "simplified"))
+    assert set(seconds) == {"segmented", "uncertainty", "simplified"}
+    with pytest.raises(ValueError, match="unknown compile target"):
+        compiling.compile_kernels(("segmentd",))
+    assert compiling.targets_for("full", "ivim", True) == ("full", "uncertainty")
+    assert compiling.targets_for("bayesian", "ivim", True) == ("bayesian",)
+    assert compiling.targets_for("full", "simplified", False) == ("simplified",)
+
+
+def test_every_cached_kernel_has_a_description():
+    from fastivim.kernels import cached_kernels
+
+    for d in cached_kernels():
+        assert compiling.kernel_key(d) in compiling.DESCRIPTIONS, compiling.kernel_key(d)
+
+
+def test_python_dash_m_fastivim_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "fastivim", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: fastivim ")
+    assert "compile" in r.stdout and "run" in r.stdout
