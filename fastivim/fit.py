@@ -58,8 +58,10 @@ class IVIMResult:
     method : str
         The method that fitted the maps, a key of :data:`fastivim.METHODS`: ``"segmented"``
         (two steps: D from the samples at or above ``b_threshold``, then S0, f and D_star with
-        D fixed), ``"full"`` (all four parameters together, from several starts) or
-        ``"bayesian"`` (grid empirical Bayes: posterior means, with SD maps).
+        D fixed), ``"full"`` (all four parameters together, from several starts),
+        ``"bayesian"`` (grid empirical Bayes: posterior means, with SD maps) or ``"spatial"``
+        (the Bayesian posterior pooled over neighbours with edge-preserving weights, with SD
+        maps; volumes only).
     bounds : dict
         ``{name: (lower, upper)}`` actually used.
     b_values : float64 array (n_b,)
@@ -372,6 +374,7 @@ def fit_voxels(Y, b_values, method="segmented", bounds=None, b_threshold=B_THRES
         b-values in s/mm², any order, repeats allowed; at least 4 distinct.
     method : {"segmented", "full", "bayesian"}, default "segmented"
         The same default as :func:`fit_ivim` and ``fastivim run``; see :func:`fit_ivim`.
+        ``"spatial"`` needs a volume and is refused here (a ValueError).
     bounds : dict, optional
         ``{"S0"|"f"|"D_star"|"D": (lower, upper)}`` over :data:`fastivim.DEFAULT_BOUNDS`.
     b_threshold : float
