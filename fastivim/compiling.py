@@ -48,7 +48,7 @@ DESCRIPTIONS = {
 }
 
 #: What :func:`compile_kernels` can compile: the three methods and two options.
-TARGETS = ("segmented", "full", "bayesian", "uncertainty", "simplified")
+TARGETS = ("segmented", "full", "bayesian", "spatial", "uncertainty", "simplified")
 
 
 class CompileWarning(UserWarning):
@@ -218,7 +218,8 @@ def targets_for(method: str, model: str = "ivim", uncertainty: bool = False) -> 
     """The :data:`TARGETS` a fit with these options needs."""
     if model == "simplified":
         return ("simplified",)
-    return (method,) + (("uncertainty",) if uncertainty and method != "bayesian" else ())
+    return (method,) + (("uncertainty",) if uncertainty and method not in ("bayesian", "spatial")
+                        else ())
 
 
 def compile_kernels(targets=TARGETS) -> dict:
@@ -261,6 +262,11 @@ def compile_kernels(targets=TARGETS) -> dict:
         elif target == "simplified":
             fit_voxels(ph.signal, ph.b_values, method="segmented", model="simplified",
                        uncertainty=True)
+        elif target == "spatial":
+            from .fit import fit_ivim
+
+            # the spatial method needs a volume: the probe's 400 voxels as a 20 x 20 slice
+            fit_ivim(ph.signal.reshape(20, 20, -1), ph.b_values, method="spatial", adc=False)
         else:
             fit_voxels(ph.signal, ph.b_values, method=target)
         seconds[target] = time.perf_counter() - t0
