@@ -45,9 +45,11 @@ DESCRIPTIONS = {
     "fastivim.kernels.bayes.em_iterations": "the Bayesian method's EM kernel",
     "fastivim.kernels.bayes.compact_columns": "the Bayesian method's pruning kernel",
     "fastivim.kernels.bayes.posterior_volume": "the Bayesian method's posterior kernel",
+    "fastivim.kernels.spatial.weighted_means": "the spatial method's signal-summary kernel",
+    "fastivim.kernels.spatial.spatial_posterior": "the spatial method's pooled-posterior kernel",
 }
 
-#: What :func:`compile_kernels` can compile: the three methods and two options.
+#: What :func:`compile_kernels` can compile: the four methods and two options.
 TARGETS = ("segmented", "full", "bayesian", "spatial", "uncertainty", "simplified")
 
 
