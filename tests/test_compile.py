@@ -92,6 +92,13 @@ def test_parallel_compiles_without_fallback(monkeypatch, method, kernel):
     diagnostics = cres.metadata["parfor_diagnostics"]
     assert diagnostics.count_parfors() >= 1, "prange loop was not converted to a parfor"
     assert np.all(np.isfinite(res.D))
+    # numba's own pipeline (``_fresh``) and the shipped kernel's, whose nested libraries are
+    # link-only (optimised once, in the kernel): the same machine arithmetic, the same bits
+    monkeypatch.undo()
+    shipped = _fit_with(monkeypatch, KERNELS[kernel], method, kernel)
+    np.testing.assert_array_equal(shipped.status, res.status)
+    for name in ("S0", "f", "D_star", "D", "rmse"):
+        np.testing.assert_array_equal(getattr(shipped, name), getattr(res, name), err_msg=name)
 
 
 @pytest.mark.parametrize("method", ["full", "segmented"])
@@ -144,3 +151,45 @@ def test_results_are_bitwise_reproducible_call_to_call():
         for name in ("S0", "f", "D_star", "D", "rmse"):
             np.testing.assert_array_equal(getattr(again, name), getattr(first, name),
                                           err_msg=f"{name}, call {i}")
+
+
+ONCE_CHILD = r"""
+import collections, numpy as np
+from numba.core import codegen
+emitted = collections.Counter()
+finalize = codegen.JITCodeLibrary._finalize_specific
+def counting(self):
+    emitted[self.name] += 1
+    finalize(self)
+codegen.JITCodeLibrary._finalize_specific = counting
+from fastivim import compiling
+from fastivim.kernels import block
+compiling.compile_kernels(("segmented",))
+print(sorted(emitted))
+# a helper the kernel compiled (same signature) that Python also calls: its code is there
+PL = np.zeros(block.PL_ROWS * block.PERFUSION_LANES)
+block._perfusion_step(PL, 200)
+print("called")
+"""
+
+
+def test_a_kernel_is_optimised_and_emitted_once(tmp_path):
+    """Compiling the segmented kernel turns into machine code only the kernel's own library and
+    helpers that Python calls too, never the nested libraries that each held the whole fit
+    (chunk, block, parfor body, gufunc wrappers: five extra optimisations of the same code in
+    numba's default pipeline). A helper compiled under the kernel still runs from Python."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", ONCE_CHILD], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names, called = out.stdout.strip().splitlines()[-2:]
+    emitted = eval(names)  # a printed list of library names
+    assert "fit_segmented_blocks" in emitted
+    nested = [n for n in emitted if n in ("segmented_chunk", "segmented_block",
+                                          "parallelgufuncwrapper")
+              or n.startswith("__numba_parfor_gufunc") or "GufuncWrapper" in n]
+    assert nested == [], f"nested libraries given machine code: {nested}"
+    assert called == "called"
