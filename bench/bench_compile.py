@@ -62,10 +62,15 @@ def child_cpu() -> float:
 
 
 def run_child(cmd, env) -> dict:
-    """Run ``cmd``; return wall and CPU seconds and its stderr."""
+    """Run ``cmd``; return wall and CPU seconds and its stderr.
+
+    The child runs in the temporary folder: ``python -m`` puts its working directory first on
+    ``sys.path``, so from a checkout's root it would import that checkout, not ``--src``.
+    """
     c0 = child_cpu()
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                       cwd=Path(env["NUMBA_CACHE_DIR"]).parent)
     wall = time.perf_counter() - t0
     cpu = child_cpu() - c0
     if p.returncode != 0:

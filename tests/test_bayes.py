@@ -9,6 +9,7 @@ import pytest
 
 import fastivim
 import fastivim.kernels.status as status
+from fastivim.kernels._jit import python_callable
 from fastivim.simulate import B_SCHEMES, tissue_phantom
 
 SD_MAPS = ("D_sd", "D_star_sd", "f_sd", "S0_sd")
@@ -292,10 +293,12 @@ def test_grid_loops_are_vectorised():
     args = (rng.normal(size=ng * L), rng.normal(size=ng * L), np.zeros(L), v, par, par, edge,
             np.zeros(ng, dtype=np.bool_), 1.0, np.empty(L), np.empty(bayes.N_SUMS * L))
     bayes.lane_posterior_sums(*args)
-    asm = bayes.lane_posterior_sums.inspect_asm(bayes.lane_posterior_sums.signatures[-1])
+    twin = python_callable(bayes.lane_posterior_sums)
+    asm = twin.inspect_asm(twin.signatures[-1])
     assert len(packed.findall(asm)) >= 30 and len(scalar.findall(asm)) < 13, "posterior sums"
     bayes.lane_products(rng.normal(size=nu * L), rng.uniform(0, 1, (nu, ng)), np.empty(ng * L))
-    asm = bayes.lane_products.inspect_asm(bayes.lane_products.signatures[-1])
+    twin = python_callable(bayes.lane_products)
+    asm = twin.inspect_asm(twin.signatures[-1])
     assert len(packed.findall(asm)) >= 2, "<y, m_g> products"
 
 

@@ -22,6 +22,7 @@ from helpers import NO_JIT, scaled
 
 import fastivim
 from fastivim.kernels import block, lm_lanes, vmath, voxel
+from fastivim.kernels._jit import python_callable
 from fastivim.model import ivim_signal
 
 #: Voxels per phantom of the equivalence test.
@@ -149,8 +150,17 @@ PACKED_ANY = re.compile(r"\bv\w+pd\s+[^\n]*%[yz]mm")
 
 
 def _asm_of(dispatcher, *args):
+    """The machine code of a helper compiled on its own (kernel helpers have none: under a
+    kernel their code is only linked in, so this inspects their Python-callable twin)."""
+    dispatcher = python_callable(dispatcher)
     dispatcher(*args)
     return dispatcher.inspect_asm(dispatcher.signatures[-1])
+
+
+def _llvm_of(dispatcher):
+    """The optimised LLVM IR of the last signature :func:`_asm_of` compiled of a helper."""
+    twin = python_callable(dispatcher)
+    return twin.inspect_llvm(twin.signatures[-1])
 
 
 @pytest.mark.jit_only
@@ -196,13 +206,13 @@ def test_lane_wise_lm_control_is_vectorised():
     # Packed code can still go unused: a lane loop that loads and stores several rows of one
     # array gets run-time overlap checks between those rows ("found.conflict"), which failed on
     # every call, so the scalar copy of the loop ran (6x slower). Only distance checks may stay.
-    ir = lm_lanes.lanes_step.inspect_llvm(lm_lanes.lanes_step.signatures[-1])
+    ir = _llvm_of(lm_lanes.lanes_step)
     assert "found.conflict" not in ir, "lanes_step's vector loop is guarded by overlap checks"
     asm = _asm_of(lm_lanes.lanes_accept, u(nu, L), u(4, L), u(10, L), u(L), np.full(L, 2.0),
                   u(4, L), u(L), u(4, L), u(4, L), u(10, L), u(nu, L), u(L), u(L), u(L),
                   np.empty(L), np.empty(L), np.empty(L), np.empty(L))
     assert len(PACKED_ANY.findall(asm)) >= 20, "lanes_accept not vectorised"
-    ir = lm_lanes.lanes_accept.inspect_llvm(lm_lanes.lanes_accept.signatures[-1])
+    ir = _llvm_of(lm_lanes.lanes_accept)
     assert "found.conflict" not in ir, "lanes_accept's vector loop is guarded by overlap checks"
     asm = _asm_of(lm_lanes._take_rows, np.ones(L), u(4, L), u(4, L))
     assert len(PACKED_ANY.findall(asm)) >= 2, "_take_rows (row copies) not vectorised"
@@ -254,14 +264,12 @@ def test_segmented_lane_stages_are_vectorised():
     for name in asm:
         # no run-time overlap checks ("found.conflict") guard the vector loops: on rows of one
         # 2-D array they failed on every call, and the scalar copy of the loop ran
-        d = getattr(block, name)
-        ir = d.inspect_llvm(d.signatures[-1])
+        ir = _llvm_of(getattr(block, name))
         assert "found.conflict" not in ir, f"{name}'s vector loop is guarded by overlap checks"
     for name in ("block_perfusion_start", "_newton_lanes", "_perfusion_evaluate"):
         # their exponentials: vexp's floor on a vector type, and no scalar exp call (a libm
         # exp in a lane loop still leaves other packed arithmetic around it)
-        d = getattr(block, name)
-        ir = d.inspect_llvm(d.signatures[-1])
+        ir = _llvm_of(getattr(block, name))
         assert re.search(r"@llvm\.floor\.v[48]f64", ir), f"{name}: vexp not vectorised"
         assert not re.search(r"@(llvm\.exp\.f64|exp)\(", ir), f"{name}: scalar exp in a lane loop"
 

@@ -166,7 +166,7 @@ from fastivim import compiling
 from fastivim.kernels import block
 compiling.compile_kernels(("segmented",))
 print(sorted(emitted))
-# a helper the kernel compiled (same signature) that Python also calls: its code is there
+# a helper the kernel compiled (same signature), called from Python
 PL = np.zeros(block.PL_ROWS * block.PERFUSION_LANES)
 block._perfusion_step(PL, 200)
 print("called")
@@ -174,10 +174,11 @@ print("called")
 
 
 def test_a_kernel_is_optimised_and_emitted_once(tmp_path):
-    """Compiling the segmented kernel turns into machine code only the kernel's own library and
-    helpers that Python calls too, never the nested libraries that each held the whole fit
-    (chunk, block, parfor body, gufunc wrappers: five extra optimisations of the same code in
-    numba's default pipeline). A helper compiled under the kernel still runs from Python."""
+    """The first run's compile (the segmented kernel and the output kernel) turns into machine
+    code only those two kernels' libraries: never the nested libraries that each held the
+    whole fit (chunk, block, parfor body, gufunc wrappers: five extra optimisations of the same
+    code in numba's default pipeline), nor any helper. A helper compiled under the kernel still
+    runs from Python (through its twin, :func:`fastivim.kernels._jit.python_callable`)."""
     import subprocess
     import sys
 
@@ -187,9 +188,6 @@ def test_a_kernel_is_optimised_and_emitted_once(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     names, called = out.stdout.strip().splitlines()[-2:]
     emitted = eval(names)  # a printed list of library names
-    assert "fit_segmented_blocks" in emitted
-    nested = [n for n in emitted if n in ("segmented_chunk", "segmented_block",
-                                          "parallelgufuncwrapper")
-              or n.startswith("__numba_parfor_gufunc") or "GufuncWrapper" in n]
-    assert nested == [], f"nested libraries given machine code: {nested}"
+    # numba's runtime library ("nrt") is compiled on first use, whichever function that is
+    assert set(emitted) - {"nrt"} == {"fit_segmented_blocks", "split_columns"}, emitted
     assert called == "called"

@@ -8,9 +8,11 @@ results can be folded away. We keep only flags that cannot change results betwee
 import contextlib
 
 from numba import njit
+from numba.core import config as numba_config
 from numba.core.codegen import JITCodeLibrary
 from numba.core.compiler import Compiler
 from numba.core.compiler_lock import require_global_compiler_lock
+from numba.core.registry import CPUDispatcher
 
 #: Explicit fast-math flags: no ``nnan``/``ninf`` (NaN checks must stay true), no ``afn``
 #: (approximate exp would cost accuracy near machine precision in noise-free fits), and no
@@ -136,36 +138,14 @@ class _KernelCompiler(Compiler):
             return super().compile_extra(func)
 
 
-def _with_own_library(base):
-    """``base`` pipeline, keeping a normal library for a helper that Python calls too (tests
-    call some block helpers directly: their overload must have machine code)."""
-
-    class _WithOwnLibrary(base):
-        def compile_extra(self, func):
-            self.state.library = _normal_library(self.state, func)
-            return super().compile_extra(func)
-
-    return _WithOwnLibrary
-
-
-#: Per-voxel helpers: compiled as part of the parallel kernel that calls them (and inlined there
-#: by LLVM). Not cached on their own: the kernel's cache holds their code, and its stamp follows
-#: their sources (see ``fastivim.kernels._drop_stale_cache``). Tests call some of them from
-#: Python, so each keeps a library of its own with machine code (:func:`_with_own_library`).
-jit_voxel = njit(fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True,
-                 pipeline_class=_with_own_library(Compiler))
-
 #: What a helper compiles besides its own code, to be callable from Python: a CPython wrapper
-#: (unboxing every argument, boxing the result) and a C-callable wrapper. Helpers that take
-#: the kernels' tuples of ~30-80 arrays, or ~50 arrays, are never called from Python, and their
-#: wrappers were a quarter of a kernel's compile (segmented: 19 s of CPU with them, 15 s
-#: without): :data:`jit_inner` and :data:`jit_block_inner` leave them out. Helpers the tests
-#: call directly keep them.
+#: (unboxing every argument, boxing the result) and a C-callable wrapper. Kernel helpers leave
+#: them out (they were a quarter of a kernel's compile: segmented, 19 s of CPU with them, 15 s
+#: without); a call from Python goes to the helper's :func:`python_callable` twin instead.
 NO_WRAPPERS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
-#: :data:`jit_voxel` without the Python-facing wrappers (callable from compiled code only; under a
-#: kernel's compile its library is link-only).
-jit_inner = njit(fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True, **NO_WRAPPERS)
+#: The options every helper and kernel compiles with.
+OPTIONS = {"fastmath": FASTMATH_FLAGS, "error_model": "numpy", "nogil": True}
 
 
 class _NoAliasCompiler(Compiler):
@@ -183,20 +163,64 @@ class _NoAliasCompiler(Compiler):
         super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
 
 
+class KernelHelper(CPUDispatcher):
+    """A function that kernels call: compiled without Python wrappers, and link-only under a
+    kernel's compile (its code exists only inside the kernels).
+
+    Such an overload has no machine code of its own, so calling it from Python would jump to
+    address 0; a Python call goes to :func:`python_callable` of the helper instead (tests do
+    this), which compiles a twin with wrappers and machine code.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return python_callable(self)(*args, **kwargs)
+
+
+def _helper_decorator(pipeline_class):
+    def decorate(func):
+        if numba_config.DISABLE_JIT:
+            return func
+        return KernelHelper(func, targetoptions=dict(nopython=True, **OPTIONS, **NO_WRAPPERS),
+                            pipeline_class=pipeline_class)
+    return decorate
+
+
+#: Per-voxel helpers: compiled as part of the parallel kernel that calls them (and inlined there
+#: by LLVM). Not cached on their own: the kernel's cache holds their code, and its stamp follows
+#: their sources (see ``fastivim.kernels._drop_stale_cache``).
+jit_voxel = _helper_decorator(Compiler)
+
 #: Block helpers: like :data:`jit_voxel`, and every array argument promised not to overlap any
 #: other. A caller must never pass the same array (or two views of one buffer) twice.
-jit_block = njit(fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True,
-                 pipeline_class=_with_own_library(_NoAliasCompiler))
+jit_block = _helper_decorator(_NoAliasCompiler)
 
-#: :data:`jit_block` without the Python-facing wrappers (see :data:`NO_WRAPPERS`).
-jit_block_inner = njit(fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True,
-                       pipeline_class=_NoAliasCompiler, **NO_WRAPPERS)
+# the names block.py used while some helpers kept Python wrappers (now every helper is alike)
+jit_inner = jit_voxel
+jit_block_inner = jit_block
+
+
+def python_callable(helper):
+    """A twin of a kernel helper that Python can call: the same function and options, with the
+    Python wrappers and machine code of its own (for tests and ``inspect_asm``). Compiled on
+    first use, once per helper; a plain function (``NUMBA_DISABLE_JIT=1``) is returned as is."""
+    if not isinstance(helper, KernelHelper):
+        return helper
+    twin = helper.__dict__.get("_twin")
+    if twin is None:
+        options = {k: v for k, v in helper.targetoptions.items()
+                   if k not in NO_WRAPPERS and k != "nopython"}
+        twin = njit(pipeline_class=helper._compiler.pipeline_class, **options)(helper.py_func)
+        helper.__dict__["_twin"] = twin
+    return twin
 
 
 def jit_parallel(func):
     """Compile a voxel-loop kernel with ``parallel=True`` (``prange``) and an on-disk cache,
     optimising its code once (see :class:`_KernelCompiler`)."""
-    return njit(
-        parallel=True, cache=True, fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True,
-        pipeline_class=_KernelCompiler,
-    )(func)
+    return njit(parallel=True, cache=True, pipeline_class=_KernelCompiler, **OPTIONS)(func)
+
+
+def jit_serial(func):
+    """A cached kernel that runs on the calling thread (no ``prange`` inside), optimised once
+    like :func:`jit_parallel`."""
+    return njit(cache=True, pipeline_class=_KernelCompiler, **OPTIONS)(func)

@@ -41,16 +41,13 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic
 
 from . import status as st
-from ._jit import FASTMATH_FLAGS, jit_block, jit_parallel, jit_voxel
+from ._jit import jit_block, jit_parallel, jit_serial, jit_voxel
 from .vmath import vexp, vmax, vmin
 from .voxel import fail_voxel_sd
-
-#: A cached kernel that runs on the calling thread (no ``prange`` inside).
-_jit_serial = njit(cache=True, fastmath=FASTMATH_FLAGS, error_model="numpy", nogil=True)
 
 #: Grid sizes over D, D_star and f.
 N_D = 32
@@ -532,7 +529,7 @@ def em_iterations(L, usable, weights, n_iter, n_chunks, acc):
             weights[g] *= t / n_use
 
 
-@_jit_serial
+@jit_serial
 def compact_columns(buf, n, ng, keep):
     """Keep the columns ``keep`` (sorted indices) of the row-major (n, ng) table stored at the
     start of the flat array ``buf``, in place: afterwards ``buf[:n * len(keep)]`` holds the
