@@ -9,6 +9,7 @@ the map and its posterior SD the uncertainty. Deterministic for a seed on any th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -122,47 +123,88 @@ def _usable_rows(Y, groups, w) -> np.ndarray:
         return np.isfinite(Y).all(axis=1) & ((sums / w).max(axis=1) > 0)
 
 
-def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
-    """Grid empirical-Bayes fit of a (n_vox, n_b) matrix (see :mod:`fastivim.kernels.bayes`).
+def empty_outputs(n: int):
+    """``out`` (n, 6) and ``sd`` (n, 4) float32 NaN, ``status`` (n,) uint8 numerical failure:
+    what a voxel keeps unless a fit overwrites it."""
+    return (np.full((n, len(OUTPUT_COLUMNS)), np.nan, dtype=np.float32),
+            np.full((n, len(bayes.SD_COLUMNS)), np.nan, dtype=np.float32),
+            np.full(n, st.NUMERICAL_FAILURE, dtype=np.uint8))
 
-    Returns ``out`` (n_vox, 6) and ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra
-    result fields (``prior``, ``noise_sigma``).
+
+@dataclass
+class Posterior:
+    """What every voxel's posterior needs, learned once per volume (:func:`prepare_posterior`).
+
+    ``tables`` are the grid tables (:func:`fastivim.kernels.bayes.make_bayes_tables`);
+    ``sigma2`` the noise variance (signal units²; NaN when no voxel of the subsample could be
+    fitted, then nothing else is set); ``weights`` (n_g,) the prior over the whole grid;
+    ``prior`` ``"empirical"`` or ``"weak"``; ``keep`` (n_g,) bool the grid points whose weight
+    is at least :data:`PRIOR_PRUNE` of the largest; ``s0_bounds`` (lower, upper) for S0.
     """
-    n = Y.shape[0]
-    out = np.full((n, len(OUTPUT_COLUMNS)), np.nan, dtype=np.float32)
-    sd = np.full((n, len(bayes.SD_COLUMNS)), np.nan, dtype=np.float32)
-    status = np.full(n, st.NUMERICAL_FAILURE, dtype=np.uint8)
-    if n == 0:
-        return out, status, sd, {"prior": None, "noise_sigma": None}
+
+    tables: dict
+    sigma2: float
+    weights: np.ndarray | None = None
+    prior: str | None = None
+    keep: np.ndarray | None = None
+    s0_bounds: tuple = ()
+
+    def kernel_args(self) -> tuple:
+        """The arguments of :func:`fastivim.kernels.bayes.posterior_volume` between the signal
+        and the chunk count (grid pruned to ``keep``)."""
+        t, keep = self.tables, self.keep
+        return (t["groups"], t["w"], t["bu"], self.sigma2, np.ascontiguousarray(t["M"][:, keep]),
+                t["nn"][keep], 1.0 / t["nn"][keep],
+                np.log(self.weights[keep]) + t["lnorm"][keep],
+                np.ascontiguousarray(t["par"][:, keep]), np.ascontiguousarray(t["cvar"][:, keep]),
+                np.ascontiguousarray(t["edge"][:, keep]), *self.s0_bounds)
+
+    def unfitted_status(self, Y) -> np.ndarray:
+        """Status of every voxel when there is no noise estimate: bad input reported as such
+        (the kernels' test: a non-finite sample, or no group mean > 0), every other voxel as a
+        numerical failure."""
+        return np.where(_usable_rows(Y, self.tables["groups"], self.tables["w"]),
+                        st.NUMERICAL_FAILURE, st.BAD_INPUT).astype(np.uint8)
+
+
+def prepare_posterior(Y, b, bounds, b_threshold, seed) -> Posterior:
+    """The grid, the noise variance and the prior learned from the seeded subsample of the
+    (n_vox, n_b) matrix ``Y`` (shared by the ``bayesian`` and ``spatial`` methods)."""
     barr = bounds_array(bounds)
     t = bayes.make_bayes_tables(b, barr)
-    rows = _subsample(n, seed)
+    rows = _subsample(Y.shape[0], seed)
     sigma2 = _noise_variance(Y, rows, b, bounds, b_threshold)
     if not math.isfinite(sigma2):
-        # no voxel of the subsample could be fitted, so there is no noise estimate: bad input
-        # is reported as such (the kernels' test: a non-finite sample, or no group mean > 0),
-        # every other voxel as a numerical failure
-        status[:] = np.where(_usable_rows(Y, t["groups"], t["w"]), st.NUMERICAL_FAILURE,
-                             st.BAD_INPUT)
-        return out, status, sd, {"prior": None, "noise_sigma": None}
+        return Posterior(t, math.nan)
     s0_bounds = (float(barr[0, 0]), float(barr[0, 1]))
     weights = _learn_prior(Y, rows, t, sigma2, s0_bounds)
     prior = "empirical" if weights is not None else "weak"
     if weights is None:
         weights = np.full(t["nn"].size, 1.0 / t["nn"].size)
     keep = weights >= PRIOR_PRUNE * weights.max()
-    tables = (np.ascontiguousarray(t["M"][:, keep]), t["nn"][keep], 1.0 / t["nn"][keep],
-              np.log(weights[keep]) + t["lnorm"][keep],
-              np.ascontiguousarray(t["par"][:, keep]), np.ascontiguousarray(t["cvar"][:, keep]),
-              np.ascontiguousarray(t["edge"][:, keep]))
-    args = (t["groups"], t["w"], t["bu"], sigma2, *tables, *s0_bounds)
+    return Posterior(t, sigma2, weights, prior, keep, s0_bounds)
+
+
+def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
+    """Grid empirical-Bayes fit of a (n_vox, n_b) matrix (see :mod:`fastivim.kernels.bayes`).
+
+    Returns ``out`` (n_vox, 6) and ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra
+    result fields (``prior``, ``noise_sigma``).
+    """
+    out, sd, status = empty_outputs(Y.shape[0])
+    if Y.shape[0] == 0:
+        return out, status, sd, {"prior": None, "noise_sigma": None}
+    post = prepare_posterior(Y, b, bounds, b_threshold, seed)
+    if not math.isfinite(post.sigma2):
+        status[:] = post.unfitted_status(Y)
+        return out, status, sd, {"prior": None, "noise_sigma": None}
+    args = post.kernel_args()
 
     def fit_block(a, z, Y64):
         bayes.posterior_volume(Y64, *args, chunk_count(z - a), out[a:z], sd[a:z], status[a:z])
 
     run_in_float64_blocks(Y, fit_block, progress)
-    return out, status, sd, {"prior": prior, "noise_sigma": math.sqrt(sigma2)}
-
+    return out, status, sd, {"prior": post.prior, "noise_sigma": math.sqrt(post.sigma2)}
 
 
 def run(Y, req):

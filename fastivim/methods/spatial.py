@@ -19,7 +19,7 @@ from ..kernels.driver import chunk_count
 from ..model import bounds_array
 from . import Method, MethodOutput
 from ._blocks import run_in_blocks
-from .bayesian import PRIOR_PRUNE, _learn_prior, _noise_variance, _subsample, _usable_rows
+from .bayesian import empty_outputs, prepare_posterior
 
 #: Neighbourhood radius, mm: every voxel whose centre lies within it (1.5 x 1.5 x 4 mm voxels:
 #: 3 voxels in-plane, the adjacent slices' 5 nearest).
@@ -133,36 +133,21 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
     fields (``prior``, ``noise_sigma``).
     """
     n = Y.shape[0]
-    out = np.full((n, 6), np.nan, dtype=np.float32)
-    sd = np.full((n, 4), np.nan, dtype=np.float32)
-    status = np.full(n, st.NUMERICAL_FAILURE, dtype=np.uint8)
+    out, sd, status = empty_outputs(n)
     none = {"prior": None, "noise_sigma": None}
     if n == 0:
         return out, status, sd, none
     barr = bounds_array(bounds)
-    t = bayes.make_bayes_tables(b, barr)
-    rows = _subsample(n, seed)
-    sigma2 = _noise_variance(Y, rows, b, bounds, b_threshold)
-    if not math.isfinite(sigma2):
-        status[:] = np.where(_usable_rows(Y, t["groups"], t["w"]), st.NUMERICAL_FAILURE,
-                             st.BAD_INPUT)
+    post = prepare_posterior(Y, b, bounds, b_threshold, seed)
+    if not math.isfinite(post.sigma2):
+        status[:] = post.unfitted_status(Y)
         return out, status, sd, none
-    s0_bounds = (float(barr[0, 0]), float(barr[0, 1]))
-    weights = _learn_prior(Y, rows, t, sigma2, s0_bounds)
-    prior = "empirical" if weights is not None else "weak"
-    if weights is None:
-        weights = np.full(t["nn"].size, 1.0 / t["nn"].size)
-    keep = weights >= PRIOR_PRUNE * weights.max()
-    M = np.ascontiguousarray(t["M"][:, keep])
-    nn = t["nn"][keep]
+    t, sigma2, weights, prior = post.tables, post.sigma2, post.weights, post.prior
     # pass 1: each voxel's own posterior (the bayesian method's)
     out1 = np.empty((n, 6), dtype=np.float32)
     sd1 = np.empty((n, 4), dtype=np.float32)
     status1 = np.empty(n, dtype=np.uint8)
-    args1 = (t["groups"], t["w"], t["bu"], sigma2, M, nn, 1.0 / nn,
-             np.log(weights[keep]) + t["lnorm"][keep], np.ascontiguousarray(t["par"][:, keep]),
-             np.ascontiguousarray(t["cvar"][:, keep]), np.ascontiguousarray(t["edge"][:, keep]),
-             *s0_bounds)
+    args1 = post.kernel_args()
 
     def pass1(a, z):
         bayes.posterior_volume(Y[a:z], *args1, chunk_count(z - a), out1[a:z], sd1[a:z],
