@@ -8,16 +8,12 @@ the float64 values the kernel computes before fit.py rounds them.
 The compiled kernel (:func:`fastivim.kernels.block.fit_volume_block`, the one
 :func:`fastivim.fit_voxels` runs for ``segmented`` and ``full``) works in float64 and writes
 its ``(n_vox, 6)`` output rows in the dtype of the array it is given:
-:func:`fastivim.methods.least_squares.run_kernel` gives float32, :func:`fit_rows_float64`
-gives float64. Everything else is fastivim's own: the options object and b-value checks of
+:func:`fastivim.methods.least_squares.run_kernel` gives float32 by default, float64 here
+(``out_dtype``). Everything else is fastivim's own: the options object and b-value checks of
 :mod:`fastivim.fit`, and the kernel, tables, iteration limit, one-thread path for small inputs
-and block loop of :mod:`fastivim.methods.least_squares`. So these parameters round to exactly
-the float32 maps of ``fastivim.fit_voxels`` with the same arguments (a parameter fitted on a
-bound may differ by the one float32 ulp fit.py moves it inside); tests/test_interop_dipy.py
-checks this.
-
-This module reaches into private helpers; it is kept in one place so that, if
-``run_kernel`` gains an output-dtype argument, it becomes a one-line call.
+and block loop of ``run_kernel``. So these parameters round to exactly the float32 maps of
+``fastivim.fit_voxels`` with the same arguments (a parameter fitted on a bound may differ by
+the one float32 ulp fit.py moves it inside); tests/test_interop_dipy.py checks this.
 """
 
 from __future__ import annotations
@@ -25,11 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import fit as _fit
-from ..kernels.driver import chunk_count
-from ..kernels.tables import METHOD_FULL, METHOD_SEGMENTED, make_settings, make_tables
+from ..kernels.tables import METHOD_FULL, METHOD_SEGMENTED
 from ..methods import least_squares as _ls
-from ..methods._blocks import run_in_blocks
-from ..model import bounds_array
 from ..options import FitOptions
 
 #: Least-squares methods whose kernel rows this module can return, with their kernel code
@@ -75,21 +68,8 @@ def fit_rows_float64(Y, b_values, method, bounds=None, b_threshold=_fit.B_THRESH
         raise ValueError(f"Y must be 2-D (n_vox, n_b), got shape {Y.shape}")
     if Y.dtype.kind not in "fiub":
         raise ValueError(f"signal must be real numbers, got dtype {Y.dtype}")
-    Y = np.ascontiguousarray(Y, dtype=np.float64)
     b = _fit.validate_b_values(b_values, Y.shape[1])
     b_threshold = _fit.check_fit_sampling(b, opts)
-    n = Y.shape[0]
-    out = np.empty((n, len(_ls.OUTPUT_COLUMNS)), dtype=np.float64)
-    status = np.empty(n, dtype=np.uint8)
-    if n:
-        run = _ls.kernel_function("block")  # also runs the stale-cache check
-        tables = make_tables(b, bounds_array(dict(opts.bounds)))
-        settings = make_settings(LS_METHODS[opts.method], b_threshold, _ls.MAX_ITERATIONS)
-        if n < _ls.SERIAL_BELOW:
-            _ls._fit_on_one_thread(run, Y, tables, settings, out, status)
-        else:
-            def fit_block(a, z):
-                run(Y[a:z], tables, settings, chunk_count(z - a), out[a:z], status[a:z])
-
-            run_in_blocks(n, fit_block, False)
+    out, status = _ls.run_kernel(Y, LS_METHODS[opts.method], b, dict(opts.bounds), b_threshold,
+                                 False, out_dtype=np.float64)
     return np.ascontiguousarray(out[:, :4]), status

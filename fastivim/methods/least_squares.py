@@ -44,10 +44,16 @@ def kernel_function(kernel):
     return fit_volume_block if kernel == "block" else fit_volume
 
 
-def run_kernel(Y, method_code, b, bounds, b_threshold, progress, kernel="block"):
-    """Fit a (n_vox, n_b) matrix; return ``out`` (n_vox, 6) float32 and ``status`` uint8."""
+def run_kernel(Y, method_code, b, bounds, b_threshold, progress, kernel="block",
+               out_dtype=np.float32):
+    """Fit a (n_vox, n_b) matrix; return ``out`` (n_vox, 6) and ``status`` uint8.
+
+    ``out`` is float32 (what the maps store). ``out_dtype=np.float64`` keeps the kernel's
+    float64 estimates unrounded (the dipy adapter's float64 parameters): the kernel then
+    compiles once more, for that output type.
+    """
     n = Y.shape[0]
-    out = np.empty((n, len(OUTPUT_COLUMNS)), dtype=np.float32)
+    out = np.empty((n, len(OUTPUT_COLUMNS)), dtype=out_dtype)
     status = np.empty(n, dtype=np.uint8)
     run = kernel_function(kernel)
     if n == 0:
