@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import assert_refused, invoke
 
 import fastivim
 from fastivim import _atomic, io
@@ -46,22 +47,6 @@ def write_dwi(folder: Path, data, name="dwi.nii.gz") -> Path:
     nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])), path)
     io.bval_sidecar(path).write_text(" ".join(f"{v:g}" for v in B) + "\n")
     return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_refused(r, *words, code=1):
-    """One ``Error:`` line naming ``words``, the exit code, no traceback."""
-    assert r.exit_code == code, (r.exit_code, r.output)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
-    assert lines[0].startswith("Error:"), lines[0]
-    for w in words:
-        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
-    assert "unexpected" not in lines[0] and "Traceback" not in r.output
-    assert len(lines[0]) < 400, lines[0]
 
 
 def victim(tmp_path) -> Path:

@@ -17,9 +17,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import assert_refused, invoke
 
-from fastivim.cli import main
 from fastivim.simulate import phantom
 
 B = np.array([0, 10, 20, 30, 50, 80, 100, 200, 400, 800], dtype=float)
@@ -45,21 +44,6 @@ def write_dwi(folder: Path, data, b=B, name="dwi.nii.gz", affine=None) -> Path:
     nib.save(nib.Nifti1Image(data, _affine() if affine is None else affine), path)
     (folder / (name.split(".")[0] + ".bval")).write_text(" ".join(f"{v:g}" for v in b) + "\n")
     return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_refused(r, *words, code=1):
-    """One ``Error:`` line naming ``words``, the exit code, no traceback or raw warning."""
-    assert r.exit_code == code, (r.exit_code, r.output)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{r.stderr}"
-    assert lines[0].startswith("Error:"), lines[0]
-    for w in words:
-        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
-    assert "unexpected" not in lines[0] and "Traceback" not in r.output
 
 
 def nothing_written(folder: Path, before: set) -> bool:
