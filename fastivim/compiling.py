@@ -52,6 +52,15 @@ DESCRIPTIONS = {
 #: What :func:`compile_kernels` can compile: the four methods and two options.
 TARGETS = ("segmented", "full", "bayesian", "spatial", "uncertainty", "simplified")
 
+#: Targets whose fit runs the ``full`` kernel first (the Bayesian noise estimate). When that
+#: kernel is not compiled yet and the process may use two CPUs or more, it compiles in a second
+#: process while this one compiles the target's own kernels: the wait is the longer of the two
+#: instead of their sum (numba compiles one function at a time per process).
+NEEDS_FULL = ("bayesian", "spatial")
+
+#: Seconds to wait for that second process before compiling here instead.
+SECOND_PROCESS_TIMEOUT = 900
+
 
 class CompileWarning(UserWarning):
     """A fastivim kernel is being compiled (or has just been); only issued when the process
@@ -208,12 +217,16 @@ class compile_notes:
         return False
 
 
+#: Signal-to-noise ratio of the probe phantom.
+PROBE_SNR = 30.0
+
+
 def _probe():
     """A small phantom whose fits run every code path of every kernel (the Bayesian fit needs
     enough usable voxels to learn a prior)."""
     from .simulate import phantom
 
-    return phantom((400,), snr=30, seed=0)
+    return phantom((400,), snr=PROBE_SNR, seed=0)
 
 
 def targets_for(method: str, model: str = "ivim", uncertainty: bool = False) -> tuple:
@@ -251,6 +264,8 @@ def compile_kernels(targets=TARGETS) -> dict:
     seconds = {}
     for target in targets:
         t0 = time.perf_counter()
+        if target in NEEDS_FULL:
+            _compile_beside_full(ph)
         if target == "uncertainty":
             # one kernel serves both least-squares methods: run it alone, on made-up estimates
             # (a fit here would compile a method's kernel the caller may not use)
@@ -273,3 +288,98 @@ def compile_kernels(targets=TARGETS) -> dict:
             fit_voxels(ph.signal, ph.b_values, method=target)
         seconds[target] = time.perf_counter() - t0
     return seconds
+
+
+def is_compiled(dispatcher) -> bool:
+    """True when ``dispatcher`` has machine code here: compiled in this process, or in numba's
+    cache for this machine's CPU (any signature: each kernel has one)."""
+    if dispatcher.overloads:
+        return True
+    try:
+        index = dispatcher._cache._cache_file._load_index()
+        magic = dispatcher.targetctx.codegen().magic_tuple()
+    except Exception:  # no cache (read-only install, numba internals changed): say no
+        return False
+    return any(key[1] == magic for key in index)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def start_compile_process(target: str):
+    """Start ``compile_kernels((target,))`` in a child process of the same Python, importing
+    this very fastivim, with the same numba cache; return its ``Popen``, or None when it could
+    not start. Its notes are discarded: the caller reports it."""
+    import subprocess
+    import sys
+
+    import numba
+
+    root = str(Path(__file__).resolve().parents[1])  # the folder holding this fastivim
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]]
+                                                  if env.get("PYTHONPATH") else []))
+    if numba.config.CACHE_DIR:
+        env["NUMBA_CACHE_DIR"] = str(numba.config.CACHE_DIR)
+    code = f"from fastivim.compiling import compile_kernels; compile_kernels(({target!r},))"
+    try:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def _compile_beside_full(ph) -> None:
+    """For a target of :data:`NEEDS_FULL`: if the ``full`` kernel is not compiled yet and two
+    CPUs are free to use, compile it in a second process while this one compiles the Bayesian
+    kernels (with the probe's true noise in place of the ``full`` fit's estimate), then wait
+    for it. The probe fit that follows loads ``full`` from the cache. Any failure of the second
+    process only means that the probe compiles ``full`` here, as without it."""
+    import subprocess
+
+    from .kernels import ensure_fresh_cache
+    from .kernels.block import fit_full_blocks
+
+    ensure_fresh_cache()  # before the child looks at the cache
+    watch_compiles()  # the Bayesian kernels compile here, before any fit says so
+    if is_compiled(fit_full_blocks) or usable_cpus() < 2:
+        return
+    what = DESCRIPTIONS[kernel_key(fit_full_blocks)]
+    child = start_compile_process("full")
+    if child is None:
+        return
+    t0 = time.perf_counter()
+    _say(f"compiling {what} in a second process, beside the Bayesian method's kernels")
+    try:
+        _bayes_kernels(ph)
+        child.wait(timeout=SECOND_PROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass  # the probe compiles it here
+    finally:
+        if child.poll() is None:  # timed out, or this process was interrupted: stop it
+            child.kill()
+            child.wait()
+    if child.returncode == 0:
+        _say(f"compiled {what} in {time.perf_counter() - t0:.1f} s in the second process "
+             f"(kept in the cache for later runs)")
+
+
+def _bayes_kernels(ph) -> None:
+    """Compile (or load) the Bayesian method's own kernels by running them on the probe, with
+    the probe's true noise variance instead of a ``full`` fit's estimate."""
+    from .fit import B_THRESHOLD
+    from .methods import bayesian
+    from .model import DEFAULT_BOUNDS
+    from .simulate import S0_TISSUE
+
+    sigma2 = (S0_TISSUE / PROBE_SNR) ** 2
+    post = bayesian.prepare_posterior(ph.signal, ph.b_values, DEFAULT_BOUNDS, B_THRESHOLD, 0,
+                                      sigma2=sigma2)
+    out, sd, status = bayesian.empty_outputs(ph.signal.shape[0])
+    bayesian.posteriors(ph.signal, post, out, sd, status)

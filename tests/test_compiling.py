@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -200,3 +201,48 @@ def test_python_dash_m_fastivim_is_the_command():
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Usage: fastivim ")
     assert "compile" in r.stdout and "run" in r.stdout
+
+
+SECOND_PROCESS_CHILD = r"""
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from fastivim import compiling
+from fastivim.kernels import block
+compiling.compile_kernels(("bayesian",))
+print(sum(block.fit_full_blocks.stats.cache_hits.values()),
+      sum(block.fit_full_blocks.stats.cache_misses.values()))
+"""
+
+
+@pytest.mark.jit_only
+@pytest.mark.skipif(compiling.usable_cpus() < 2, reason="one CPU: no second process is started")
+def test_bayesian_first_compile_builds_full_in_a_second_process(tmp_path):
+    """With an empty cache, the Bayesian target compiles the full kernel (its noise estimate)
+    in a second process while this one compiles the Bayesian kernels; this process then loads
+    full from the cache (a cache hit, no compile of it here) and says what happened."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", SECOND_PROCESS_CHILD], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hits, misses = map(int, r.stdout.split()[-2:])
+    assert (hits, misses) == (1, 0), r.stderr
+    full = compiling.DESCRIPTIONS["fastivim.kernels.block.fit_full_blocks"]
+    assert f"compiling {full} in a second process" in r.stderr
+    assert f"compiling {full} for this machine" not in r.stderr  # never compiled here
+    assert "compiling the Bayesian method's posterior kernel" in r.stderr
+
+
+def test_no_second_process_when_full_is_compiled_or_one_cpu(monkeypatch):
+    started = []
+    monkeypatch.setattr(compiling, "start_compile_process", lambda t: started.append(t))
+    monkeypatch.setattr(compiling, "is_compiled", lambda d: True)
+    compiling._compile_beside_full(compiling._probe())
+    monkeypatch.setattr(compiling, "is_compiled", lambda d: False)
+    monkeypatch.setattr(compiling, "usable_cpus", lambda: 1)
+    compiling._compile_beside_full(compiling._probe())
+    assert started == []
+
+
+def test_a_second_process_that_cannot_start_is_no_error(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    assert compiling.start_compile_process("full") is None

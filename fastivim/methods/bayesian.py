@@ -167,13 +167,19 @@ class Posterior:
                         st.NUMERICAL_FAILURE, st.BAD_INPUT).astype(np.uint8)
 
 
-def prepare_posterior(Y, b, bounds, b_threshold, seed) -> Posterior:
+def prepare_posterior(Y, b, bounds, b_threshold, seed, sigma2=None) -> Posterior:
     """The grid, the noise variance and the prior learned from the seeded subsample of the
-    (n_vox, n_b) matrix ``Y`` (shared by the ``bayesian`` and ``spatial`` methods)."""
+    (n_vox, n_b) matrix ``Y`` (shared by the ``bayesian`` and ``spatial`` methods).
+
+    ``sigma2`` (signal units²) replaces the estimate from the ``full`` fit of the subsample:
+    :func:`fastivim.compiling.compile_kernels` compiles this method's kernels with a known
+    noise while the ``full`` kernel compiles in another process.
+    """
     barr = bounds_array(bounds)
     t = bayes.make_bayes_tables(b, barr)
     rows = _subsample(Y.shape[0], seed)
-    sigma2 = _noise_variance(Y, rows, b, bounds, b_threshold)
+    if sigma2 is None:
+        sigma2 = _noise_variance(Y, rows, b, bounds, b_threshold)
     if not math.isfinite(sigma2):
         return Posterior(t, math.nan)
     s0_bounds = (float(barr[0, 0]), float(barr[0, 1]))
@@ -198,13 +204,19 @@ def _run_bayesian(Y, b, bounds, b_threshold, seed, progress):
     if not math.isfinite(post.sigma2):
         status[:] = post.unfitted_status(Y)
         return out, status, sd, {"prior": None, "noise_sigma": None}
+    posteriors(Y, post, out, sd, status, progress)
+    return out, status, sd, {"prior": post.prior, "noise_sigma": math.sqrt(post.sigma2)}
+
+
+def posteriors(Y, post: Posterior, out, sd, status, progress=False) -> None:
+    """Every row's posterior mean into ``out`` (n_vox, 6), SDs into ``sd`` (n_vox, 4), codes
+    into ``status`` (n_vox,), block by block in float64."""
     args = post.kernel_args()
 
     def fit_block(a, z, Y64):
         bayes.posterior_volume(Y64, *args, chunk_count(z - a), out[a:z], sd[a:z], status[a:z])
 
     run_in_float64_blocks(Y, fit_block, progress)
-    return out, status, sd, {"prior": post.prior, "noise_sigma": math.sqrt(post.sigma2)}
 
 
 def run(Y, req):
