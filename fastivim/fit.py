@@ -351,8 +351,11 @@ def load_kernel(method="segmented", model="ivim", uncertainty=False) -> float:
     Each method (and the uncertainty and simplified-model options) has its own kernels, and one
     compile serves every input dtype. A fresh cache folder compiles them (reported on the
     ``fastivim.compile`` logger, see :mod:`fastivim.compiling`); later processes load them in a
-    fraction of a second. Calling it first keeps that cost out of fit timings. Returns the
-    seconds it took.
+    fraction of a second. Calling it first keeps that cost out of fit timings, and for
+    ``"bayesian"`` and ``"spatial"`` it shortens the first wait on a machine with two CPUs or
+    more: the ``full`` kernel (the noise estimate) compiles in a second process beside the
+    method's own kernels (the wait is the longer of the two), where a first fit compiles them
+    one after the other. Returns the seconds it took.
     """
     from .compiling import compile_kernels, targets_for
 
