@@ -1,8 +1,14 @@
-"""Compilation options shared by every kernel, in one place.
+"""Compilation options and pipelines shared by every kernel, in one place.
 
 Turning ``fastmath`` fully on would include the ``nnan``/``ninf`` flags, which let LLVM assume
 no NaN or inf ever occurs: then ``np.isfinite`` checks that keep bad voxels from poisoning
 results can be folded away. We keep only flags that cannot change results between runs.
+
+Two decorators make code: :func:`jit_parallel` / :func:`jit_serial` for the cached kernels that
+Python calls, :data:`jit_voxel` / :data:`jit_block` for the helpers they call. A helper's code
+exists only inside the kernels (see "One optimisation..." below); tests that call a helper from
+Python get a twin compiled for that (:func:`python_callable`). This leans on numba internals
+(code libraries, the ``noalias`` flag), hence the numba pin in setup.cfg.
 """
 
 import contextlib
@@ -27,8 +33,8 @@ FASTMATH_FLAGS = {"nsz", "arcp", "contract"}
 # links in, then machine code. A cached kernel nests five or six libraries that each contain the
 # whole fit (the chunk and block helpers, the parfor body, its gufunc wrapper, the parallel
 # wrapper, the kernel itself), so the same code was optimised and turned into machine code five
-# or six times: about two thirds of the segmented kernel's first compile (16 s of CPU), all of
-# it thrown away, since only the kernel's own library is ever run or cached. While a kernel
+# or six times, all of it but the last thrown away, since only the kernel's own library is ever
+# run or cached (segmented's first compile: 20.5 s of CPU before, 10.9 s after). While a kernel
 # compiles, every library created under it is "link-only": finalising it only links its
 # callees' IR in; the kernel's library links everything and optimises it once. The result is
 # the same code; what differs is how often LLVM rebuilds it.
@@ -38,9 +44,8 @@ class _LinkOnlyLibrary(JITCodeLibrary):
     """A code library that is never optimised as a module nor turned into machine code.
 
     Its IR (function-level optimised, as numba does for every function) is linked into the
-    library that uses it. It has no symbol in the JIT engine: it must never be called from
-    Python (see :class:`_KernelCompiler`, which gives helpers callable from Python a normal
-    library).
+    library that uses it. It has no symbol in the JIT engine, so it must never be called from
+    Python: helpers are :class:`KernelHelper`, whose Python calls go to a twin.
     """
 
     def finalize(self):
