@@ -54,7 +54,8 @@ class _LinkOnlyLibrary(JITCodeLibrary):
         seen = set()
         for library in self._linking_libraries:
             if library not in seen:
-                self._reload_init.update(library._reload_init)
+                if hasattr(self, "_reload_init"):  # newer numba (its own finalize does this)
+                    self._reload_init.update(library._reload_init)
                 seen.add(library)
                 self._final_module.link_in(library._get_module_for_linking(), preserve=True)
         self._finalize_dynamic_globals()
