@@ -247,47 +247,72 @@ def compile_kernels(targets=TARGETS) -> dict:
     in this module's docstring. Use it where a machine is set up (image build, CI, a cluster
     worker's start), with the same ``NUMBA_CACHE_DIR`` as the runs that follow.
 
+    When the ``full`` kernel is needed (the ``full`` target among others, or ``bayesian`` and
+    ``spatial``, whose noise estimate is a ``full`` fit) and not compiled yet, it compiles in a
+    second process while this one compiles the rest (:class:`_FullElsewhere`), with two CPUs
+    or more: numba compiles one function at a time per process.
+
     Raises
     ------
     ValueError
         An unknown target.
     """
-    import numpy as np
-
-    from .fit import fit_voxels
-
     bad = [t for t in targets if t not in TARGETS]
     if bad:
         raise ValueError(f"unknown compile target(s) {', '.join(bad)}; valid: "
                          f"{', '.join(TARGETS)}")
     ph = _probe()
     seconds = {}
-    for target in targets:
-        t0 = time.perf_counter()
-        if target in NEEDS_FULL:
-            _compile_beside_full(ph)
-        if target == "uncertainty":
-            # one kernel serves both least-squares methods: run it alone, on made-up estimates
-            # (a fit here would compile a method's kernel the caller may not use)
-            from .kernels.tables import METHOD_SEGMENTED
-            from .methods.least_squares import OUTPUT_COLUMNS, ls_uncertainty
+    watch_compiles()  # kernels run directly below (not through a fit) report too
+    full = _FullElsewhere()
+    needs_full = [t for t in targets if t in NEEDS_FULL]
+    if needs_full or ("full" in targets and len(targets) > 1):
+        full.start(beside="the Bayesian method's kernels" if needs_full else "the others")
+    try:
+        order = [t for t in targets if not (t == "full" and full.child is not None)]
+        if len(order) < len(targets):
+            order.append("full")  # compiling elsewhere: wait for it last
+        for target in order:
+            seconds[target] = _compile_target(target, ph, full)
+    finally:
+        full.stop()
+    if "full" in seconds and full.seconds is not None:
+        seconds["full"] = full.seconds  # ready when the second process was done
+    return {t: seconds[t] for t in targets}
 
-            est = np.tile(np.float32([1000.0, 0.1, 0.02, 1e-3, 0.9, 1.0]),
-                          (ph.signal.shape[0], 1))
-            assert est.shape[1] == len(OUTPUT_COLUMNS)
-            ls_uncertainty(ph.signal, METHOD_SEGMENTED, ph.b_values, 200.0, est)
-        elif target == "simplified":
-            fit_voxels(ph.signal, ph.b_values, method="segmented", model="simplified",
-                       uncertainty=True)
-        elif target == "spatial":
-            from .fit import fit_ivim
 
-            # the spatial method needs a volume: the probe's 400 voxels as a 20 x 20 slice
-            fit_ivim(ph.signal.reshape(20, 20, -1), ph.b_values, method="spatial", adc=False)
-        else:
-            fit_voxels(ph.signal, ph.b_values, method=target)
-        seconds[target] = time.perf_counter() - t0
-    return seconds
+def _compile_target(target, ph, full) -> float:
+    """Compile (or load) one target's kernels with a probe fit; seconds it took."""
+    import numpy as np
+
+    from .fit import fit_voxels
+
+    t0 = time.perf_counter()
+    if target in NEEDS_FULL and full.child is not None:
+        _bayes_kernels(ph)  # here, while full compiles in the second process
+    if target == "full" or target in NEEDS_FULL:
+        full.wait()
+    if target == "uncertainty":
+        # one kernel serves both least-squares methods: run it alone, on made-up estimates
+        # (a fit here would compile a method's kernel the caller may not use)
+        from .kernels.tables import METHOD_SEGMENTED
+        from .methods.least_squares import OUTPUT_COLUMNS, ls_uncertainty
+
+        est = np.tile(np.float32([1000.0, 0.1, 0.02, 1e-3, 0.9, 1.0]),
+                      (ph.signal.shape[0], 1))
+        assert est.shape[1] == len(OUTPUT_COLUMNS)
+        ls_uncertainty(ph.signal, METHOD_SEGMENTED, ph.b_values, 200.0, est)
+    elif target == "simplified":
+        fit_voxels(ph.signal, ph.b_values, method="segmented", model="simplified",
+                   uncertainty=True)
+    elif target == "spatial":
+        from .fit import fit_ivim
+
+        # the spatial method needs a volume: the probe's 400 voxels as a 20 x 20 slice
+        fit_ivim(ph.signal.reshape(20, 20, -1), ph.b_values, method="spatial", adc=False)
+    else:
+        fit_voxels(ph.signal, ph.b_values, method=target)
+    return time.perf_counter() - t0
 
 
 def is_compiled(dispatcher) -> bool:
@@ -335,39 +360,58 @@ def start_compile_process(target: str):
         return None
 
 
-def _compile_beside_full(ph) -> None:
-    """For a target of :data:`NEEDS_FULL`: if the ``full`` kernel is not compiled yet and two
-    CPUs are free to use, compile it in a second process while this one compiles the Bayesian
-    kernels (with the probe's true noise in place of the ``full`` fit's estimate), then wait
-    for it. The probe fit that follows loads ``full`` from the cache. Any failure of the second
-    process only means that the probe compiles ``full`` here, as without it."""
-    import subprocess
+class _FullElsewhere:
+    """The ``full`` kernel compiling in a second process, while this one compiles others.
 
-    from .kernels import ensure_fresh_cache
-    from .kernels.block import fit_full_blocks
+    :meth:`start` starts it only when that kernel is not compiled yet and two CPUs are usable;
+    :meth:`wait` waits for it (then this process loads the kernel from the cache). Any failure
+    of the second process only means that ``full`` compiles here when first used, as without
+    it; an interrupted wait stops the second process.
+    """
 
-    ensure_fresh_cache()  # before the child looks at the cache
-    watch_compiles()  # the Bayesian kernels compile here, before any fit says so
-    if is_compiled(fit_full_blocks) or usable_cpus() < 2:
-        return
-    what = DESCRIPTIONS[kernel_key(fit_full_blocks)]
-    child = start_compile_process("full")
-    if child is None:
-        return
-    t0 = time.perf_counter()
-    _say(f"compiling {what} in a second process, beside the Bayesian method's kernels")
-    try:
-        _bayes_kernels(ph)
-        child.wait(timeout=SECOND_PROCESS_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass  # the probe compiles it here
-    finally:
-        if child.poll() is None:  # timed out, or this process was interrupted: stop it
+    def __init__(self):
+        self.child = None
+        self.started = 0.0
+        self.seconds = None  # how long the second process took, once it has compiled full
+
+    def start(self, beside: str) -> None:
+        from .kernels import ensure_fresh_cache
+        from .kernels.block import fit_full_blocks
+
+        ensure_fresh_cache()  # before the child looks at the cache
+        if is_compiled(fit_full_blocks) or usable_cpus() < 2:
+            return
+        self.child = start_compile_process("full")
+        if self.child is not None:
+            self.started = time.perf_counter()
+            _say(f"compiling {DESCRIPTIONS[kernel_key(fit_full_blocks)]} in a second process, "
+                 f"beside {beside}")
+
+    def wait(self) -> None:
+        import subprocess
+
+        from .kernels.block import fit_full_blocks
+
+        child, self.child = self.child, None
+        if child is None:
+            return
+        try:
+            child.wait(timeout=SECOND_PROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass  # full compiles here when first used
+        finally:
+            self.stop(child)
+        if child.returncode == 0:
+            self.seconds = time.perf_counter() - self.started
+            _say(f"compiled {DESCRIPTIONS[kernel_key(fit_full_blocks)]} in "
+                 f"{self.seconds:.1f} s in the second process (kept in the cache for later "
+                 f"runs)")
+
+    def stop(self, child=None) -> None:
+        child = child or self.child
+        if child is not None and child.poll() is None:
             child.kill()
             child.wait()
-    if child.returncode == 0:
-        _say(f"compiled {what} in {time.perf_counter() - t0:.1f} s in the second process "
-             f"(kept in the cache for later runs)")
 
 
 def _bayes_kernels(ph) -> None:

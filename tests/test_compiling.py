@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import fastivim
 from fastivim import cli, compiling
-from fastivim.kernels import bayes, block, simplified, uncertainty
+from fastivim.kernels import bayes, block, simplified, spatial, uncertainty
 from fastivim.methods import _blocks
 
 TINY_KERNEL = textwrap.dedent(
@@ -120,10 +120,13 @@ def test_one_compiled_signature_serves_every_input_dtype():
         for method in ("segmented", "full"):
             fastivim.fit_ivim(data, ph.b_values, method=method, uncertainty=True)
         fastivim.fit_ivim(data, ph.b_values, model="simplified")
-    fastivim.fit_ivim(ro, ph.b_values, method="bayesian")
-    fastivim.fit_ivim(inputs[0], ph.b_values, method="bayesian")
+    for method in ("bayesian", "spatial"):
+        fastivim.fit_ivim(ro, ph.b_values, method=method)
+        fastivim.fit_ivim(inputs[0], ph.b_values, method=method)
+        fastivim.fit_ivim(inputs[2], ph.b_values, method=method)
     for d in (block.fit_segmented_blocks, block.fit_full_blocks, uncertainty.ls_uncertainty,
-              simplified.fit_simplified_volume, bayes.posterior_volume, bayes.em_likelihoods):
+              simplified.fit_simplified_volume, bayes.posterior_volume, bayes.em_likelihoods,
+              spatial.weighted_means, spatial.spatial_posterior):
         sigs = list(d.signatures)
         assert len(sigs) == 1, (d, sigs)
         assert str(sigs[0][0]) == "array(float64, 2d, C)"
@@ -236,13 +239,48 @@ def test_no_second_process_when_full_is_compiled_or_one_cpu(monkeypatch):
     started = []
     monkeypatch.setattr(compiling, "start_compile_process", lambda t: started.append(t))
     monkeypatch.setattr(compiling, "is_compiled", lambda d: True)
-    compiling._compile_beside_full(compiling._probe())
+    compiling._FullElsewhere().start("x")
     monkeypatch.setattr(compiling, "is_compiled", lambda d: False)
     monkeypatch.setattr(compiling, "usable_cpus", lambda: 1)
-    compiling._compile_beside_full(compiling._probe())
+    compiling._FullElsewhere().start("x")
     assert started == []
 
 
 def test_a_second_process_that_cannot_start_is_no_error(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     assert compiling.start_compile_process("full") is None
+
+
+class _DoneChild:
+    """Stands in for the second process's Popen: already finished, successfully."""
+
+    returncode = 0
+
+    def wait(self, timeout=None):
+        return 0
+
+    def poll(self):
+        return 0
+
+
+def test_full_among_other_targets_compiles_elsewhere_and_is_waited_for_last(monkeypatch):
+    monkeypatch.setattr(compiling, "is_compiled", lambda d: False)
+    monkeypatch.setattr(compiling, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(compiling, "start_compile_process", lambda target: _DoneChild())
+    order = []
+
+    def fake_target(target, ph, full):
+        order.append(target)
+        if target == "full":
+            full.wait()
+        return 0.0
+
+    monkeypatch.setattr(compiling, "_compile_target", fake_target)
+    seconds = compiling.compile_kernels(("segmented", "full", "uncertainty"))
+    assert order == ["segmented", "uncertainty", "full"]  # full: compiled elsewhere meanwhile
+    assert list(seconds) == ["segmented", "full", "uncertainty"]
+    assert seconds["full"] >= 0 and seconds["segmented"] == 0.0
+    order.clear()
+    monkeypatch.setattr(compiling, "usable_cpus", lambda: 1)
+    compiling.compile_kernels(("segmented", "full"))
+    assert order == ["segmented", "full"]  # one CPU: in order, here

@@ -18,8 +18,8 @@ from ..kernels import status as st
 from ..kernels.driver import chunk_count
 from ..model import bounds_array
 from . import Method, MethodOutput
-from ._blocks import run_in_blocks
-from .bayesian import empty_outputs, prepare_posterior
+from ._blocks import float64_rows, run_in_blocks
+from .bayesian import empty_outputs, posteriors, prepare_posterior
 
 #: Neighbourhood radius, mm: every voxel whose centre lies within it (1.5 x 1.5 x 4 mm voxels:
 #: 3 voxels in-plane, the adjacent slices' 5 nearest).
@@ -127,7 +127,8 @@ def learn_variation(out1, sd1, ok, coords, vidx, offsets):
 
 def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed,
                 radius_mm=RADIUS_MM, bandwidth=BANDWIDTH, rounds=None, progress=False):
-    """Spatial fit of the mask's voxels ``Y`` (n_vox, n_b, mask order) of a volume.
+    """Spatial fit of the mask's voxels ``Y`` (n_vox, n_b, mask order, any real dtype; used as
+    one float64 copy) of a volume.
 
     Returns ``out`` (n_vox, 6), ``sd`` (n_vox, 4) float32, ``status`` uint8 and the extra result
     fields (``prior``, ``noise_sigma``).
@@ -137,6 +138,9 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
     none = {"prior": None, "noise_sigma": None}
     if n == 0:
         return out, status, sd, none
+    # writeable float64 once, whatever the input (a copy unless it is that already): pass 2
+    # reads any voxel's neighbours, and one compile of each kernel serves every input dtype
+    Y = float64_rows(Y, 0, n)
     barr = bounds_array(bounds)
     post = prepare_posterior(Y, b, bounds, b_threshold, seed)
     if not math.isfinite(post.sigma2):
@@ -147,13 +151,7 @@ def run_spatial(Y, mask, spatial_shape, voxel_size, b, bounds, b_threshold, seed
     out1 = np.empty((n, 6), dtype=np.float32)
     sd1 = np.empty((n, 4), dtype=np.float32)
     status1 = np.empty(n, dtype=np.uint8)
-    args1 = post.kernel_args()
-
-    def pass1(a, z):
-        bayes.posterior_volume(Y[a:z], *args1, chunk_count(z - a), out1[a:z], sd1[a:z],
-                               status1[a:z])
-
-    run_in_blocks(n, pass1, progress)
+    posteriors(Y, post, out1, sd1, status1, progress)
     ok = np.isfinite(out1[:, :4]).all(axis=1) & (sd1[:, 1:] > 0).all(axis=1)
     YB = np.empty((n, t["w"].size + 1))
     spatial.weighted_means(Y, t["groups"], t["w"], sigma2, chunk_count(n), YB)
