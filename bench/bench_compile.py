@@ -8,14 +8,15 @@ Every case is a fresh process (``python -m fastivim.cli run ...`` as a user type
 API script) with ``NUMBA_CACHE_DIR`` pointing at a temporary folder:
 
 * ``first``: the first ``fastivim run`` of the image with the default method, empty cache;
-* ``full``, ``bayesian``, ``uncertainty``, ``simplified``: the first run with that method or
-  option, starting from a copy of the cache the ``first`` run left (what it adds);
+* ``full``, ``bayesian``, ``spatial``, ``uncertainty``, ``simplified``: the first run with that
+  method or option, starting from a copy of the cache the ``first`` run left (what it adds);
 * ``float64``: ``fit_ivim(img.get_fdata(), b, mask=<the CLI's mask>)`` after the float32 run
   (``get_fdata()`` is float64: does it compile again?);
 * ``warm``: the ``first`` command again on its own cache.
 
 Printed per case: wall seconds of the process, its CPU seconds (user + system, from
-``getrusage(RUSAGE_CHILDREN)``: the machine is shared, CPU time is the steadier figure), the
+``getrusage(RUSAGE_CHILDREN)``, which includes a second compile process the run starts and
+waits for: the machine is shared, CPU time is the steadier figure), the
 run record's ``load_kernel`` and ``fit`` seconds, and the wall added over the warm case.
 ``--src DIR`` puts DIR first on ``PYTHONPATH`` of every child, to measure another checkout
 (e.g. ``git archive main | tar -x -C DIR``) with the same interpreter.
@@ -37,10 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = ("first", "full", "bayesian", "uncertainty", "simplified", "float64", "warm")
+CASES = ("first", "full", "bayesian", "spatial", "uncertainty", "simplified", "float64",
+         "warm")
 
 #: Extra ``fastivim run`` arguments of each CLI case.
 RUN_ARGS = {"first": [], "full": ["--method", "full"], "bayesian": ["--method", "bayesian"],
+            "spatial": ["--method", "spatial"],
             "uncertainty": ["--uncertainty"], "simplified": ["--model", "simplified"],
             "warm": []}
 
