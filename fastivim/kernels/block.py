@@ -140,7 +140,9 @@ best grid reduction; ``WK`` (n_u, BLOCK) perfusion term; ``PFOK`` profile-Newton
 (2, BLOCK) the grid search's bests (see :func:`block_grid_start`), ``PB`` (4, BLOCK) and ``MB``
 (n_u, BLOCK) best estimate and model, ``SSRB`` its sum of squares, ``FOUND``, ``STAGE`` next
 start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count; ``K0``/``K1``/``K2``
-(n_k, BLOCK) every voxel's D_star profile, ``KG`` (BLOCK,) scratch (see :func:`block_restarts`).
+(n_k, BLOCK) every voxel's D_star profile, ``KG`` (BLOCK,) scratch, ``e2`` (n_u, BLOCK) every
+voxel's ``exp(-b D)`` and ``prof`` (4, n_k) one voxel's profile for the restart choice (see
+:func:`block_restarts`).
 LM lanes (every array lane-last, see :mod:`fastivim.kernels.lm_lanes`): ``EP`` (4, LANES)
 evaluation points, ``YL`` (n_u, LANES) targets, ``MT``/``GT``/``HT`` (n_u/4/10, LANES) model,
 gradient and Hessian (upper triangle, row-major) there, ``ST`` its sum of squares; ``LP``,
