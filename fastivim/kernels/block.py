@@ -51,7 +51,17 @@ from .full import (
     mark_restarts,
     pop_best_restart,
 )
-from .lm_lanes import CONVERGED, HELD, IDLE, INIT, RUNNING, TRIAL, lanes_accept, lanes_step
+from .lm_lanes import (
+    CONVERGED,
+    HELD,
+    IDLE,
+    INIT,
+    RETRY,
+    RUNNING,
+    TRIAL,
+    lanes_accept,
+    lanes_step,
+)
 from .segmented import DSTAR_MARGIN, PROFILE_MAXIT, PROFILE_XTOL
 from .tables import METHOD_FULL, METHOD_SEGMENTED
 from .vmath import vexp, vmax, vmin
@@ -71,11 +81,21 @@ from .voxel import (
 #: (CPU ns per voxel): blocks of 512 322, 256 333, 128 355 (16 Newton lanes; 8 lanes at 128:
 #: 431 before the bounded LM went lane-wise, 32 lanes 462); lock-step Newton over blocks of 32
 #: (no lanes) 570. Full (a voxel's LM runs are sequential), 1 thread, 4·10⁴ voxels at SNR 30:
-#: blocks of 128 2070, 512 1930; 1024 1880 against 512's 1830 in the same run.
-BLOCK = 512
+#: blocks of 128 2070, 512 1930; 1024 1880 against 512's 1830 in the same run. Since its LM
+#: runs go in two passes (the restarts after the block's profiles, :func:`full_block`), each
+#: block has two tails; same phantom, TSC ticks per voxel, two runs each: blocks of 1024 5100,
+#: 5220; 512 6060, 5840; 2048 5790, 5460.
+BLOCK = 1024
 SEGMENTED_BLOCK = 512
 #: Lanes of the lock-step Levenberg–Marquardt engine of the ``full`` method.
 LANES = 16
+#: A lane that must damp harder and solve again without an evaluation (``RETRY``, about 2.3
+#: times per voxel of the full method, 2·10⁵ voxels at SNR 30) either waits for the next
+#: round's :func:`fastivim.kernels.lm_lanes.lanes_step`, costing it one evaluation slot (~1/16
+#: of a round's evaluation), or the step runs again at once over all lanes (~1/3 of a round's
+#: evaluation). From this many waiting lanes on, the pass at once is the cheaper. Either way
+#: each lane takes the same decisions: the answers are the same bits.
+RETRY_PASS_MIN = 4
 #: Lanes of the segmented method's profile-Newton engine.
 NEWTON_LANES = 16
 #: Lanes of the segmented method's bounded 2-parameter LM (a fifth of the voxels need it).
@@ -98,7 +118,7 @@ Scratch = namedtuple(
         "EP", "YL", "MT", "GT", "HT", "ST", "LP", "LG", "LH", "LMOD", "LPT", "LLO", "LHI",
         "LSSR", "LTT", "LLAM", "LNUF", "LPRED", "LIT", "LPH", "LEND", "LSTEP", "LTAKE", "LACC",
         "LSLOT",
-        # the restart profile of one voxel
+        # the restart points of one voxel; exp(-b D) of every voxel
         "prof", "e2",
         # the segmented method's lane-wise finish: raw samples (n_b, BLOCK), pending status
         "YR", "FC", "RL", "NL", "NA", "PL", "TL", "MC", "MTL",
@@ -119,8 +139,10 @@ best grid reduction; ``WK`` (n_u, BLOCK) perfusion term; ``PFOK`` profile-Newton
 ``RSEP``/``RCLOSE`` their reductions, ``TT`` ``sum w ybar**2``, ``GR``/``GS``/``GN``/``GD``/``GK``
 (2, BLOCK) the grid search's bests (see :func:`block_grid_start`), ``PB`` (4, BLOCK) and ``MB``
 (n_u, BLOCK) best estimate and model, ``SSRB`` its sum of squares, ``FOUND``, ``STAGE`` next
-start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count; ``KG``/``K0``/``K1``/
-``K2`` (n_k,) one voxel's D_star profile (see :func:`_dstar_profile_k`).
+start to consider, ``RS`` (3, 4, BLOCK) restart points, ``NR`` their count; ``K0``/``K1``/``K2``
+(n_k, BLOCK) every voxel's D_star profile, ``KG`` (BLOCK,) scratch, ``e2`` (n_u, BLOCK) every
+voxel's ``exp(-b D)`` and ``prof`` (4, n_k) one voxel's profile for the restart choice (see
+:func:`block_restarts`).
 LM lanes (every array lane-last, see :mod:`fastivim.kernels.lm_lanes`): ``EP`` (4, LANES)
 evaluation points, ``YL`` (n_u, LANES) targets, ``MT``/``GT``/``HT`` (n_u/4/10, LANES) model,
 gradient and Hessian (upper triangle, row-major) there, ``ST`` its sum of squares; ``LP``,
@@ -149,14 +171,15 @@ def alloc_scratch(nu, nk, nj, nb, width):
         np.empty(B), np.empty(B), np.empty((2, B)), np.empty((2, B)), np.empty((2, B)),
         np.empty((2, B)), np.empty((2, B)), np.empty((4, B)), np.empty((nu, B)), np.empty(B),
         np.empty(B, dtype=np.bool_), np.empty(B, dtype=np.int64), np.empty((3, 4, B)),
-        np.empty(B, dtype=np.int64), np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk),
+        np.empty(B, dtype=np.int64), np.empty(B), np.empty((nk, B)), np.empty((nk, B)),
+        np.empty((nk, B)),
         np.empty((4, L)), np.empty((nu, L)), np.empty((nu, L)), np.empty((4, L)),
         np.empty((10, L)), np.empty(L), np.empty((4, L)), np.empty((4, L)),
         np.empty((10, L)), np.empty((nu, L)), np.empty((4, L)), np.empty((4, L)),
         np.empty((4, L)), np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L),
         np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L), np.empty(L),
         np.empty(L, dtype=np.int64),
-        np.empty((4, nk)), np.empty(nu),
+        np.empty((4, nk)), np.empty((nu, B)),
         np.empty((nb, B)), np.empty(B, dtype=np.int64), np.empty((nu, NEWTON_LANES)),
         np.empty(6 * NEWTON_LANES), np.empty(6 * NEWTON_LANES), np.empty(PL_ROWS * PERFUSION_LANES),
         np.empty((nu, PERFUSION_LANES)), np.empty((nu, PERFUSION_LANES)),
@@ -1109,47 +1132,74 @@ def _front(Y, v0, nl, t, settings, s):
 # Per-voxel helpers below take plain arrays, never the Scratch tuple: a call passes every
 # field of a tuple argument (~60 arrays, several hundred machine words) and numba adds
 # reference-count updates for array arguments on entry and exit.
-@jit_inner
-def _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, RS, NR, prof, e2,
-              KG, K0, K1, K2):
-    """Step 4 of :func:`fastivim.kernels.full.fit_full_voxel` for voxel ``slot``: the D_star
-    profile at the fitted D and the (up to ``MAX_RESTARTS``) restart points, most promising
-    first, into ``RS`` (3, 4, BLOCK) and their count into ``NR``.
+@jit_block_inner
+def block_restarts(nl, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, FOUND, FC, RS,
+                   NR, prof, E2, GE, PE, KG, K0, K1, K2):
+    """Step 4 of :func:`fastivim.kernels.full.fit_full_voxel` for every voxel of the block that
+    has a fit (``FOUND``, ``FC`` still :data:`GO`): the D_star profile at the fitted D and the
+    (up to ``MAX_RESTARTS``) restart points, most promising first, into ``RS`` (3, 4, BLOCK)
+    and their count into ``NR`` (0 for the other voxels).
 
-    The profile is :func:`fastivim.kernels.full.dstar_profile`'s, computed by
-    :func:`_dstar_profile_k` with the grid points as vector lanes; ``prof`` (4, n_k), ``e2``
-    (n_u,) and ``KG``/``K0``/``K1``/``K2`` (n_k,) are scratch.
+    The profile is :func:`fastivim.kernels.full.dstar_profile`'s, for the whole block at once
+    with the voxels as vector lanes (:func:`_profile_point`, the arithmetic of
+    :func:`_dstar_profile_k`, which has the grid points as lanes): one voxel at a time, the 12
+    grid points left a third of the vector loop to its scalar remainder, and the profile was
+    17 % of a voxel's time. ``E2`` (n_u, BLOCK) gets ``exp(-b D)`` (libm, as the scalar
+    kernel), ``GE``/``PE``/``KG`` (BLOCK,) and ``K0``/``K1``/``K2`` (n_k, BLOCK) the profile's
+    sums and points; ``prof`` (4, n_k) one voxel's profile for the restart choice.
     """
     nu = YB.shape[0]
     nk = dstar_grid.shape[0]
-    D_fit = PB[3, slot]
-    Ds_fit = PB[2, slot]
-    ssr = SSRB[slot]
-    ge = 0.0
-    pe = 0.0
+    for lane in range(nl):
+        d = PB[3, lane]
+        for u in range(nu):
+            E2[u, lane] = math.exp(-bu[u] * d)  # not vexp: the scalar kernel's bits
+    for lane in range(nl):
+        GE[lane] = 0.0
+        PE[lane] = 0.0
     for u in range(nu):
-        e = math.exp(-bu[u] * D_fit)  # libm, as the scalar kernel: 10 calls, not worth vexp
-        e2[u] = e
-        ge += w[u] * e * e
-        pe += w[u] * e * YB[u, slot]
-    _dstar_profile_k(slot, w, ES, GSS, dstar_grid, PS, LO[0, slot], HI[0, slot], LO[1, slot],
-                     HI[1, slot], TT[slot], D_fit, ge, pe, e2, KG, K0, K1, K2)
+        wu = w[u]
+        for lane in range(nl):
+            e = E2[u, lane]
+            GE[lane] += wu * e * e
+            PE[lane] += wu * e * YB[u, lane]
     for k in range(nk):
-        prof[0, k] = K0[k]
-        prof[1, k] = K1[k]
-        prof[2, k] = K2[k]
-    mark_restarts(prof, dstar_grid, ssr, Ds_fit)
-    n = 0
-    for _ in range(MAX_RESTARTS):
-        kbest = pop_best_restart(prof)
-        if kbest < 0:
-            break
-        RS[n, 0, slot] = prof[1, kbest]
-        RS[n, 1, slot] = prof[2, kbest]
-        RS[n, 2, slot] = dstar_grid[kbest]
-        RS[n, 3, slot] = D_fit
-        n += 1
-    NR[slot] = n
+        for lane in range(nl):
+            KG[lane] = 0.0
+        for u in range(nu):
+            c = w[u] * ES[k, u]
+            for lane in range(nl):
+                KG[lane] += c * E2[u, lane]
+        gk = GSS[k]
+        dstar = dstar_grid[k]
+        for lane in range(nl):
+            ssr, s0, f = _profile_point(KG[lane], gk, PS[k, lane], dstar, LO[0, lane],
+                                        HI[0, lane], LO[1, lane], HI[1, lane], TT[lane],
+                                        PB[3, lane], GE[lane], PE[lane])
+            K0[k, lane] = ssr
+            K1[k, lane] = s0
+            K2[k, lane] = f
+    for lane in range(nl):  # the restart choice, one voxel at a time (rare, branchy)
+        NR[lane] = 0
+        if not (FOUND[lane] and FC[lane] == GO):
+            continue
+        for k in range(nk):
+            prof[0, k] = K0[k, lane]
+            prof[1, k] = K1[k, lane]
+            prof[2, k] = K2[k, lane]
+        D_fit = PB[3, lane]
+        mark_restarts(prof, dstar_grid, SSRB[lane], PB[2, lane])
+        n = 0
+        for _ in range(MAX_RESTARTS):
+            kbest = pop_best_restart(prof)
+            if kbest < 0:
+                break
+            RS[n, 0, lane] = prof[1, kbest]
+            RS[n, 1, lane] = prof[2, kbest]
+            RS[n, 2, lane] = dstar_grid[kbest]
+            RS[n, 3, lane] = D_fit
+            n += 1
+        NR[lane] = n
 
 
 @jit_block
@@ -1171,40 +1221,50 @@ def _dstar_profile_k(slot, w, ES, GSS, dstar_grid, PS, s0_lo, s0_hi, f_lo, f_hi,
         for k in range(nk):
             KG[k] += wu * ES[k, u] * eu
     for k in range(nk):
-        gke = KG[k]
-        gk = GSS[k]
-        ps = PS[k, slot]
-        det = gk * ge - gke * gke
-        c1 = (ge * ps - gke * pe) / det
-        c2 = (gk * pe - gke * ps) / det
-        S0 = c1 + c2
-        feasible = (S0 > 0.0) & (f_lo * S0 <= c1) & (c1 <= f_hi * S0) & (s0_lo <= S0) & (
-            S0 <= s0_hi)
-        red_free = c1 * ps + c2 * pe
-        f_free = c1 / S0
-        # the f edges, low then high, each kept where it beats the best so far
-        fb = f_lo
-        gv = fb * fb * gk + 2.0 * fb * (1.0 - fb) * gke + (1.0 - fb) * (1.0 - fb) * ge
-        pv = fb * ps + (1.0 - fb) * pe
-        s_lo = vmin(vmax(pv / gv, s0_lo), s0_hi)
-        red_lo = 2.0 * s_lo * pv - s_lo * s_lo * gv
-        fb = f_hi
-        gv = fb * fb * gk + 2.0 * fb * (1.0 - fb) * gke + (1.0 - fb) * (1.0 - fb) * ge
-        pv = fb * ps + (1.0 - fb) * pe
-        s_hi = vmin(vmax(pv / gv, s0_lo), s0_hi)
-        red_hi = 2.0 * s_hi * pv - s_hi * s_hi * gv
-        take_lo = red_lo > -math.inf
-        red_e = red_lo if take_lo else -math.inf
-        s_e = s_lo if take_lo else S0
-        f_e = f_lo if take_lo else math.nan
-        take_hi = red_hi > red_e
-        red_e = red_hi if take_hi else red_e
-        s_e = s_hi if take_hi else s_e
-        f_e = f_hi if take_hi else f_e
-        reduction = red_free if feasible else red_e
-        K0[k] = tt - reduction if dstar_grid[k] > D else math.inf
-        K1[k] = S0 if feasible else s_e
-        K2[k] = f_free if feasible else f_e
+        ssr, s0, f = _profile_point(KG[k], GSS[k], PS[k, slot], dstar_grid[k], s0_lo, s0_hi,
+                                    f_lo, f_hi, tt, D, ge, pe)
+        K0[k] = ssr
+        K1[k] = s0
+        K2[k] = f
+
+
+@njit(fastmath=FASTMATH_FLAGS, error_model="numpy", inline="always")
+def _profile_point(gke, gk, ps, dstar, s0_lo, s0_hi, f_lo, f_hi, tt, D, ge, pe):
+    """One D_star grid point of :func:`fastivim.kernels.full.dstar_profile` (always inlined):
+    its weighted sum of squares (``inf`` where D_star <= D), S0 and f, with the scalar
+    function's arithmetic and the f-edge loop written as selects. ``gke`` = ``sum w ES e2``,
+    ``gk`` the point's ``GSS``, ``ps`` its grid projection; ``ge``/``pe`` as in the scalar
+    function."""
+    det = gk * ge - gke * gke
+    c1 = (ge * ps - gke * pe) / det
+    c2 = (gk * pe - gke * ps) / det
+    S0 = c1 + c2
+    feasible = (S0 > 0.0) & (f_lo * S0 <= c1) & (c1 <= f_hi * S0) & (s0_lo <= S0) & (
+        S0 <= s0_hi)
+    red_free = c1 * ps + c2 * pe
+    f_free = c1 / S0
+    # the f edges, low then high, each kept where it beats the best so far
+    fb = f_lo
+    gv = fb * fb * gk + 2.0 * fb * (1.0 - fb) * gke + (1.0 - fb) * (1.0 - fb) * ge
+    pv = fb * ps + (1.0 - fb) * pe
+    s_lo = vmin(vmax(pv / gv, s0_lo), s0_hi)
+    red_lo = 2.0 * s_lo * pv - s_lo * s_lo * gv
+    fb = f_hi
+    gv = fb * fb * gk + 2.0 * fb * (1.0 - fb) * gke + (1.0 - fb) * (1.0 - fb) * ge
+    pv = fb * ps + (1.0 - fb) * pe
+    s_hi = vmin(vmax(pv / gv, s0_lo), s0_hi)
+    red_hi = 2.0 * s_hi * pv - s_hi * s_hi * gv
+    take_lo = red_lo > -math.inf
+    red_e = red_lo if take_lo else -math.inf
+    s_e = s_lo if take_lo else S0
+    f_e = f_lo if take_lo else math.nan
+    take_hi = red_hi > red_e
+    red_e = red_hi if take_hi else red_e
+    s_e = s_hi if take_hi else s_e
+    f_e = f_hi if take_hi else f_e
+    reduction = red_free if feasible else red_e
+    ssr = tt - reduction if dstar > D else math.inf
+    return ssr, (S0 if feasible else s_e), (f_free if feasible else f_e)
 
 
 @jit_inner
@@ -1213,24 +1273,32 @@ def full_block(Y, v0, nl, t, settings, s, out, status):
 
     Starts, in the order of :func:`fastivim.kernels.full.fit_full_voxel` (``STAGE``): 0 the
     segmented start, 1 the separated grid pair, 2 the close pair, 3 the D_star profile, 4–6
-    its restarts, 7 done. Each start runs on a lane of the lock-step LM engine; the block's
-    voxels are written together at the end (:func:`block_finish`).
+    its restarts, 7 done. Each start runs on a lane of the lock-step LM engine, in two passes:
+    starts 0–2 of every voxel, then (after the profiles of the whole block,
+    :func:`block_restarts`) the restarts of the voxels that have any. A voxel's runs keep their
+    order, and each run is independent of the lane it runs on, so the passes change no result.
+    The block's voxels are written together at the end (:func:`block_finish`).
     """
     _front(Y, v0, nl, t, settings, s)
     block_grid_start(s.YB, t.w, nl, s.LO, s.HI, t.ES, t.ED, t.PAIR, t.dstar_grid, t.d_grid,
                      s.PS, s.PD, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.GR, s.GS, s.GN,
                      s.GD, s.GK)
-    _lm_engine(nl, t, settings, s, s.FC, s.YB, s.SC, s.LO, s.HI, s.CODE, s.A,
-               s.D, s.Q, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.PB, s.MB, s.SSRB, s.FOUND,
-               s.STAGE, s.RS, s.NR, s.EP, s.YL, s.MT, s.GT, s.HT, s.ST, s.LP, s.LG, s.LH,
-               s.LMOD, s.LPT, s.LLO, s.LHI, s.LSSR, s.LTT, s.LLAM, s.LNUF, s.LPRED, s.LIT,
-               s.LPH, s.LEND, s.LSTEP, s.LTAKE, s.LACC, s.LSLOT)
+    for restarts in (False, True):
+        if restarts:
+            block_restarts(nl, t.bu, t.w, t.ES, t.GSS, t.dstar_grid, s.YB, s.PS, s.LO, s.HI,
+                           s.PB, s.SSRB, s.TT, s.FOUND, s.FC, s.RS, s.NR, s.prof, s.e2, s.ACC[3],
+                           s.ACC[4], s.KG, s.K0, s.K1, s.K2)
+        _lm_engine(nl, restarts, t, settings, s.FC, s.YB, s.SC, s.LO, s.HI, s.CODE, s.A,
+                   s.D, s.Q, s.PSEP, s.PCLOSE, s.RSEP, s.RCLOSE, s.TT, s.PB, s.MB, s.SSRB,
+                   s.FOUND, s.STAGE, s.RS, s.NR, s.EP, s.YL, s.MT, s.GT, s.HT, s.ST, s.LP, s.LG,
+                   s.LH, s.LMOD, s.LPT, s.LLO, s.LHI, s.LSSR, s.LTT, s.LLAM, s.LNUF, s.LPRED,
+                   s.LIT, s.LPH, s.LEND, s.LSTEP, s.LTAKE, s.LACC, s.LSLOT)
     block_finish(s.YR, v0, nl, t.groups, s.MB, s.PB, s.SC, s.LO, s.HI, s.FC, s.ACC[0], s.ACC[1],
                  s.ACC[2], out, status)
 
 
 @jit_inner
-def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLOSE, RSEP,
+def _lm_engine(nl, restarts, t, settings, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLOSE, RSEP,
                RCLOSE, TT, PB, MB, SSRB, FOUND, STAGE, RS, NR, EP, YL, MT, GT, HT,
                ST, LP, LG, LH, LMOD, LPT, LLO, LHI, LSSR, LTT, LLAM, LNUF, LPRED, LIT, LPH, LEND,
                LSTEP, LTAKE, LACC, LSLOT):
@@ -1241,12 +1309,15 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
     lane at once; :func:`fastivim.kernels.lm_lanes.lanes_accept` takes the evaluation and
     :func:`fastivim.kernels.lm_lanes.lanes_step` runs each lane's
     :func:`fastivim.kernels.voxel.levenberg_marquardt` loop body up to its next evaluation
-    (again for lanes that must damp harder and solve again), all lanes at once; lanes whose
+    (a lane that must damp harder and solve again waits for the next round's step, in phase
+    ``RETRY``), all lanes at once; lanes whose
     run ended keep its result if it is the voxel's best so far (the scalar ``_refine``).
     Leaves each voxel's estimate and model in ``PB``/``MB`` and its failure code, or
-    :data:`GO`, in ``FC`` (nl,), for :func:`block_finish`.
+    :data:`GO`, in ``FC`` (nl,), for :func:`block_finish`. The first pass (``restarts``
+    False) runs starts 0–2 of every voxel and leaves a voxel with a fit at stage 4; the second
+    runs the restarts (``RS``, ``NR`` from :func:`block_restarts`) of the voxels that have any.
 
-    Arrays are passed in once per block, and the per-lane start selection is written out here:
+    Arrays are passed in once per pass, and the per-lane start selection is written out here:
     a numba function that takes arrays adds reference-count updates (atomic calls) on entry and
     exit, for every array of a tuple argument too (measured: the start selection as a helper
     taking the Scratch and Tables tuples made the kernel 3x slower); the lane-wise stages are
@@ -1254,16 +1325,6 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
     """
     bu = t.bu
     w = t.w
-    ES = t.ES
-    GSS = t.GSS
-    dstar_grid = t.dstar_grid
-    PS = s.PS
-    prof = s.prof
-    e2 = s.e2
-    KG = s.KG
-    K0 = s.K0
-    K1 = s.K1
-    K2 = s.K2
     maxit = settings.maxit
     nu = YB.shape[0]
     for u in range(nu):
@@ -1283,9 +1344,11 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
                 continue
             # a lane without a run: its voxel's next start, or the block's next voxel (the
             # task list) when that voxel is done (written); the lane ends INIT or IDLE
-            while LPH[lane] != INIT and LPH[lane] != TRIAL:
+            while LPH[lane] != INIT and LPH[lane] != TRIAL and LPH[lane] != RETRY:
                 slot = LSLOT[lane] if LPH[lane] != IDLE else -1
                 if slot < 0:
+                    while restarts and nxt < nl and NR[nxt] == 0:
+                        nxt += 1  # the second pass takes only voxels with restart points
                     if nxt >= nl:
                         LPH[lane] = IDLE
                         break
@@ -1293,14 +1356,15 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
                     nxt += 1
                     LSLOT[lane] = slot
                     LPH[lane] = HELD
-                    STAGE[slot] = 0
-                    FOUND[slot] = False
-                    SSRB[slot] = math.inf
-                    FC[slot] = GO
-                    if not SC[slot] > 0.0:  # non-finite samples or no positive signal
-                        FC[slot] = st.BAD_INPUT
-                        LPH[lane] = IDLE
-                        continue
+                    if not restarts:  # a new voxel (the second pass resumes at stage 4)
+                        STAGE[slot] = 0
+                        FOUND[slot] = False
+                        SSRB[slot] = math.inf
+                        FC[slot] = GO
+                        if not SC[slot] > 0.0:  # non-finite samples or no positive signal
+                            FC[slot] = st.BAD_INPUT
+                            LPH[lane] = IDLE
+                            continue
                 stage = STAGE[slot]
                 STAGE[slot] = stage + 1
                 found = FOUND[slot]
@@ -1341,13 +1405,10 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
                         p2 = PCLOSE[2, slot]
                         p3 = PCLOSE[3, slot]
                         start = True
-                elif stage == 3:
+                elif stage == 3:  # the profile: block_restarts, between the two passes
                     if not found:
                         FC[slot] = st.NO_CONVERGENCE
-                        LPH[lane] = IDLE
-                    else:
-                        _restarts(slot, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB,
-                                  SSRB, TT, RS, NR, prof, e2, KG, K0, K1, K2)
+                    LPH[lane] = IDLE
                 elif stage < 4 + MAX_RESTARTS:  # 4: other basins along D_star
                     i = stage - 4
                     if i < NR[slot]:
@@ -1385,9 +1446,11 @@ def _lm_engine(nl, t, settings, s, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLO
         lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST)
         lanes_accept(MT, GT, HT, ST, LPH, EP, LPRED, LP, LG, LH, LMOD, LSSR, LLAM, LNUF, LEND,
                      LSTEP, LTAKE, LACC)
+        # lanes that must damp harder and solve again (RETRY) do so in the next round's step,
+        # unless there are enough of them to pay for a pass now (see RETRY_PASS_MIN)
         while lanes_step(maxit, LP, LG, LH, LLO, LHI, LSSR, LTT, LLAM, LNUF, LIT, LSTEP, LEND,
-                         LPRED, LPH, EP, LPT, LTAKE) > 0:
-            pass  # lanes that damp harder solve again before the next evaluation
+                         LPRED, LPH, EP, LPT, LTAKE) >= RETRY_PASS_MIN:
+            pass
         for lane in range(LANES):
             if LEND[lane] == RUNNING:
                 continue

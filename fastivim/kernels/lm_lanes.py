@@ -12,8 +12,12 @@ so LLVM vectorises it (8 float64 lanes per AVX-512 instruction).
 Each lane makes exactly the decisions of the scalar loop, on the same floating-point
 operations in the same order. Only the scheduling differs: where the scalar loop "retries
 without evaluating" (damped matrix not positive definite, a non-positive predicted decrease,
-a step crossing D_star = D: damp harder and solve again), :func:`lanes_step` is simply run
-again for the lanes that must retry, with the others' state left as it is.
+a step crossing D_star = D: damp harder and solve again), the lane waits in phase ``RETRY``
+and solves again in the next round's :func:`lanes_step`, with the other lanes, instead of
+evaluating; only when many lanes wait (:data:`fastivim.kernels.block.RETRY_PASS_MIN`) is
+``lanes_step`` run again at once. Running it again for every retry cost a whole pass over all
+lanes each time (two extra passes per round on average), where a wait costs the retrying lane
+one evaluation slot.
 
 Lane flags and phases are float64 (exact small integers), so that selects between them and the
 float state need no integer/float mixing in a vector loop.
@@ -30,6 +34,7 @@ IDLE = 0.0  #: no voxel (none left in the block, or the last one was just writte
 INIT = 1.0  #: a run just started: the next evaluation is at its start point
 TRIAL = 2.0  #: the next evaluation is at a trial point
 HELD = 3.0  #: holds a voxel between runs: its next start is chosen before the next round
+RETRY = 4.0  #: damped harder without an evaluation: solves again in the next round's step
 
 #: End codes of a run (``END``): still running, converged, stopped without convergence.
 RUNNING = 0.0
@@ -51,9 +56,10 @@ def lanes_accept(MT, GT, HT, ST, PH, EP, PRED, P, G, H, MOD, SSR, LAM, NUF, END,
 
     Sets ``END`` (L,) to ``CONVERGED`` where the run has converged (the gain is negligible, or
     no damped direction descends), else ``RUNNING``; ``STEP`` (L,) to 1.0 on running lanes that
-    must now take a step (:func:`lanes_step`), 0.0 elsewhere; ``TAKE``/``ACC`` (L,) are scratch
-    (whether the evaluation becomes current; whether a trial was accepted). Lanes
-    in other phases are left as they are (``END`` 0, ``STEP`` 0).
+    must now take a step (:func:`lanes_step`): those just evaluated and those in ``RETRY``
+    (their evaluation is ignored), 0.0 elsewhere; ``TAKE``/``ACC`` (L,) are scratch (whether
+    the evaluation becomes current; whether a trial was accepted). Lanes in other phases are
+    left as they are (``END`` 0, ``STEP`` 0).
     """
     L = PH.shape[0]
     for lane in range(L):
@@ -81,7 +87,8 @@ def lanes_accept(MT, GT, HT, ST, PH, EP, PRED, P, G, H, MOD, SSR, LAM, NUF, END,
         # converged: a negligible gain, or no descent along any damped direction (stationary)
         done = (accept & (decrease <= LM_FTOL * ssr_try)) | (reject & (lam_rej > LM_LAMBDA_MAX))
         END[lane] = CONVERGED if done else RUNNING
-        STEP[lane] = 1.0 if ((init | trial) & (not done)) else 0.0
+        retry = ph == RETRY
+        STEP[lane] = 1.0 if (((init | trial) & (not done)) | retry) else 0.0
         TAKE[lane] = 1.0 if take else 0.0
         ACC[lane] = 1.0 if accept else 0.0
         SSR[lane] = ssr_try if take else ssr
@@ -107,7 +114,9 @@ def _take_rows(TAKE, SRC, DST):
 @jit_block
 def lanes_step(maxit, P, G, H, LO, HI, SSR, TT, LAM, NUF, IT, STEP, END, PRED, PH, EP, V, TRY):
     """One pass of the scalar LM loop body, up to the next evaluation, on every lane with
-    ``STEP`` (L,) = 1.0; returns how many lanes must run it again (a retry without evaluation).
+    ``STEP`` (L,) = 1.0; returns how many lanes must run it again (a retry without evaluation:
+    those lanes are left in phase ``RETRY`` with ``STEP`` 1.0, and solve again in the next
+    round).
 
     Per lane, in :func:`fastivim.kernels.voxel.levenberg_marquardt`'s order: the iteration
     limit ``maxit`` (``IT`` (L,) counts), the exact-fit test (``SSR`` against ``1e-28 TT``), the
@@ -120,7 +129,8 @@ def lanes_step(maxit, P, G, H, LO, HI, SSR, TT, LAM, NUF, IT, STEP, END, PRED, P
     * a trial point: ``EP`` (4, L) (where to evaluate next), ``PRED`` (L,) and ``PH`` =
       ``TRIAL``;
     * the run ends: ``END`` = ``CONVERGED`` or ``FAILED``;
-    * damp harder (``LAM`` and ``NUF`` (L,), Nielsen) and solve again: ``STEP`` stays 1.0.
+    * damp harder (``LAM`` and ``NUF`` (L,), Nielsen) and solve again: ``STEP`` stays 1.0
+      and ``PH`` = ``RETRY``.
 
     A lane whose Cholesky fails goes on with a unit pivot (its results are then discarded),
     so that no lane branches. Lanes with ``STEP`` 0.0 are left as they are. ``V`` (4, L) and
@@ -335,6 +345,7 @@ def lanes_step(maxit, P, G, H, LO, HI, SSR, TT, LAM, NUF, IT, STEP, END, PRED, P
         pr = PRED[lane]
         PRED[lane] = pred if trial else pr
         ph = PH[lane]
+        ph = RETRY if retry else ph
         PH[lane] = TRIAL if trial else ph
         TRY[lane] = 1.0 if trial else 0.0
         V[0, lane] = v0  # store-only rows: no overlap check needed (see lanes_accept)
