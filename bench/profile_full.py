@@ -61,9 +61,9 @@ EDITS = [
     ("                   s.LIT, s.LPH, s.LEND, s.LSTEP, s.LTAKE, s.LACC, s.LSLOT)\n",
      "                   s.LIT, s.LPH, s.LEND, s.LSTEP, s.LTAKE, s.LACC, s.LSLOT, TM)\n"
      "    T = _tsc()\n"),
-    ("                 s.ACC[2], out, status)\n\n\n@jit_inner\ndef _lm_engine(",
+    ("                 s.ACC[2], out, status)\n\n\n@jit_voxel\ndef _lm_engine(",
      "                 s.ACC[2], out, status)\n    TM[3] += _tsc() - T\n\n\n"
-     "@jit_inner\ndef _lm_engine("),
+     "@jit_voxel\ndef _lm_engine("),
     ("               LSTEP, LTAKE, LACC, LSLOT):\n",
      "               LSTEP, LTAKE, LACC, LSLOT, TM):\n"),
     ("    while True:  # one pass per lock-step round\n        active = 0\n",

@@ -217,11 +217,15 @@ def test_lane_wise_lm_control_is_vectorised():
     asm = _asm_of(lm_lanes._take_rows, np.ones(L), u(4, L), u(4, L))
     assert len(PACKED_ANY.findall(asm)) >= 2, "_take_rows (row copies) not vectorised"
     nk = 12
-    asm = _asm_of(block._dstar_profile_k, 0, np.ones(nu), u(nk, nu), u(nk),
-                  np.geomspace(2.0, 300.0, nk), u(nk, block.BLOCK), 0.0, 10.0, 0.0, 0.7, 5.0,
-                  1.0, 3.0, 1.0, u(nu), np.empty(nk), np.empty(nk), np.empty(nk),
-                  np.empty(nk))
-    assert len(PACKED.findall(asm)) >= 20, "_dstar_profile_k (restart profile) not vectorised"
+    B = 64  # lanes: the block's voxels
+    lanes = lambda *shape: u(*shape, B)  # noqa: E731
+    asm = _asm_of(block.block_restarts, B, np.linspace(0, 0.8, nu), np.ones(nu), u(nk, nu),
+                  u(nk), np.geomspace(2.0, 300.0, nk), lanes(nu), lanes(nk), lanes(4), lanes(4),
+                  lanes(4), lanes(), lanes(), np.zeros(B, dtype=np.bool_),
+                  np.zeros(B, dtype=np.int64), np.empty((3, 4, B)),
+                  np.empty(B, dtype=np.int64), np.empty((4, nk)), lanes(nu), lanes(), lanes(),
+                  lanes(), lanes(nk), lanes(nk), lanes(nk))
+    assert len(PACKED.findall(asm)) >= 20, "block_restarts (restart profiles) not vectorised"
 
 
 @pytest.mark.jit_only

@@ -200,9 +200,6 @@ jit_voxel = _helper_decorator(Compiler)
 #: other. A caller must never pass the same array (or two views of one buffer) twice.
 jit_block = _helper_decorator(_NoAliasCompiler)
 
-# the names block.py used while some helpers kept Python wrappers (now every helper is alike)
-jit_inner = jit_voxel
-jit_block_inner = jit_block
 
 
 def python_callable(helper):

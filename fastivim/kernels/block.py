@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import status as st
-from ._jit import FASTMATH_FLAGS, jit_block, jit_block_inner, jit_inner, jit_parallel
+from ._jit import FASTMATH_FLAGS, jit_block, jit_parallel, jit_voxel
 from .full import (
     MAX_RESTARTS,
     RESTART_NEIGHBOURHOOD,
@@ -155,7 +155,7 @@ slot (int64).
 """
 
 
-@jit_inner
+@jit_voxel
 def alloc_scratch(nu, nk, nj, nb, width):
     """Allocate one chunk's :class:`Scratch` (sizes: unique b-values, D_star and D grids,
     samples per voxel, voxels per block)."""
@@ -198,7 +198,7 @@ SegmentedScratch.__doc__ = """The :class:`Scratch` fields of the segmented metho
 meanings and shapes), allocated once per chunk by :func:`alloc_segmented_scratch`."""
 
 
-@jit_inner
+@jit_voxel
 def alloc_segmented_scratch(nu, nb, width):
     """Allocate one chunk's :class:`SegmentedScratch` (unique b-values, samples per voxel,
     voxels per block)."""
@@ -217,7 +217,7 @@ def alloc_segmented_scratch(nu, nb, width):
 
 
 # ------------------------------------------------------------------- lane-wise stages
-@jit_block_inner
+@jit_block
 def block_group_means(Y, v0, nl, groups, w, YR, YB, SC, DIST):
     """Group means of voxels ``v0 .. v0 + nl`` of ``Y`` into ``YB`` (n_u, nl), divided by the
     scale ``SC`` (nl,): as :func:`fastivim.kernels.voxel.group_means`, NaN scale when unusable.
@@ -253,7 +253,7 @@ def block_group_means(Y, v0, nl, groups, w, YR, YB, SC, DIST):
             YB[u, lane] /= SC[lane]
 
 
-@jit_block_inner
+@jit_block
 def block_bounds(bounds, SC, nl, LO, HI):
     """Internal bounds per voxel (:func:`fastivim.kernels.voxel.internal_bounds`)."""
     for lane in range(nl):
@@ -267,7 +267,7 @@ def block_bounds(bounds, SC, nl, LO, HI):
         HI[3, lane] = bounds[3, 1] * 1e3
 
 
-@jit_block_inner
+@jit_block
 def block_loglinear(bu, w, YB, b_min, nl, S0, SX, SY, SXX, SXY, NUSED, BFIRST, DIST, A, D, CODE):
     """:func:`fastivim.kernels.voxel.loglinear_fit` for every voxel: ``A``, ``D`` and
     ``CODE`` (``st.OK`` or ``st.NUMERICAL_FAILURE``). ``S0``, ``SX``, ``SY``, ``SXX``, ``SXY``
@@ -383,7 +383,7 @@ def block_perfusion_start(bu, w, YB, ES, GSS, dstar_grid, nl, LO, HI, A, D, CODE
             Q[1, lane] = g if take else Q[1, lane]
 
 
-@jit_inner
+@jit_voxel
 def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, NEWT, ACC,
                          WK, PFOK, RL, NL, NA):
     """:func:`fastivim.kernels.segmented.profile_newton` for every voxel with ``CODE == OK``.
@@ -402,7 +402,7 @@ def block_profile_newton(bu, w, dstar_grid, nl, R, Q, BLO, BHI, DSLO, HI, CODE, 
                    WK, ACC[0], ACC[1], ACC[2])
 
 
-@jit_block_inner
+@jit_block
 def _newton_brackets(dstar_grid, nl, QD, DSLO, HID, CODE, X, A, B, S, A0, B0):
     """Each voxel's Newton start: x at the grid start ``QD``, the bracket (``A``, ``B``, and
     its copy ``A0``, ``B0`` for the edge test at the end) between the grid neighbours of x
@@ -424,7 +424,7 @@ def _newton_brackets(dstar_grid, nl, QD, DSLO, HID, CODE, X, A, B, S, A0, B0):
         B0[lane] = b
 
 
-@jit_block_inner
+@jit_block
 def _newton_finish(bu, w, nl, R, X, S, A0, B0, BLO, BHI, QB, QD, PFOK, WK, P, G, BB):
     """The end of :func:`segmented.profile_newton` for every voxel: success (converged, x
     inside its first bracket, B inside its bounds) into ``PFOK``; where true, (B, x) into
@@ -564,7 +564,7 @@ def _newton_lanes(bu, w, nl, R, NEWT, NA, RL, NL):
             NL[4 * W + lane] += 1.0
 
 
-@jit_block_inner
+@jit_block
 def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD, PSEP,
                      PCLOSE, RSEP, RCLOSE, TT, GR, GS, GN, GD, GK):
     """:func:`fastivim.kernels.full.grid_start` for every voxel, and ``TT = sum w ybar**2``.
@@ -659,7 +659,7 @@ def block_grid_start(YB, w, nl, LO, HI, ES, ED, PAIR, dstar_grid, d_grid, PS, PD
     _grid_best(1, GR, GS, GN, GD, GK, dstar_grid, d_grid, nl, RCLOSE, PCLOSE)
 
 
-@jit_block_inner
+@jit_block
 def _grid_best(c, GR, GS, GN, GD, GK, dstar_grid, d_grid, nl, RB, PBEST):
     """Write row ``c`` of :func:`block_grid_start`'s bests as a start ``PBEST`` (4, nl)
     = (S0, f, D_star, D) and its reduction ``RB`` (nl,), one row per loop."""
@@ -732,7 +732,7 @@ def lanes_evaluate(bu, w, EP, YL, MT, GT, HT, ST):
 
 
 # ---------------------------------------------------------------- the segmented method
-@jit_inner
+@jit_voxel
 def segmented_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= SEGMENTED_BLOCK) with the segmented method."""
     _front(Y, v0, nl, t, settings, s)
@@ -746,7 +746,7 @@ def segmented_block(Y, v0, nl, t, settings, s, out, status):
                  s.ACC[2], out, status)
 
 
-@jit_block_inner
+@jit_block
 def block_pending_codes(nl, SC, CODE, FC):
     """``FC`` (nl,): ``BAD_INPUT`` where the scale is unusable, else the segmented start's
     failure code, else :data:`GO` (no failure so far)."""
@@ -767,7 +767,7 @@ PL_ROWS = 28
 P_RUN, P_TRIAL, P_INIT, P_CONV, P_FAIL, P_IDLE, P_EMPTY = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
 
 
-@jit_inner
+@jit_voxel
 def block_bounded_perfusion(bu, w, maxit, nl, R, Q, BLO, BHI, DSLO, HI, PFOK, WK, FC, PL, TL,
                             MC, MTL):
     """The scalar kernel's bounded 2-parameter Levenberg–Marquardt (B, D_star on the tissue
@@ -963,7 +963,7 @@ def _perfusion_evaluate(bu, w, TL, PL, MTL):
             PL[_EH11 * W + lane] += wu * j1 * j1 - wr * B * b * be1
 
 
-@jit_block_inner
+@jit_block
 def _perfusion_accept(PL, MTL, MC):
     """The end of a bounded-LM iteration for every lane just evaluated: a started lane takes
     its start as the current point; a trial is accepted when the gain ratio exceeds 1e-4
@@ -1019,7 +1019,7 @@ def _perfusion_accept(PL, MTL, MC):
             MC[u, lane] = new if PL[_ACC * W + lane] != 0.0 else cur
 
 
-@jit_block_inner
+@jit_block
 def block_segmented_estimate(nl, A, D, Q, YB, R, WK, FC, PB, MB):
     """The segmented estimate of every voxel: ``PB`` (4, nl) = (S0, f, D_star, D) from the
     intercept ``A``, B and D_star in ``Q`` and ``D``; ``MB`` (n_u, nl) its model
@@ -1117,7 +1117,7 @@ def _pinned(v, lo, hi, span):
     return (v - lo <= PIN_TOL * span) | (math.isfinite(hi) & (hi - v <= PIN_TOL * span))
 
 
-@jit_inner
+@jit_voxel
 def _front(Y, v0, nl, t, settings, s):
     """Stages shared by both methods: group means, bounds, log-linear step, perfusion start."""
     block_group_means(Y, v0, nl, t.groups, t.w, s.YR, s.YB, s.SC, s.DIST)
@@ -1132,7 +1132,7 @@ def _front(Y, v0, nl, t, settings, s):
 # Per-voxel helpers below take plain arrays, never the Scratch tuple: a call passes every
 # field of a tuple argument (~60 arrays, several hundred machine words) and numba adds
 # reference-count updates for array arguments on entry and exit.
-@jit_block_inner
+@jit_block
 def block_restarts(nl, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT, FOUND, FC, RS,
                    NR, prof, E2, GE, PE, KG, K0, K1, K2):
     """Step 4 of :func:`fastivim.kernels.full.fit_full_voxel` for every voxel of the block that
@@ -1141,10 +1141,9 @@ def block_restarts(nl, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT,
     and their count into ``NR`` (0 for the other voxels).
 
     The profile is :func:`fastivim.kernels.full.dstar_profile`'s, for the whole block at once
-    with the voxels as vector lanes (:func:`_profile_point`, the arithmetic of
-    :func:`_dstar_profile_k`, which has the grid points as lanes): one voxel at a time, the 12
-    grid points left a third of the vector loop to its scalar remainder, and the profile was
-    17 % of a voxel's time. ``E2`` (n_u, BLOCK) gets ``exp(-b D)`` (libm, as the scalar
+    with the voxels as vector lanes (:func:`_profile_point`): one voxel at a time, with the 12
+    grid points as lanes, a third of the vector loop was its scalar remainder, and the profile
+    was 17 % of a voxel's time. ``E2`` (n_u, BLOCK) gets ``exp(-b D)`` (libm, as the scalar
     kernel), ``GE``/``PE``/``KG`` (BLOCK,) and ``K0``/``K1``/``K2`` (n_k, BLOCK) the profile's
     sums and points; ``prof`` (4, n_k) one voxel's profile for the restart choice.
     """
@@ -1202,32 +1201,6 @@ def block_restarts(nl, bu, w, ES, GSS, dstar_grid, YB, PS, LO, HI, PB, SSRB, TT,
         NR[lane] = n
 
 
-@jit_block
-def _dstar_profile_k(slot, w, ES, GSS, dstar_grid, PS, s0_lo, s0_hi, f_lo, f_hi, tt, D, ge, pe,
-                     e2, KG, K0, K1, K2):
-    """:func:`fastivim.kernels.full.dstar_profile` for voxel ``slot`` with the D_star grid
-    points as vector lanes: ``K0`` (n_k,) each point's weighted sum of squares (``inf`` where
-    D_star <= D), ``K1`` its S0 and ``K2`` its f, with the scalar function's arithmetic (the
-    f-edge loop written as selects). ``ge``/``pe`` and ``e2`` (n_u,) = ``exp(-b D)`` come from
-    the caller; ``KG`` (n_k,) is scratch. One output array per row: see
-    :func:`block_grid_start` on several rows of one array in one loop."""
-    nu = e2.shape[0]
-    nk = dstar_grid.shape[0]
-    for k in range(nk):
-        KG[k] = 0.0
-    for u in range(nu):
-        wu = w[u]
-        eu = e2[u]
-        for k in range(nk):
-            KG[k] += wu * ES[k, u] * eu
-    for k in range(nk):
-        ssr, s0, f = _profile_point(KG[k], GSS[k], PS[k, slot], dstar_grid[k], s0_lo, s0_hi,
-                                    f_lo, f_hi, tt, D, ge, pe)
-        K0[k] = ssr
-        K1[k] = s0
-        K2[k] = f
-
-
 @njit(fastmath=FASTMATH_FLAGS, error_model="numpy", inline="always")
 def _profile_point(gke, gk, ps, dstar, s0_lo, s0_hi, f_lo, f_hi, tt, D, ge, pe):
     """One D_star grid point of :func:`fastivim.kernels.full.dstar_profile` (always inlined):
@@ -1267,7 +1240,7 @@ def _profile_point(gke, gk, ps, dstar, s0_lo, s0_hi, f_lo, f_hi, tt, D, ge, pe):
     return ssr, (S0 if feasible else s_e), (f_free if feasible else f_e)
 
 
-@jit_inner
+@jit_voxel
 def full_block(Y, v0, nl, t, settings, s, out, status):
     """Fit voxels ``v0 .. v0 + nl`` (nl <= BLOCK) with the full method.
 
@@ -1297,7 +1270,7 @@ def full_block(Y, v0, nl, t, settings, s, out, status):
                  s.ACC[2], out, status)
 
 
-@jit_inner
+@jit_voxel
 def _lm_engine(nl, restarts, t, settings, FC, YB, SC, LO, HI, CODE, A, D, Q, PSEP, PCLOSE, RSEP,
                RCLOSE, TT, PB, MB, SSRB, FOUND, STAGE, RS, NR, EP, YL, MT, GT, HT,
                ST, LP, LG, LH, LMOD, LPT, LLO, LHI, LSSR, LTT, LLAM, LNUF, LPRED, LIT, LPH, LEND,
@@ -1471,7 +1444,7 @@ def _lm_engine(nl, restarts, t, settings, FC, YB, SC, LO, HI, CODE, A, D, Q, PSE
 # --------------------------------------------------------------------------- the kernels
 # One parallel kernel per method, each with its own on-disk cache: a run compiles only the
 # method it uses (the shared kernel compiled both, 31 s of CPU where segmented alone is ~17 s).
-@jit_inner
+@jit_voxel
 def segmented_chunk(Y, start, stop, tables, settings, out, status):
     """Fit rows ``start .. stop`` of ``Y`` with the segmented method, a block at a time, with
     one scratch allocation. The parallel kernel's loop body is this one call: a scratch tuple
@@ -1482,7 +1455,7 @@ def segmented_chunk(Y, start, stop, tables, settings, out, status):
                         status)
 
 
-@jit_inner
+@jit_voxel
 def full_chunk(Y, start, stop, tables, settings, out, status):
     """:func:`segmented_chunk` for the full method."""
     s = alloc_scratch(tables.bu.shape[0], tables.dstar_grid.shape[0], tables.d_grid.shape[0],
