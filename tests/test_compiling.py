@@ -284,3 +284,43 @@ def test_full_among_other_targets_compiles_elsewhere_and_is_waited_for_last(monk
     monkeypatch.setattr(compiling, "usable_cpus", lambda: 1)
     compiling.compile_kernels(("segmented", "full"))
     assert order == ["segmented", "full"]  # one CPU: in order, here
+
+
+def _second_compiles_for(cache: Path) -> list:
+    """Live processes compiling ``full`` as a second process into ``cache`` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"compile_kernels(('full',))" in cmd and f"NUMBA_CACHE_DIR={cache}".encode() in env:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.jit_only
+@pytest.mark.skipif(not Path("/proc/self/environ").exists() or compiling.usable_cpus() < 2,
+                    reason="needs Linux /proc and two CPUs (a second process)")
+def test_ctrl_c_while_full_compiles_elsewhere_stops_the_second_process(tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-c", SECOND_PROCESS_CHILD], env=env,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:  # wait until the second process has been started
+            if "in a second process" in line:
+                break
+        assert _second_compiles_for(tmp_path), "no second process found"
+        p.send_signal(signal.SIGINT)  # Ctrl-C, to this process only
+        assert p.wait(timeout=120) != 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    deadline = time.monotonic() + 10
+    while _second_compiles_for(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _second_compiles_for(tmp_path) == [], "the second compile outlived the interrupt"
